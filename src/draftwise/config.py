@@ -1,0 +1,53 @@
+"""Typed configuration of speculation, validated with a clear message on bad values."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from draftwise.errors import BadInput
+
+
+class SpeculativeConfig(BaseModel):
+    """What to speculate with, in the shape of vLLM's `speculative_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="speculator name: draft_model, ngram, suffix, ...")
+    model: str | None = Field(default=None, description="draft model / head: bundled name or path")
+    num_speculative_tokens: int = Field(default=4, ge=0, le=64, description="draft length (max when adaptive)")
+    adaptive: bool = Field(default=True, description="adapt the draft length per request from measured costs")
+    prompt_lookup_min: int = Field(default=1, ge=1, le=16)
+    prompt_lookup_max: int = Field(default=4, ge=1, le=16)
+    suffix_max_depth: int = Field(default=64, ge=1, le=1024, description="longest suffix the suffix cache matches")
+    suffix_max_cached_requests: int = Field(default=10000, ge=0, description="finished requests the suffix cache keeps")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpeculativeConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        return self
+
+
+def parse_speculative_config(value: str | dict[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:
+    """Accept a JSON string, a dict or a config; raise BadInput with a one-line reason."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    try:
+        data = json.loads(value) if isinstance(value, str) else value
+        return SpeculativeConfig.model_validate(data)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--speculative-config is not valid JSON: {e}") from None
+    except ValidationError as e:
+        raise BadInput(f"bad speculative config: {one_line(e)}") from None
+
+
+def one_line(e: ValidationError) -> str:
+    """A pydantic error as one readable line: `field: message; ...`."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

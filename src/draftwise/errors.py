@@ -1,0 +1,19 @@
+"""Errors a user can cause and fix. The CLI prints them as one line and exits with 2."""
+
+from __future__ import annotations
+
+
+class DraftwiseError(Exception):
+    """Base of every user-facing error: its message says what is wrong and what to do."""
+
+
+class ModelNotFound(DraftwiseError):
+    """Unknown model name or missing path."""
+
+
+class CorruptModel(DraftwiseError):
+    """A model file is unreadable, truncated, or fails its pinned sha256."""
+
+
+class BadInput(DraftwiseError):
+    """A prompt or request the engine cannot serve (e.g. longer than the context window)."""

@@ -1,0 +1,85 @@
+"""The one interface every speculation method implements, and the registry of methods.
+
+A proposer guesses the next tokens of each running request cheaply; the engine verifies
+all guesses in one target pass (see `draftwise.verify`). A proposer never touches the
+target's KV cache: rollback lives there, not here.
+
+Lifecycle per request: `begin` once, then per step `propose` and, after verification,
+`on_accept` with how many draft tokens were accepted; `end` when the request finishes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
+
+import torch
+
+from draftwise.request import RequestState
+
+
+@dataclass
+class Draft:
+    """Proposed tokens for each request of a batch.
+
+    tokens[i]:  the draft of request i; a chain, or the nodes of a tree listed so that a
+                parent always comes before its children. May be empty.
+    parents[i]: None for a chain; for a tree, the parent index of each node, -1 for a
+                child of the root (the root is the last committed token).
+    probs[i]:   None for a point-mass draft (lookup methods: q = 1 on the proposed token);
+                else [len(tokens[i]), vocab]: the draft distribution each token was
+                sampled from (row j is the distribution at node j's parent).
+    """
+
+    tokens: list[list[int]]
+    parents: list[list[int] | None]
+    probs: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, n: int) -> "Draft":
+        return cls(tokens=[[] for _ in range(n)], parents=[None] * n, probs=[None] * n)
+
+
+class Proposer(ABC):
+    """Base class of all speculation methods."""
+
+    name: ClassVar[str]
+
+    def begin(self, request: RequestState) -> None:
+        """A request starts (its prompt is prefilled in the target)."""
+
+    @abstractmethod
+    def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
+        """Propose up to num_tokens[i] tokens (a chain, or a tree of that many nodes) per request."""
+
+    def on_accept(self, request: RequestState, num_accepted: int) -> None:
+        """After verification: `num_accepted` draft tokens were kept, and the tokens now
+        committed are in `request.output_ids` (including the bonus / recovered token)."""
+
+    def end(self, request: RequestState) -> None:
+        """The request finished; drop any per-request state."""
+
+
+# --- registry ---------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Proposer]] = {}
+
+
+def register(cls: type[Proposer]) -> type[Proposer]:
+    """Class decorator: make a proposer available by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def proposer_class(method: str) -> type[Proposer]:
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown speculator {method!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[method]
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+ProposerFactory = Callable[..., Proposer]
