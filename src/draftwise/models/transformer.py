@@ -1,0 +1,299 @@
+"""The native decoder: one readable file for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
+
+Notable features:
+- `forward(ids, positions, cache, tree_mask=...)` takes explicit positions and an
+  attention mask over the new tokens, so a plain step, a chain verification, a tree
+  verification and a batched step are the same call.
+- New keys/values go to the slots after each row's committed length (`KVCache`); the
+  caller commits by setting lengths, so rollback is free.
+- Logits only for the positions asked for (`logits_at`), and hidden states of chosen
+  layers for speculation heads.
+- Batch invariance: CPU matrix kernels pick a different reduction order for very few
+  rows, so a token's logits would depend on how many tokens share its pass. Every
+  projection pads its rows up to `min_rows`, so decoding one token and verifying eight
+  give bit-identical results per token. That is what makes greedy speculation exact.
+
+Parameter names are Hugging Face's, so HF checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftwise.cache import KVCache
+from draftwise.models.config import ModelConfig
+
+# rows every matmul is padded to, per dtype (measured: see tests/test_exactness.py)
+MIN_ROWS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 4}
+KEY_BUCKET = 64  # key length is rounded up to this, so masked tails have the same shape
+SDPA_FROM = 128  # passes over more tokens than this (prefill) use the fused SDPA kernel
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # [batch, n, vocab] for the positions in logits_at (all if None)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, T, hidden]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def padded_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed with at least `min_rows` rows, so each row's
+    result does not depend on how many rows there are."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    n = flat.shape[0]
+    if n < min_rows:
+        flat = torch.cat([flat, flat.new_zeros(min_rows - n, shape[-1])])
+    out = F.linear(flat, weight, bias)[:n]
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def proj(layer: nn.Linear, x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    return padded_linear(x, layer.weight, layer.bias, min_rows)
+
+
+# --- rotary embeddings ----------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies `[head_dim/2]`, with linear or Llama-3 scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[batch, heads, T, head_dim]`, cos/sin `[batch, 1, T, head_dim]` (half-split layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, min_rows: int
+) -> torch.Tensor:
+    """Attention for decode and verify passes, batch invariant.
+
+    q `[b, heads, T, hd]`, k/v `[b, kv_heads, S, hd]`, mask `[b, 1, T, S]` -> `[b, heads, T, hd]`.
+    Queries sharing a KV head are stacked into one matmul (no K/V copy for GQA), and T is
+    padded to `min_rows`, so a query's result is the same whatever T is.
+    """
+    b, h, t, hd = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    g = h // kvh
+    if t < min_rows:
+        q = torch.cat([q, q.new_zeros(b, h, min_rows - t, hd)], dim=2)
+        mask = torch.cat([mask, mask[:, :, :1].expand(b, 1, min_rows - t, s)], dim=2)
+    tp = q.shape[2]
+    scores = (q.reshape(b, kvh, g * tp, hd) @ k.transpose(-1, -2)).float() * hd**-0.5  # [b, kvh, g*tp, S]
+    scores = scores.view(b, kvh, g, tp, s).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(b, kvh, g * tp, s)
+    return (probs @ v).view(b, h, tp, hd)[:, :, :t]
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.heads * hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, step: "StepInputs") -> torch.Tensor:
+        b, t, _ = x.shape
+        mr = step.min_rows
+        q = proj(self.q_proj, x, mr).view(b, t, self.heads, self.head_dim)
+        k = proj(self.k_proj, x, mr).view(b, t, self.kv_heads, self.head_dim)
+        v = proj(self.v_proj, x, mr).view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        step.cache.write(self.index, k, v, step.slots)
+        keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
+        if step.rows is not None:
+            keys, values = keys[step.rows], values[step.rows]
+        if t > SDPA_FROM:  # long prefill: fused kernel, memory-lean
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+        else:
+            out = grouped_attention(q, keys, values, step.mask, step.min_rows)
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return proj(self.o_proj, out, mr)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, min_rows: int) -> torch.Tensor:
+        gate = proj(self.gate_proj, x, min_rows)
+        up = proj(self.up_proj, x, min_rows)
+        return proj(self.down_proj, F.silu(gate) * up, min_rows)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, index)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, step: "StepInputs") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x), step.min_rows)
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward pass shares."""
+
+    cache: KVCache
+    slots: torch.Tensor  # [batch, T] cache slots the new tokens are written to
+    rows: torch.Tensor | None  # [batch] cache rows of the batch, None = all rows in order
+    mask: torch.Tensor  # [batch, 1, T, key_len] bool, True = may attend
+    key_len: int
+    cos: torch.Tensor  # [batch, 1, T, head_dim]
+    sin: torch.Tensor
+    min_rows: int
+
+
+class Inner(nn.Module):
+    """Holds the `model.*` parameters (HF naming)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Inner(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        c = self.config
+        cap = min(capacity, c.max_position_embeddings) + KEY_BUCKET  # room for padding slots
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, cap, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,  # [batch, T]
+        positions: torch.Tensor,  # [batch, T]
+        cache: KVCache,
+        *,
+        tree_mask: torch.Tensor | None = None,  # [batch, T, T] bool among new tokens; None = causal
+        rows: torch.Tensor | None = None,  # [batch] cache rows; None = rows 0..batch-1
+        logits_at: torch.Tensor | None = None,  # [batch, n] indices into T; None = all
+        hidden_layers: Sequence[int] = (),  # layer outputs to return (-1 = before final norm)
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        b, t = ids.shape
+        device = ids.device
+        lengths = cache.lengths if rows is None else cache.lengths[rows]  # [batch]
+        if rows is None and b != cache.batch_size:
+            lengths = lengths[:b]
+        slots = lengths[:, None] + torch.arange(t, device=device)  # [batch, T]
+        key_len = _bucket(int(slots.max()) + 1, cache.capacity)
+        mask = build_mask(lengths, slots, key_len, tree_mask)
+        freqs = positions[..., None].float() * self.inv_freq  # [batch, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, T, hd]
+        step = StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin(), MIN_ROWS.get(self.dtype, 4))
+        x = self.model.embed_tokens(ids)
+        wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
+        hidden: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, step)
+            if i in wanted:
+                hidden[i] = x
+        if not compute_logits:
+            return ModelOutput(None, hidden)
+        if logits_at is not None:
+            x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.model.norm(x)
+        logits = padded_linear(x, self.head_weight, None, step.min_rows)
+        return ModelOutput(logits, hidden)
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, -(-n // KEY_BUCKET) * KEY_BUCKET)
+
+
+def build_mask(
+    lengths: torch.Tensor, slots: torch.Tensor, key_len: int, tree_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention mask `[batch, 1, T, key_len]`: every committed slot of the row, plus the
+    new tokens that `tree_mask` allows (causal order when it is None)."""
+    b, t = slots.shape
+    device = slots.device
+    keys = torch.arange(key_len, device=device)
+    mask = (keys[None, None, :] < lengths[:, None, None]).expand(b, t, key_len).clone()  # [b, T, S]
+    if tree_mask is None:
+        tree_mask = torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
+    mask.scatter_(2, slots[:, None, :].expand(b, t, t), tree_mask)
+    return mask[:, None]
