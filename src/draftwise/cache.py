@@ -35,9 +35,14 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store new keys/values `[batch, kv_heads, T, head_dim]` at `slots` `[batch, T]`."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [batch, 1]
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        """Store new keys/values `[batch, kv_heads, T, head_dim]` at `slots` `[batch, T]` of
+        cache `rows` `[batch]` (None: rows 0..batch-1)."""
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        rows = rows[:, None]  # [batch, 1]
         # advanced indexing on dims (batch, slot) moves them first: value is [batch, T, heads, dim]
         self.k[layer][rows, :, slots] = k.transpose(1, 2)
         self.v[layer][rows, :, slots] = v.transpose(1, 2)

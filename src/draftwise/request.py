@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftwise.engine.metrics import SpecStats
 from draftwise.sampling import SamplingParams
 
 
@@ -22,7 +23,9 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # per-request randomness (seeded when seed given)
     finished: bool = False
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    stop_text: str | None = None  # text up to (not including) a matched stop string
+    stats: SpecStats = field(default_factory=SpecStats)
 
     @property
     def all_ids(self) -> list[int]:

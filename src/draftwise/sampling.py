@@ -7,7 +7,11 @@ by plain decoding and by verification, so both sample from the very same distrib
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
 
 
 class SamplingParams(BaseModel):
@@ -36,3 +40,160 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# --- from logits to a distribution ---------------------------------------------------------
+#
+# Order: repetition penalty, presence/frequency penalties, temperature, then the
+# truncations top-k, top-p, min-p, each on what the previous one left (vLLM's V0 sampler
+# order; its V1 sampler applies min-p before top-k/top-p, which differs only when top-p and
+# min-p are both set). Greedy (temperature 0) is a one-hot at the argmax of the penalized
+# logits. Everything is computed in fp32 and never modifies the caller's tensor.
+
+
+def _needs_history(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _token_counts(ids: Sequence[int], vocab: int, device: torch.device) -> Tensor:
+    """How often each token id occurs in `ids`; ids outside the vocabulary are ignored."""
+    if len(ids) == 0:
+        return torch.zeros(vocab, dtype=torch.float32, device=device)
+    t = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+    return torch.bincount(t, minlength=vocab)[:vocab].to(torch.float32)  # [vocab]
+
+
+def _path_pairs(n: int, parents: Sequence[int] | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(row, node) pairs such that draft node `node` lies on the path root -> row-1.
+
+    Row 0 is the root and sees no draft node; row j+1 sees node j and its ancestors.
+    """
+    if parents is None:  # chain: row j+1 sees nodes 0..j
+        pairs = torch.tril_indices(n, n, device=device)  # [2, n(n+1)/2]
+        return pairs[0] + 1, pairs[1]
+    rows: list[int] = []
+    nodes: list[int] = []
+    ancestors: list[list[int]] = []
+    for j, p in enumerate(parents):
+        if not -1 <= p < j:
+            raise ValueError(f"draft node {j} has parent {p}; parents must come before children")
+        path = (ancestors[p] if p >= 0 else []) + [j]
+        ancestors.append(path)
+        rows.extend([j + 1] * len(path))
+        nodes.extend(path)
+    return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(nodes, dtype=torch.long, device=device)
+
+
+def _draft_counts(draft_tokens: Sequence[int], parents: Sequence[int] | None, vocab: int, device: torch.device) -> Tensor:
+    """Counts of the draft tokens on each row's path (see `_path_pairs`)."""
+    n = len(draft_tokens)
+    counts = torch.zeros(n + 1, vocab, dtype=torch.float32, device=device)  # [n+1, vocab]
+    if n == 0:
+        return counts
+    row_t, node_t = _path_pairs(n, parents, device)  # [pairs], [pairs]
+    tokens = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=device)  # [n]
+    tok_t = tokens[node_t]  # [pairs]
+    inside = tok_t < vocab
+    counts.index_put_((row_t[inside], tok_t[inside]), torch.ones_like(tok_t[inside], dtype=torch.float32), accumulate=True)
+    return counts
+
+
+def apply_penalties(
+    logits: Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    draft_tokens: Sequence[int] = (),
+    parents: Sequence[int] | None = None,
+) -> Tensor:
+    """Repetition, presence and frequency penalties, per row with that row's own history.
+
+    logits: [n+1, vocab] fp32. Repetition (HF): every token seen in prompt, output or the
+    row's draft path has its logit divided by the penalty if positive, multiplied if not.
+    Presence/frequency (OpenAI): over output and draft path tokens only,
+    logit -= frequency * count + presence * (count > 0).
+    """
+    if not _needs_history(params):
+        return logits
+    vocab, device = logits.shape[-1], logits.device
+    output_counts = _token_counts(output_ids, vocab, device)  # [vocab]
+    path_counts = _draft_counts(draft_tokens, parents, vocab, device)  # [n+1, vocab]
+    out = logits
+    if params.repetition_penalty != 1.0:
+        prompt_counts = _token_counts(prompt_ids, vocab, device)  # [vocab]
+        seen = (path_counts + (prompt_counts + output_counts)[None, :]) > 0  # [n+1, vocab]
+        rp = params.repetition_penalty
+        penalized = torch.where(out > 0, out / rp, out * rp)
+        out = torch.where(seen, penalized, out)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        counts = path_counts + output_counts[None, :]  # [n+1, vocab]
+        out = out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
+def _top_k_mask(logits: Tensor, k: int) -> Tensor:
+    """Keep tokens whose logit is at least the k-th largest (ties kept, as vLLM)."""
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [rows, 1]
+    return logits >= kth  # [rows, vocab]
+
+
+def _top_p_mask(probs: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest most-likely prefix whose mass reaches top_p (the top token always)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # [rows, vocab]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [rows, vocab]
+    keep_sorted = mass_before < top_p
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _min_p_mask(probs: Tensor, min_p: float) -> Tensor:
+    """Keep tokens with probability at least min_p x the row's top probability."""
+    return probs >= min_p * probs.max(dim=-1, keepdim=True).values
+
+
+def target_distribution(
+    logits: Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    draft_tokens: Sequence[int] = (),
+    parents: Sequence[int] | None = None,
+) -> Tensor:
+    """The distribution to sample from at each verification row.
+
+    logits: [n+1, vocab]; row 0 follows the last committed token, row j+1 follows draft node j
+    (whose history adds the draft tokens on the path root -> j; `parents` as in `Draft`).
+    Returns [n+1, vocab] fp32 probabilities (one-hot at the argmax when greedy).
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(draft_tokens) + 1:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match a draft of {len(draft_tokens)} tokens")
+    if parents is not None and len(parents) != len(draft_tokens):
+        raise ValueError(f"{len(parents)} parents for {len(draft_tokens)} draft tokens")
+    x = apply_penalties(logits.float(), params, prompt_ids, output_ids, draft_tokens, parents)  # [n+1, vocab]
+    if params.greedy:
+        return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+    x = x / params.temperature
+    vocab = x.shape[-1]
+    if 0 < params.top_k < vocab:
+        x = x.masked_fill(~_top_k_mask(x, params.top_k), float("-inf"))
+    probs = torch.softmax(x, dim=-1)  # [n+1, vocab]
+    if params.top_p < 1.0 or params.min_p > 0.0:
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if params.top_p < 1.0:
+            keep &= _top_p_mask(probs, params.top_p)
+        if params.min_p > 0.0:
+            keep &= _min_p_mask(probs, params.min_p)  # ratios to the max survive renormalization
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row: [n, vocab] probabilities -> [n] token ids (a one-hot gives its argmax).
+
+    Rows may be unnormalized non-negative weights. The draw happens on the generator's
+    device (keep probs there to avoid a copy); the ids come back on probs' device.
+    """
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -10,7 +10,7 @@ Notable features:
   layers for speculation heads.
 - Batch invariance: CPU matrix kernels pick a different reduction order for very few
   rows, so a token's logits would depend on how many tokens share its pass. Every
-  projection pads its rows up to `min_rows`, so decoding one token and verifying eight
+  matmul pads its rows to a multiple of 4, so decoding one token and verifying eight
   give bit-identical results per token. That is what makes greedy speculation exact.
 
 Parameter names are Hugging Face's, so HF checkpoints load without renaming.
@@ -29,8 +29,11 @@ from torch import nn
 from draftwise.cache import KVCache
 from draftwise.models.config import ModelConfig
 
-# rows every matmul is padded to, per dtype (measured: see tests/test_exactness.py)
-MIN_ROWS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 4}
+# Every matmul's row count is padded to a multiple of this. Measured on AVX-512 CPUs:
+# fp32 kernels treat 1, 2-3, and the tail rows of M % 4 != 0 (M < 12) with other
+# reduction orders; bf16 only M = 1. With rows padded to multiples of 4 a row's result
+# no longer depends on M (tests/test_exactness.py checks this stays true).
+ROW_MULTIPLE = 4
 KEY_BUCKET = 64  # key length is rounded up to this, so masked tails have the same shape
 SDPA_FROM = 128  # passes over more tokens than this (prefill) use the fused SDPA kernel
 
@@ -53,22 +56,24 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def padded_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int
-) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` computed with at least `min_rows` rows, so each row's
-    result does not depend on how many rows there are."""
+def padded_rows(n: int) -> int:
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` over rows padded to a multiple of ROW_MULTIPLE, so each
+    row's result does not depend on how many rows there are."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     n = flat.shape[0]
-    if n < min_rows:
-        flat = torch.cat([flat, flat.new_zeros(min_rows - n, shape[-1])])
+    if n % ROW_MULTIPLE:
+        flat = torch.cat([flat, flat.new_zeros(padded_rows(n) - n, shape[-1])])
     out = F.linear(flat, weight, bias)[:n]
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def proj(layer: nn.Linear, x: torch.Tensor, min_rows: int) -> torch.Tensor:
-    return padded_linear(x, layer.weight, layer.bias, min_rows)
+def proj(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return padded_linear(x, layer.weight, layer.bias)
 
 
 # --- rotary embeddings ----------------------------------------------------------------
@@ -103,20 +108,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, min_rows: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Attention for decode and verify passes, batch invariant.
 
     q `[b, heads, T, hd]`, k/v `[b, kv_heads, S, hd]`, mask `[b, 1, T, S]` -> `[b, heads, T, hd]`.
     Queries sharing a KV head are stacked into one matmul (no K/V copy for GQA), and T is
-    padded to `min_rows`, so a query's result is the same whatever T is.
+    padded to a multiple of ROW_MULTIPLE, so a query's result is the same whatever T is.
     """
     b, h, t, hd = q.shape
     kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
-    if t < min_rows:
-        q = torch.cat([q, q.new_zeros(b, h, min_rows - t, hd)], dim=2)
-        mask = torch.cat([mask, mask[:, :, :1].expand(b, 1, min_rows - t, s)], dim=2)
+    if t % ROW_MULTIPLE:
+        pad = padded_rows(t) - t
+        q = torch.cat([q, q.new_zeros(b, h, pad, hd)], dim=2)
+        mask = torch.cat([mask, mask[:, :, :1].expand(b, 1, pad, s)], dim=2)
     tp = q.shape[2]
     scores = (q.reshape(b, kvh, g * tp, hd) @ k.transpose(-1, -2)).float() * hd**-0.5  # [b, kvh, g*tp, S]
     scores = scores.view(b, kvh, g, tp, s).masked_fill(~mask[:, :, None], float("-inf"))
@@ -144,24 +150,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         b, t, _ = x.shape
-        mr = step.min_rows
-        q = proj(self.q_proj, x, mr).view(b, t, self.heads, self.head_dim)
-        k = proj(self.k_proj, x, mr).view(b, t, self.kv_heads, self.head_dim)
-        v = proj(self.v_proj, x, mr).view(b, t, self.kv_heads, self.head_dim)
+        q = proj(self.q_proj, x).view(b, t, self.heads, self.head_dim)
+        k = proj(self.k_proj, x).view(b, t, self.kv_heads, self.head_dim)
+        v = proj(self.v_proj, x).view(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        step.cache.write(self.index, k, v, step.slots)
+        step.cache.write(self.index, k, v, step.slots, step.rows)
         keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
-        if step.rows is not None:
-            keys, values = keys[step.rows], values[step.rows]
+        keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
         if t > SDPA_FROM:  # long prefill: fused kernel, memory-lean
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         else:
-            out = grouped_attention(q, keys, values, step.mask, step.min_rows)
+            out = grouped_attention(q, keys, values, step.mask)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-        return proj(self.o_proj, out, mr)
+        return proj(self.o_proj, out)
 
 
 class MLP(nn.Module):
@@ -171,10 +175,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, min_rows: int) -> torch.Tensor:
-        gate = proj(self.gate_proj, x, min_rows)
-        up = proj(self.up_proj, x, min_rows)
-        return proj(self.down_proj, F.silu(gate) * up, min_rows)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return proj(self.down_proj, F.silu(proj(self.gate_proj, x)) * proj(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -187,7 +189,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), step)
-        return x + self.mlp(self.post_attention_layernorm(x), step.min_rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
@@ -201,7 +203,6 @@ class StepInputs:
     key_len: int
     cos: torch.Tensor  # [batch, 1, T, head_dim]
     sin: torch.Tensor
-    min_rows: int
 
 
 class Inner(nn.Module):
@@ -255,15 +256,13 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         b, t = ids.shape
         device = ids.device
-        lengths = cache.lengths if rows is None else cache.lengths[rows]  # [batch]
-        if rows is None and b != cache.batch_size:
-            lengths = lengths[:b]
+        lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
         slots = lengths[:, None] + torch.arange(t, device=device)  # [batch, T]
         key_len = _bucket(int(slots.max()) + 1, cache.capacity)
         mask = build_mask(lengths, slots, key_len, tree_mask)
         freqs = positions[..., None].float() * self.inv_freq  # [batch, T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, T, hd]
-        step = StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin(), MIN_ROWS.get(self.dtype, 4))
+        step = StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin())
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -276,7 +275,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.norm(x)
-        logits = padded_linear(x, self.head_weight, None, step.min_rows)
+        logits = padded_linear(x, self.head_weight, None)
         return ModelOutput(logits, hidden)
 
 

@@ -1,0 +1,31 @@
+"""Speculation methods. Importing this package registers every method by name."""
+
+from __future__ import annotations
+
+import importlib
+
+from draftwise.config import SpeculativeConfig
+from draftwise.speculators.base import Draft, Proposer, Target, available_methods, proposer_class
+
+_METHOD_MODULES = ("ngram", "suffix", "draft_model")
+
+for _name in _METHOD_MODULES:
+    try:
+        importlib.import_module(f"draftwise.speculators.{_name}")
+    except ModuleNotFoundError as e:  # a method still being written must not break the others
+        if e.name != f"draftwise.speculators.{_name}":
+            raise
+
+
+def build_proposer(config: SpeculativeConfig, target: Target) -> Proposer:
+    """The proposer named by `config.method`, built for `target`."""
+    from draftwise.errors import BadInput
+
+    try:
+        cls = proposer_class(config.method)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return cls.from_config(config, target)
+
+
+__all__ = ["Draft", "Proposer", "Target", "available_methods", "build_proposer"]

@@ -83,3 +83,13 @@ def available_methods() -> list[str]:
 
 
 ProposerFactory = Callable[..., Proposer]
+
+
+@dataclass
+class Target:
+    """What a proposer may know of the target: its model, tokenizer and load settings."""
+
+    model: object  # draftwise.models.transformer.Transformer
+    tokenizer: object
+    dtype: object = None  # dtype name or torch.dtype the target was loaded in
+    progress: bool = True

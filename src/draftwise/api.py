@@ -1,0 +1,144 @@
+"""The Python API, in the shape vLLM users know: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from draftwise.config import SpeculativeConfig, parse_speculative_config
+from draftwise.engine.controller import make_controller
+from draftwise.engine.engine import Engine, StepOutput
+from draftwise.errors import BadInput
+from draftwise.models.transformer import Transformer
+from draftwise.sampling import SamplingParams
+from draftwise.speculators import Target, build_proposer
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise BadInput(f"unknown dtype {name!r}; choose one of: bf16, fp32, fp16")
+    return DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None = None, progress: bool = True):
+    """A bundled name, GGUF file or HF folder -> (native model, tokenizer)."""
+    from draftwise.models.loading import load_weights
+
+    weights = load_weights(ref, progress=progress)
+    with torch.device("meta"):
+        model = Transformer(weights.config)
+    model.load_state_dict(weights.state_dict, strict=True, assign=True)
+    model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
+    model.inv_freq = model.inv_freq.float()  # rope stays fp32 whatever the weights' dtype
+    return model.eval(), weights.tokenizer
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts (with speculation if configured)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "bf16",
+        device: str | None = None,
+        speculative_config: str | dict | SpeculativeConfig | None = None,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        target, tokenizer = load_model(model, dtype, device, progress)
+        self._setup(target, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress)
+
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer, *, speculative_config=None, max_batch_size: int = 8,
+                   max_model_len: int | None = None) -> "LLM":
+        """Wrap an already built native model (tests, notebooks)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, speculative_config, max_batch_size, max_model_len, model.dtype, False)
+        return self
+
+    def _setup(self, model, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.speculative_config = parse_speculative_config(speculative_config)
+        spec = self.speculative_config
+        proposer = build_proposer(spec, Target(model, tokenizer, dtype, progress)) if spec else None
+        self.engine = Engine(
+            model, tokenizer,
+            proposer=proposer,
+            controller=make_controller(spec, model) if spec else None,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            max_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+        )
+
+    # --- generation ---------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the tokenizer's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadInput("this model's tokenizer has no chat template; pass a plain prompt instead")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_output: Callable[[StepOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise BadInput("give one SamplingParams, or one per prompt")
+        reqs = [self.engine.add_request(self.encode_prompt(p), sp) for p, sp in zip(prompts, per_prompt)]
+        start = time.perf_counter()
+        self.engine.run_until_done(on_output)
+        elapsed = time.perf_counter() - start
+        return [self._output(r, p, elapsed) for r, p in zip(reqs, prompts)]
+
+    def chat(self, conversations, sampling_params: SamplingParams | None = None, **kw) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, **kw)
+
+    def _output(self, req, prompt, elapsed: float) -> RequestOutput:
+        text = req.stop_text if req.stop_text is not None else self.tokenizer.decode(
+            req.output_ids, skip_special_tokens=True)
+        stats = req.stats.to_dict()
+        stats["seconds"] = round(elapsed, 4)
+        stats["tokens_per_second"] = round(len(req.output_ids) / elapsed, 3) if elapsed > 0 else 0.0
+        return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None, req.prompt_ids,
+                             text, list(req.output_ids), req.finish_reason, stats)

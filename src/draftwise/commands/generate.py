@@ -1,0 +1,138 @@
+"""`draftwise generate`: stream one completion to the terminal, then a stats line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text for one prompt (streamed), with optional speculation",
+        description="Generate a completion for PROMPT (or stdin) and print one stats line: tokens, tokens/s, "
+                    "target forward passes per output token, mean accepted length.",
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling_args(p)
+    add_model_args(p)
+    add_speculation_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
+    p.set_defaults(run=run)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (default bf16)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's)")
+
+
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculation")
+    g.add_argument("--speculator", default=None, help="draft_model, ngram, suffix, ... (default: none, plain decoding)")
+    g.add_argument("--draft-model", default=None, help="draft model for --speculator draft_model: bundled name or path")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (the maximum when adaptive)")
+    g.add_argument("--speculative-config", default=None,
+                   help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')
+
+
+def speculative_config_from_args(args: argparse.Namespace):
+    from draftwise.config import parse_speculative_config
+    from draftwise.errors import BadInput
+
+    if args.speculative_config and args.speculator:
+        raise BadInput("give either --speculator or --speculative-config, not both")
+    if args.speculative_config:
+        return parse_speculative_config(args.speculative_config)
+    if args.speculator:
+        cfg: dict = {"method": args.speculator}
+        if args.draft_model:
+            cfg["model"] = args.draft_model
+        if args.num_speculative_tokens is not None:
+            cfg["num_speculative_tokens"] = args.num_speculative_tokens
+        return parse_speculative_config(cfg)
+    if args.draft_model or args.num_speculative_tokens is not None:
+        raise BadInput("--draft-model / --num-speculative-tokens need --speculator")
+    return None
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from draftwise.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+class TextStreamer:
+    """Prints newly decoded text as tokens arrive; holds back what a stop string could still cut."""
+
+    def __init__(self, tokenizer, hold: int) -> None:
+        self.tokenizer, self.hold, self.printed = tokenizer, hold, 0
+
+    def __call__(self, out) -> None:
+        req = out.request
+        if req.finished:
+            text = req.stop_text if req.stop_text is not None else self._decode(req.output_ids)
+            self._emit(text)
+            return
+        text = self._decode(req.output_ids)
+        if text.endswith("\ufffd"):  # half of a multi-byte character
+            return
+        self._emit(text[: max(self.printed, len(text) - self.hold)])
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.printed:
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftwise.api import LLM
+    from draftwise.errors import BadInput
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise BadInput("the prompt is empty (give PROMPT or pipe text to stdin)")
+    params = sampling_from_args(args)
+    spec = speculative_config_from_args(args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec, max_batch_size=1,
+              max_model_len=args.max_model_len)
+    ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode_prompt(prompt)
+    streamer = None if args.json else TextStreamer(llm.tokenizer, max((len(s) for s in params.stop), default=1) - 1)
+    out = llm.generate([ids], params, on_output=streamer)[0]
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "stats": out.stats}))
+        return 0
+    s = out.stats
+    method = spec.method if spec else "plain"
+    print(f"\n[{len(out.token_ids)} tokens, {s['tokens_per_second']:.1f} tokens/s, "
+          f"{s['target_passes_per_token']:.2f} target passes per token, mean accepted length "
+          f"{s['mean_accepted_length']:.2f}, {method}, finish: {out.finish_reason}]", file=sys.stderr)
+    return 0

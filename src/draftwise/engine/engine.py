@@ -1,0 +1,201 @@
+"""The engine: requests in, tokens out, with batching and optional speculation.
+
+Requests wait in a queue, are prefilled into a free cache row, then advance together:
+each `step()` proposes drafts for every running request, verifies all of them in one
+target pass, and commits what was accepted. Requests join and leave between steps.
+Stop conditions (EOS, stop token ids, stop strings, max tokens) are applied to every
+committed token, so an accepted draft never runs past a stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from draftwise.engine.metrics import SpecStats
+from draftwise.engine.step import prefill, target_step
+from draftwise.errors import BadInput
+from draftwise.models.transformer import Transformer
+from draftwise.request import RequestState
+from draftwise.sampling import SamplingParams
+from draftwise.speculators.base import Draft, Proposer
+
+Controller = Callable[[RequestState], int]  # request -> draft length for this step
+
+
+@dataclass
+class StepOutput:
+    request: RequestState
+    new_token_ids: list[int]  # tokens committed this step (after stop handling)
+    finished: bool
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        proposer: Proposer | None = None,
+        controller: Controller | None = None,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        max_speculative_tokens: int = 0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.proposer = proposer
+        self.controller = controller
+        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.slack = max_speculative_tokens + 1  # cache slots a verify pass may write past the end
+        self.cache = model.new_cache(max_batch_size, self.max_model_len + self.slack)
+        self.free_rows = list(range(max_batch_size))
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.totals = SpecStats()
+        self._ids = itertools.count()
+        self.eos_ids = set(model.config.eos_token_ids)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> RequestState:
+        prompt_ids = list(prompt_ids)
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise BadInput("the prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise BadInput(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise BadInput(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context window of {self.max_model_len} tokens"
+            )
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen)
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache row."""
+        for req in list(self.running):
+            if req.request_id == request_id:
+                self._finish(req, "abort")
+        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- stepping -----------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests (prefill), else advance running ones by one target pass."""
+        if self.waiting and self.free_rows:
+            return self._admit()
+        if not self.running:
+            return []
+        reqs = list(self.running)
+        t0 = time.perf_counter()
+        draft = self._propose(reqs)
+        t1 = time.perf_counter()
+        results = target_step(self.model, self.cache, reqs, draft)
+        t2 = time.perf_counter()
+        outputs = []
+        for i, (req, res) in enumerate(zip(reqs, results)):
+            n_draft = len(draft.tokens[i])
+            req.stats.target_passes += 1
+            req.stats.observe_draft(n_draft, res.num_accepted)
+            req.stats.draft_seconds += (t1 - t0) / len(reqs)
+            req.stats.verify_seconds += (t2 - t1) / len(reqs)
+            outputs.append(self._commit(req, res.tokens))
+            if not req.finished and self.proposer is not None:
+                self.proposer.on_accept(req, res.num_accepted)
+        return outputs
+
+    def _propose(self, reqs: list[RequestState]) -> Draft:
+        if self.proposer is None or self.controller is None:
+            return Draft.empty(len(reqs))
+        budgets = []
+        for req in reqs:
+            k = self.controller(req)
+            room = req.params.max_tokens - len(req.output_ids) - 1  # the bonus token comes on top
+            k = max(0, min(k, room, self.slack - 1))
+            req.stats.num_speculative_tokens.append(k)
+            budgets.append(k)
+        if not any(budgets):
+            return Draft.empty(len(reqs))
+        draft = self.proposer.propose(reqs, budgets)
+        for i, k in enumerate(budgets):  # a proposer may not overrun its budget
+            if len(draft.tokens[i]) > k:
+                raise RuntimeError(f"{type(self.proposer).__name__} proposed more than {k} tokens")
+        return draft
+
+    def _admit(self) -> list[StepOutput]:
+        batch = []
+        while self.waiting and self.free_rows:
+            req = self.waiting.popleft()
+            req.row = self.free_rows.pop(0)
+            batch.append(req)
+        results = prefill(self.model, self.cache, batch)
+        outputs = []
+        for req, res in zip(batch, results):
+            self.running.append(req)
+            req.stats.target_passes += 1
+            if self.proposer is not None:
+                self.proposer.begin(req)
+            outputs.append(self._commit(req, res.tokens))
+        return outputs
+
+    def _commit(self, req: RequestState, tokens: list[int]) -> StepOutput:
+        """Append tokens one by one, stopping at the first stop condition."""
+        new: list[int] = []
+        p = req.params
+        for tok in tokens:
+            req.output_ids.append(tok)
+            new.append(tok)
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                self._finish(req, "stop")
+                break
+            if p.stop and self._hit_stop_string(req):
+                self._finish(req, "stop")
+                break
+            if len(req.output_ids) >= p.max_tokens:
+                self._finish(req, "length")
+                break
+        req.stats.output_tokens = len(req.output_ids)
+        return StepOutput(req, new, req.finished)
+
+    def _hit_stop_string(self, req: RequestState) -> bool:
+        longest = max(len(s) for s in req.params.stop)
+        tail_ids = req.output_ids[-(longest + 8):]  # a stop string ends in the newest token
+        prev = self.tokenizer.decode(req.output_ids[: len(req.output_ids) - len(tail_ids)], skip_special_tokens=True)
+        text = prev + self.tokenizer.decode(tail_ids, skip_special_tokens=True)
+        window_start = max(0, len(prev) - longest)
+        hits = [i for s in req.params.stop if (i := text.find(s, window_start)) >= 0]
+        if hits:
+            req.stop_text = text[: min(hits)]
+        return bool(hits)
+
+    def _finish(self, req: RequestState, reason: str) -> None:
+        req.finished, req.finish_reason = True, reason
+        if req in self.running:
+            self.running.remove(req)
+            self.free_rows.append(req.row)
+            self.free_rows.sort()
+            self.cache.reset_row(req.row)
+        self.totals.merge(req.stats)
+        if self.proposer is not None:
+            self.proposer.end(req)
+
+    def run_until_done(self, on_output: Callable[[StepOutput], None] | None = None) -> None:
+        while self.has_work:
+            for out in self.step():
+                if on_output is not None:
+                    on_output(out)

@@ -1,0 +1,117 @@
+"""One speculative step for a batch: propose -> one target pass -> verify -> commit.
+
+Plain decoding is the same step with empty drafts. Row i of the pass feeds the request's
+last committed token (the only one not yet in the cache) followed by its draft nodes;
+a tree's nodes see the root and their ancestors only. After verification the accepted
+path is kept in the cache (by index copy for a tree) and everything else is dropped by
+not committing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from draftwise.cache import KVCache
+from draftwise.models.transformer import Transformer
+from draftwise.request import RequestState
+from draftwise.sampling import target_distribution
+from draftwise.speculators.base import Draft
+from draftwise.verify import Verified, verify
+
+
+@dataclass
+class VerifyBatch:
+    ids: torch.Tensor  # [batch, T] last token, then draft nodes, then padding
+    positions: torch.Tensor  # [batch, T]
+    tree_mask: torch.Tensor  # [batch, T, T] bool
+    sizes: list[int]  # real tokens per row (1 + draft nodes)
+
+
+def draft_depths(parents: Sequence[int] | None, n: int) -> list[int]:
+    """Depth of each node below the root (children of the root have depth 1)."""
+    if parents is None:
+        return list(range(1, n + 1))
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return depth
+
+
+def build_verify_batch(requests: Sequence[RequestState], draft: Draft, lengths: Sequence[int], device) -> VerifyBatch:
+    sizes = [1 + len(t) for t in draft.tokens]
+    b, t = len(requests), max(sizes)
+    ids = torch.zeros(b, t, dtype=torch.long)
+    positions = torch.zeros(b, t, dtype=torch.long)
+    mask = torch.eye(t, dtype=torch.bool).repeat(b, 1, 1)  # padding sees itself only
+    for i, req in enumerate(requests):
+        tokens, parents = draft.tokens[i], draft.parents[i]
+        n = len(tokens)
+        ids[i, 0] = req.output_ids[-1]
+        ids[i, 1 : n + 1] = torch.tensor(tokens, dtype=torch.long)
+        depth = draft_depths(parents, n)
+        positions[i, : n + 1] = lengths[i] + torch.tensor([0] + depth)
+        mask[i, : n + 1, 0] = True
+        if parents is None:
+            mask[i, : n + 1, : n + 1] = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
+        else:
+            for j, p in enumerate(parents):  # node j (index j+1) sees its parent's ancestors
+                if p >= 0:
+                    mask[i, j + 1] |= mask[i, p + 1]
+    return VerifyBatch(ids.to(device), positions.to(device), mask.to(device), sizes)
+
+
+def verify_rows(
+    requests: Sequence[RequestState], draft: Draft, logits: torch.Tensor, sizes: Sequence[int]
+) -> list[Verified]:
+    """Verify each row's draft against the target logits `[batch, T, vocab]`."""
+    results = []
+    for i, req in enumerate(requests):
+        n = sizes[i] - 1
+        probs = target_distribution(
+            logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i]
+        )  # [n+1, vocab]
+        results.append(
+            verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy)
+        )
+    return results
+
+
+def commit_cache(cache: KVCache, row: int, length: int, path: Sequence[int]) -> None:
+    """Keep the fed last token (slot `length`) and the accepted nodes of `path`."""
+    cache.keep_path(row, length, [length] + [length + 1 + p for p in path])
+
+
+def target_step(
+    model: Transformer, cache: KVCache, requests: Sequence[RequestState], draft: Draft
+) -> list[Verified]:
+    """One target pass over every request's last token and draft; commits the cache."""
+    rows = torch.tensor([r.row for r in requests], device=model.device)
+    lengths = cache.lengths[rows].tolist()
+    batch = build_verify_batch(requests, draft, lengths, model.device)
+    out = model(batch.ids, batch.positions, cache, tree_mask=batch.tree_mask, rows=rows)
+    results = verify_rows(requests, draft, out.logits, batch.sizes)
+    for req, length, res in zip(requests, lengths, results):
+        commit_cache(cache, req.row, length, res.path)
+    return results
+
+
+def prefill(model: Transformer, cache: KVCache, requests: Sequence[RequestState]) -> list[Verified]:
+    """Run the prompts (different lengths, one row each) and emit each first token."""
+    rows = torch.tensor([r.row for r in requests], device=model.device)
+    lens = [len(r.prompt_ids) for r in requests]
+    t = max(lens)
+    ids = torch.zeros(len(requests), t, dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, : lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        cache.set_length(r.row, 0)
+    positions = torch.arange(t).expand(len(requests), t)
+    last = torch.tensor(lens)[:, None] - 1  # [batch, 1]
+    out = model(ids.to(model.device), positions.to(model.device), cache, rows=rows, logits_at=last.to(model.device))
+    empty = Draft.empty(len(requests))
+    results = verify_rows(requests, empty, out.logits, [1] * len(requests))
+    for r, n in zip(requests, lens):
+        cache.set_length(r.row, n)
+    return results

@@ -1,0 +1,329 @@
+"""Suffix-tree speculation ("suffix"), in the spirit of SuffixDecoding (Oliaro et al., 2024).
+
+A `SuffixTree` counts every window of at most `depth` tokens starting anywhere in the
+sequences it holds: the count of a node is how many windows pass through it, so the
+counts of a node's children give the empirical distribution of the next token after that
+context. Proposing = match the longest suffix of the request's context (at most
+`suffix_max_depth` tokens) that occurs with a continuation, then expand the most likely
+continuations best-first into a small draft tree (probability = product of child count
+ratios along the path), up to the token budget.
+
+Two trees are consulted per request, as SuffixDecoding does: the request's own tree
+(its prompt and output so far, grown with each committed token) and a global tree of
+finished requests (prompt + output, added in `end`, oldest evicted past
+`suffix_max_cached_requests` or `max_cached_tokens`). The draft with the higher score
+(sum of node probabilities = expected accepted tokens under the counts) wins.
+
+Memory: a node seen by a single window does not spell out its continuation; it keeps a
+*tail* (sequence, position) from which the rest of that window is read. A node becomes
+explicit only when a second window reaches it, so a tree holds O(tokens + repeats)
+nodes rather than O(tokens x depth). Appending a token touches only the windows still
+running along already-seen paths ("active" cursors, at most `depth`), O(1) each; windows
+that entered their own tail grow for free, since the tail reads the growing sequence.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from collections import deque
+from typing import Any, Iterable, Sequence
+
+from draftwise.config import SpeculativeConfig
+from draftwise.request import RequestState
+from draftwise.speculators.base import Draft, Proposer, register
+
+
+class _Node:
+    """Trie node: explicit (children) or a single-window tail (seq, pos); never both."""
+
+    __slots__ = ("count", "depth", "children", "seq", "pos")
+
+    def __init__(self, depth: int, seq: array | None = None, pos: int = 0) -> None:
+        self.count = 1
+        self.depth = depth
+        self.children: dict[int, _Node] | None = None
+        self.seq = seq  # tail: the continuation is seq[pos:], cut at the tree depth
+        self.pos = pos
+
+
+class _Seq:
+    """One sequence held by a tree, with the cursors of its windows still being matched."""
+
+    __slots__ = ("tokens", "active")
+
+    def __init__(self) -> None:
+        self.tokens = array("q")
+        self.active: list[tuple[_Node, int]] = []  # (explicit node at the window's end, window start)
+
+
+Loc = tuple[_Node, int]  # a point of the trie: a node and an offset into its tail (0 if explicit)
+
+
+class SuffixTree:
+    """Counts of all windows (<= depth tokens) of a set of sequences, path-compressed by tails."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.root = _Node(0)
+        self.root.count = 0
+        self.root.children = {}
+        self.num_nodes = 1
+
+    # --- updates -------------------------------------------------------------------------
+
+    def extend(self, seq: _Seq, tokens: Iterable[int]) -> None:
+        """Append tokens to `seq`: every window ending at the old end grows by one token."""
+        for t in tokens:
+            seq.tokens.append(t)
+            end = len(seq.tokens)  # position after t
+            active: list[tuple[_Node, int]] = []
+            self.root.count += 1
+            for node, start in (*seq.active, (self.root, end - 1)):
+                if node.children is None:
+                    node.children = {}
+                child = node.children.get(t)
+                if child is None:  # first window here: it lives on in its own tail
+                    node.children[t] = _Node(node.depth + 1, seq.tokens, end)
+                    self.num_nodes += 1
+                    continue
+                child.count += 1
+                if child.seq is not None:
+                    self._materialize(child)
+                if child.depth < self.depth:
+                    active.append((child, start))
+            seq.active = active
+
+    def _materialize(self, node: _Node) -> None:
+        """A tail node got a second window: spell out one step of the first window's path."""
+        seq, pos = node.seq, node.pos
+        node.seq = None
+        if seq is not None and pos < len(seq) and node.depth < self.depth:
+            node.children = {seq[pos]: _Node(node.depth + 1, seq, pos + 1)}
+            self.num_nodes += 1
+
+    def remove(self, seq: _Seq) -> None:
+        """Forget every window of a (finished) sequence, re-compressing what became unique."""
+        toks = seq.tokens
+        for start in range(len(toks)):
+            node = self.root
+            node.count -= 1
+            path: list[_Node] = []
+            for t in toks[start : start + self.depth]:
+                assert node.children is not None, "suffix tree out of sync"
+                child = node.children[t]
+                child.count -= 1
+                if child.count == 0:
+                    del node.children[t]
+                    self.num_nodes -= 1
+                    break
+                path.append(child)
+                node = child
+            for node in reversed(path):
+                if node.count == 1:
+                    self._compress(node)
+
+    def _compress(self, node: _Node) -> None:
+        """A node left with one window becomes a tail again when its only child is a tail."""
+        kids = node.children
+        if not kids:
+            node.children = None
+        elif len(kids) == 1:
+            (child,) = kids.values()
+            if child.seq is not None and child.count == 1:
+                node.seq, node.pos, node.children = child.seq, child.pos - 1, None
+                self.num_nodes -= 1
+
+    # --- queries -------------------------------------------------------------------------
+
+    def locate(self, pattern: Sequence[int]) -> Loc | None:
+        """The trie point spelled by `pattern`, or None if no window contains it."""
+        node, k = self.root, 0
+        for t in pattern:
+            if node.seq is not None:
+                i = node.pos + k
+                if i >= len(node.seq) or node.depth + k >= self.depth or node.seq[i] != t:
+                    return None
+                k += 1
+            else:
+                child = node.children.get(t) if node.children else None
+                if child is None:
+                    return None
+                node, k = child, 0
+        return node, k
+
+    def next_tokens(self, loc: Loc) -> list[tuple[int, float, Loc]]:
+        """(token, conditional probability, next point) for each continuation of `loc`."""
+        node, k = loc
+        if node.seq is not None:
+            i = node.pos + k
+            if i < len(node.seq) and node.depth + k < self.depth:
+                return [(node.seq[i], 1.0, (node, k + 1))]
+            return []
+        if not node.children:
+            return []
+        total = sum(c.count for c in node.children.values())
+        return [(t, c.count / total, (c, 0)) for t, c in node.children.items()]
+
+    def longest_match(self, context: Sequence[int], max_len: int) -> tuple[Loc, int] | None:
+        """Longest suffix of `context` (<= max_len tokens) that occurs followed by a token.
+
+        Suffix-closed (a shorter suffix occurs wherever a longer one does), so binary search.
+        """
+        best: tuple[Loc, int] | None = None
+        lo, hi = 1, min(max_len, len(context), self.depth - 1)
+        while lo <= hi:
+            m = (lo + hi) // 2
+            loc = self.locate(context[len(context) - m :])
+            if loc is not None and self.next_tokens(loc):
+                best, lo = (loc, m), m + 1
+            else:
+                hi = m - 1
+        return best
+
+    def draft(self, loc: Loc, budget: int, min_prob: float) -> tuple[list[int], list[int], list[float]]:
+        """Best-first draft tree from `loc`: tokens, parents (-1 = root), path probabilities."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        probs: list[float] = []
+        heap: list[tuple[float, int, int, int, Loc]] = []
+        tie = 0
+        for t, p, nxt in self.next_tokens(loc):
+            heap.append((-p, tie, -1, t, nxt))
+            tie += 1
+        heapq.heapify(heap)
+        while heap and len(tokens) < budget:
+            neg_p, _, parent, t, nxt = heapq.heappop(heap)
+            if -neg_p < min_prob:
+                break
+            idx = len(tokens)
+            tokens.append(t)
+            parents.append(parent)
+            probs.append(-neg_p)
+            for t2, p2, nxt2 in self.next_tokens(nxt):
+                heapq.heappush(heap, (neg_p * p2, tie, idx, t2, nxt2))
+                tie += 1
+        return tokens, parents, probs
+
+
+@register
+class SuffixProposer(Proposer):
+    """Propose the most frequent continuations of the context from per-request and global trees."""
+
+    name = "suffix"
+
+    def __init__(
+        self,
+        max_depth: int = 64,
+        max_spec_tokens: int = 16,
+        max_cached_requests: int = 10000,
+        max_cached_tokens: int = 4_000_000,
+        min_prob: float = 0.1,
+        spec_factor: float = 1.0,
+        spec_offset: float = 0.0,
+    ) -> None:
+        self.max_depth = max_depth
+        # Windows must hold a full match plus a full draft behind it.
+        self.tree_depth = max_depth + max(1, max_spec_tokens)
+        self.max_cached_requests = max_cached_requests
+        self.max_cached_tokens = max_cached_tokens
+        self.min_prob = min_prob
+        self.spec_factor = spec_factor  # draft at most spec_factor * match length + spec_offset
+        self.spec_offset = spec_offset
+        self.global_tree = SuffixTree(self.tree_depth)
+        self._cached: deque[_Seq] = deque()
+        self._cached_tokens = 0
+        self._local: dict[str, tuple[SuffixTree, _Seq]] = {}
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig, target: Any = None) -> "SuffixProposer":
+        return cls(
+            max_depth=config.suffix_max_depth,
+            max_spec_tokens=config.num_speculative_tokens,
+            max_cached_requests=config.suffix_max_cached_requests,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def begin(self, request: RequestState) -> None:
+        self._local.pop(request.request_id, None)
+        self._sync(request)
+
+    def on_accept(self, request: RequestState, num_accepted: int) -> None:
+        self._sync(request)
+
+    def end(self, request: RequestState) -> None:
+        self._local.pop(request.request_id, None)
+        if self.max_cached_requests <= 0 or self.max_cached_tokens <= 0:
+            return
+        seq = _Seq()
+        self.global_tree.extend(seq, request.prompt_ids + request.output_ids)
+        seq.active = []  # finished: no window grows any more
+        self._cached.append(seq)
+        self._cached_tokens += len(seq.tokens)
+        while self._cached and (
+            len(self._cached) > self.max_cached_requests or self._cached_tokens > self.max_cached_tokens
+        ):
+            old = self._cached.popleft()
+            self.global_tree.remove(old)
+            self._cached_tokens -= len(old.tokens)
+
+    def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
+        draft = Draft.empty(len(requests))
+        for i, (request, k) in enumerate(zip(requests, num_tokens)):
+            if k <= 0:
+                continue
+            tree, seq = self._sync(request)
+            tokens, parents = self.speculate(seq.tokens, k, tree)
+            draft.tokens[i] = tokens
+            is_chain = all(p == j - 1 for j, p in enumerate(parents))
+            draft.parents[i] = None if is_chain else parents
+        return draft
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _sync(self, request: RequestState) -> tuple[SuffixTree, _Seq]:
+        """The request's own tree, extended with its newly committed tokens."""
+        entry = self._local.get(request.request_id)
+        total = len(request.prompt_ids) + len(request.output_ids)
+        if entry is None or total < len(entry[1].tokens):  # unknown, or history shrank
+            entry = (SuffixTree(self.tree_depth), _Seq())
+            self._local[request.request_id] = entry
+        tree, seq = entry
+        done, n_prompt = len(seq.tokens), len(request.prompt_ids)
+        if done < n_prompt:
+            tree.extend(seq, request.prompt_ids[done:])
+            done = n_prompt
+        if done < total:
+            tree.extend(seq, request.output_ids[done - n_prompt :])
+        return entry
+
+    def speculate(self, context: Sequence[int], budget: int, local: SuffixTree | None) -> tuple[list[int], list[int]]:
+        """Best-scoring draft tree (tokens, parents) over the local and global trees."""
+        best: tuple[float, list[int], list[int]] = (0.0, [], [])
+        for tree in (local, self.global_tree):
+            if tree is None:
+                continue
+            match = tree.longest_match(context, self.max_depth)
+            if match is None:
+                continue
+            loc, length = match
+            while True:
+                limit = min(budget, int(self.spec_factor * length + self.spec_offset))
+                if limit <= 0:
+                    break
+                tokens, parents, probs = tree.draft(loc, limit, self.min_prob)
+                score = sum(probs)
+                if score > best[0]:
+                    best = (score, tokens, parents)
+                # The continuations of a long match can run into the end of their sequence
+                # (e.g. the period of a repetitive output): then retry a shorter suffix,
+                # which has more (and earlier) occurrences. At most log2(match) retries.
+                length //= 2
+                if len(tokens) >= limit or length == 0:
+                    break
+                found = tree.locate(context[len(context) - length :])
+                if found is None:
+                    break
+                loc = found
+        return best[1], best[2]

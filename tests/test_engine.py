@@ -1,0 +1,104 @@
+"""Plain generation through the engine and the Python API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import EOS_ID, tiny_config, tiny_model
+from draftwise.api import LLM
+from draftwise.errors import BadInput
+from draftwise.sampling import SamplingParams
+
+
+def hf_twin(model) -> tf.PreTrainedModel:
+    """The same weights in transformers' own Llama implementation."""
+    cfg = model.config
+    hf_cfg = tf.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, eos_token_id=None,
+    )
+    hf = tf.LlamaForCausalLM(hf_cfg).float().eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    return hf
+
+
+def test_greedy_equals_transformers_generate(tokenizer):
+    model = tiny_model("llama", torch.float32)
+    llm = LLM.from_model(model, tokenizer)
+    prompt = tokenizer.encode("The quick brown fox")
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    hf = hf_twin(model)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    assert out.token_ids == ref[0, len(prompt):].tolist()
+    assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_of_different_lengths_equals_one_by_one(tokenizer, dtype):
+    llm = LLM.from_model(tiny_model("qwen2", dtype), tokenizer, max_batch_size=4)
+    prompts = ["a", "hello there, friend", "xyz xyz", "The rain in Spain stays mainly"]
+    params = SamplingParams(max_tokens=25, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    for p, out in zip(prompts, together):
+        assert llm.generate([p], params)[0].token_ids == out.token_ids
+
+
+def test_more_prompts_than_rows_queue_and_finish(tokenizer):
+    llm = LLM.from_model(tiny_model(), tokenizer, max_batch_size=2)
+    outs = llm.generate([f"prompt {i}" for i in range(5)], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [8] * 5
+    assert llm.engine.free_rows == [0, 1] and not llm.engine.running
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
+    llm = LLM.from_model(tiny_model(std=0.05), tokenizer)
+    def run(seed):
+        p = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+        return llm.generate(["once upon"], p)[0].token_ids
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_stop_token_ids_string_and_eos(tokenizer):
+    llm = LLM.from_model(tiny_model(), tokenizer)
+    free = llm.generate(["stop test"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    third = free.token_ids[2]
+    first_at = free.token_ids.index(third)
+    out = llm.generate(["stop test"], SamplingParams(max_tokens=30, stop_token_ids=[third]))[0]
+    assert out.token_ids == free.token_ids[: first_at + 1] and out.finish_reason == "stop"
+    stop = free.text[5:8]
+    out = llm.generate(["stop test"], SamplingParams(max_tokens=30, stop=[stop], ignore_eos=True))[0]
+    assert out.text == free.text[: free.text.index(stop)] and out.finish_reason == "stop"
+    # EOS: bias the head so that EOS is the greedy choice
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[EOS_ID] = model.model.embed_tokens.weight.new_zeros(model.config.hidden_size)
+        model.lm_head.weight[EOS_ID, 0] = 1e4
+        model.model.norm.weight.fill_(1.0)
+    out = LLM.from_model(model, tokenizer).generate(["x"], SamplingParams(max_tokens=30))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) <= 30
+
+
+def test_chat_template_is_applied(tokenizer):
+    llm = LLM.from_model(tiny_model(), tokenizer)
+    ids = llm.chat_prompt([{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(ids) == "<user>hi\n<assistant>"
+
+
+def test_bad_inputs_raise_clear_errors(tokenizer):
+    llm = LLM.from_model(tiny_model(), tokenizer, max_model_len=64)
+    with pytest.raises(BadInput, match="exceeds the context window of 64"):
+        llm.generate(["x" * 60], SamplingParams(max_tokens=10))
+    with pytest.raises(BadInput, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(BadInput, match="token ids"):
+        llm.generate([[1, 999]], SamplingParams())
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
