@@ -144,7 +144,7 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 
 def test_gguf_llama_unpermutes_qk_and_caches(tmp_path: Path) -> None:
-    cfg = _tiny_config("llama", tie_word_embeddings=True)
+    cfg = _tiny_config("llama", tie_word_embeddings=True, head_dim=8, rope_theta=500000.0)
     freqs = _llama3_freqs(cfg.rope_theta, cfg.head_dim, 8.0)
     want = write_gguf(tmp_path / "tiny.gguf", cfg, rope_freqs=freqs)
     first = load_weights(str(tmp_path / "tiny.gguf"), progress=False)

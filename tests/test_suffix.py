@@ -36,24 +36,37 @@ def window_counts(seqs: list[list[int]], depth: int) -> Counter:
 
 
 def tree_counts(tree: SuffixTree) -> Counter:
-    """Every string the tree spells, with its count (tails count 1 along their whole length)."""
+    """Every string the tree spells, with its count; checks the structural invariants."""
     counts: Counter = Counter()
     stack = [(tree.root, ())]
     while stack:
         node, prefix = stack.pop()
-        if node.seq is not None:
-            assert node.count == 1 and node.children is None
-            i = node.pos
-            while i < len(node.seq) and node.depth + (i - node.pos) < tree.depth:
-                prefix = prefix + (node.seq[i],)
-                counts[prefix] += 1
-                i += 1
-            continue
-        for t, child in (node.children or {}).items():
-            assert child.depth == node.depth + 1 and child.count >= 1
-            counts[prefix + (t,)] += child.count
-            stack.append((child, prefix + (t,)))
+        kids = node.children or {}
+        assert sum(c.count for c in kids.values()) <= node.count or node is tree.root
+        for t, child in kids.items():
+            n = tree.edge_len(child)
+            assert n >= 1 and child.count >= 1 and child.top == len(prefix)
+            assert child.top + n <= tree.depth
+            if child.length < 0:  # open leaf: a single window's tail
+                assert child.count == 1 and child.children is None
+            # the label is a real occurrence: the path above it precedes it in its sequence
+            assert child.start >= child.top
+            assert tuple(child.seq[child.start - child.top : child.start]) == prefix
+            edge = tuple(child.seq[child.start : child.start + n])
+            assert edge[0] == t
+            for j in range(1, n + 1):
+                counts[prefix + edge[:j]] += child.count
+            stack.append((child, prefix + edge))
     return counts
+
+
+def all_nodes(tree: SuffixTree) -> list:
+    out, stack = [], [tree.root]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend((node.children or {}).values())
+    return out
 
 
 def check_tree(tokens: list[int], parents: list[int] | None, budget: int) -> None:
@@ -198,11 +211,15 @@ def test_tree_counts_match_brute_force(seqs: list[list[int]], removals: list[int
         tree.extend(h, s[len(s) // 2 :])
         held.append((h, s))
     assert tree_counts(tree) == window_counts(seqs, depth)
+    assert tree.num_nodes == len(all_nodes(tree))
     for r in removals:
         if held:
             h, _ = held.pop(r % len(held))
             tree.remove(h)
             assert tree_counts(tree) == window_counts([s for _, s in held], depth)
+            nodes = all_nodes(tree)
+            assert tree.num_nodes == len(nodes)
+            assert all(node.seq is not h.tokens for node in nodes)  # nothing keeps it alive
     assert tree.root.count == sum(len(s) for _, s in held)
 
 

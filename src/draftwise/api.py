@@ -85,7 +85,9 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
         spec = self.speculative_config
-        proposer = build_proposer(spec, Target(model, tokenizer, dtype, progress)) if spec else None
+        max_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len)
+        proposer = build_proposer(spec, target) if spec else None
         self.engine = Engine(
             model, tokenizer,
             proposer=proposer,

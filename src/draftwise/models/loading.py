@@ -275,9 +275,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any] | None:
     """Recognise llama.cpp's rope_freqs tensor as Llama 3 rope scaling (standard params)."""
     factor, low, high, orig = float(freqs.max()), 1.0, 4.0, 8192
+    if factor == 1.0:
+        return None
     wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
     smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
     expect = 1.0 / ((1 - smooth) / factor + smooth)

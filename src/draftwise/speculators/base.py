@@ -93,3 +93,5 @@ class Target:
     tokenizer: object
     dtype: object = None  # dtype name or torch.dtype the target was loaded in
     progress: bool = True
+    max_batch_size: int = 8  # cache rows the engine uses (RequestState.row < this)
+    max_model_len: int = 4096

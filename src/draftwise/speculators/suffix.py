@@ -34,105 +34,167 @@ from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, register
 
 
+_NO_TOKENS = array("q")
+
+
 class _Node:
-    """Trie node: explicit (children) or a single-window tail (seq, pos); never both."""
+    """End of a compressed edge. The edge spells seq[start : start + length] and begins at
+    depth `top`; `count` windows pass through its end. length -1: an open leaf, the tail of
+    a single window, which runs on along `seq` to that window's end (it grows with a live
+    sequence for free)."""
 
-    __slots__ = ("count", "depth", "children", "seq", "pos")
+    __slots__ = ("count", "top", "seq", "start", "length", "children")
 
-    def __init__(self, depth: int, seq: array | None = None, pos: int = 0) -> None:
-        self.count = 1
-        self.depth = depth
+    def __init__(self, count: int, top: int, seq: array, start: int, length: int) -> None:
+        self.count = count
+        self.top = top
+        self.seq = seq
+        self.start = start
+        self.length = length
         self.children: dict[int, _Node] | None = None
-        self.seq = seq  # tail: the continuation is seq[pos:], cut at the tree depth
-        self.pos = pos
 
 
 class _Seq:
-    """One sequence held by a tree, with the cursors of its windows still being matched."""
+    """One sequence held by a tree, with the nodes where its still-growing windows end."""
 
     __slots__ = ("tokens", "active")
 
     def __init__(self) -> None:
         self.tokens = array("q")
-        self.active: list[tuple[_Node, int]] = []  # (explicit node at the window's end, window start)
+        self.active: list[_Node] = []  # deepest first
 
 
-Loc = tuple[_Node, int]  # a point of the trie: a node and an offset into its tail (0 if explicit)
+Loc = tuple[_Node, int]  # a point of the trie: k tokens into the edge of a node (root: 0)
 
 
 class SuffixTree:
-    """Counts of all windows (<= depth tokens) of a set of sequences, path-compressed by tails."""
+    """Counts of all windows (<= depth tokens) of a set of sequences, path-compressed.
+
+    Invariants: a node's count is the number of windows through its end; a running window
+    always ends exactly at a node; an edge label (seq, start) is a real occurrence, so
+    seq[start - top : start] spells the path above it.
+    """
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
-        self.root = _Node(0)
-        self.root.count = 0
+        self.root = _Node(0, 0, _NO_TOKENS, 0, 0)
         self.root.children = {}
         self.num_nodes = 1
+
+    def edge_len(self, node: _Node) -> int:
+        if node.length >= 0:
+            return node.length
+        return min(len(node.seq) - node.start, self.depth - node.top)
 
     # --- updates -------------------------------------------------------------------------
 
     def extend(self, seq: _Seq, tokens: Iterable[int]) -> None:
-        """Append tokens to `seq`: every window ending at the old end grows by one token."""
+        """Append tokens to `seq`: each window ending at the old end grows by one token.
+
+        O(1) per running window (at most `depth`); a window that leaves the known paths
+        retires into its own open leaf and costs nothing more.
+        """
+        toks = seq.tokens
         for t in tokens:
-            seq.tokens.append(t)
-            end = len(seq.tokens)  # position after t
-            active: list[tuple[_Node, int]] = []
+            toks.append(t)
             self.root.count += 1
-            for node, start in (*seq.active, (self.root, end - 1)):
-                if node.children is None:
-                    node.children = {}
-                child = node.children.get(t)
-                if child is None:  # first window here: it lives on in its own tail
-                    node.children[t] = _Node(node.depth + 1, seq.tokens, end)
-                    self.num_nodes += 1
-                    continue
-                child.count += 1
-                if child.seq is not None:
-                    self._materialize(child)
-                if child.depth < self.depth:
-                    active.append((child, start))
+            active: list[_Node] = []
+            for node in (*seq.active, self.root):  # deepest first: see _step
+                nxt = self._step(node, t, toks)
+                if nxt is not None and nxt.top + nxt.length < self.depth:
+                    active.append(nxt)
             seq.active = active
 
-    def _materialize(self, node: _Node) -> None:
-        """A tail node got a second window: spell out one step of the first window's path."""
-        seq, pos = node.seq, node.pos
-        node.seq = None
-        if seq is not None and pos < len(seq) and node.depth < self.depth:
-            node.children = {seq[pos]: _Node(node.depth + 1, seq, pos + 1)}
+    def _step(self, node: _Node, t: int, toks: array) -> _Node | None:
+        """Move a window ending at `node` one token `t` down; return its new end node."""
+        kids = node.children
+        child = kids.get(t) if kids else None
+        depth = node.top + node.length
+        if child is None:  # new path: the window retires into its own open leaf
+            if kids is None:
+                node.children = kids = {}
+            kids[t] = _Node(1, depth, toks, len(toks) - 1, -1)
             self.num_nodes += 1
+            return None
+        clen = self.edge_len(child)
+        if node is not self.root and len(kids) == 1 and node.count == child.count + 1:
+            # Only this window ends at `node` and the path goes on: slide the node one token
+            # down the edge instead of making a new one (relabel it from the child's label).
+            # A window that ended at `child` was deeper, so it has already moved this step.
+            node.seq, node.start = child.seq, child.start - node.length
+            node.length += 1
+            if clen == 1:  # reached the child's end: absorb it
+                node.children = child.children
+                self.num_nodes -= 1
+            else:
+                child.top += 1
+                child.start += 1
+                if child.length > 0:
+                    child.length -= 1
+                node.children = {child.seq[child.start]: child}  # its first token moved on
+            return node
+        if clen == 1:
+            child.count += 1
+            child.length = 1  # closes an open leaf: a second window ends here
+            return child
+        # Split the child's edge after one token: a node of its own for this window.
+        mid = _Node(child.count + 1, depth, child.seq, child.start, 1)
+        child.top += 1
+        child.start += 1
+        if child.length > 0:
+            child.length -= 1
+        mid.children = {child.seq[child.start]: child}
+        kids[t] = mid
+        self.num_nodes += 1
+        return mid
 
     def remove(self, seq: _Seq) -> None:
-        """Forget every window of a (finished) sequence, re-compressing what became unique."""
+        """Forget every window of a finished sequence; re-compress and relabel what remains."""
         toks = seq.tokens
-        for start in range(len(toks)):
-            node = self.root
-            node.count -= 1
+        n = len(toks)
+        self.root.count -= n
+        for i in range(n):
+            want = min(self.depth, n - i)
+            node, depth = self.root, 0
             path: list[_Node] = []
-            for t in toks[start : start + self.depth]:
+            while depth < want:
                 assert node.children is not None, "suffix tree out of sync"
+                t = toks[i + depth]
                 child = node.children[t]
                 child.count -= 1
                 if child.count == 0:
                     del node.children[t]
-                    self.num_nodes -= 1
+                    self.num_nodes -= self._size(child)
                     break
+                depth += self.edge_len(child)
                 path.append(child)
                 node = child
             for node in reversed(path):
-                if node.count == 1:
-                    self._compress(node)
+                self._repair(node, toks, i)
 
-    def _compress(self, node: _Node) -> None:
-        """A node left with one window becomes a tail again when its only child is a tail."""
+    def _size(self, node: _Node) -> int:
+        return 1 + sum(self._size(c) for c in (node.children or {}).values())
+
+    def _repair(self, node: _Node, toks: array, start: int) -> None:
+        """After a removal through `node`: merge a lone equal-count child, drop labels in toks."""
         kids = node.children
-        if not kids:
-            node.children = None
-        elif len(kids) == 1:
+        if kids is not None and not kids:
+            node.children = kids = None
+        if kids is not None and len(kids) == 1:
             (child,) = kids.values()
-            if child.seq is not None and child.count == 1:
-                node.seq, node.pos, node.children = child.seq, child.pos - 1, None
+            if child.count == node.count:  # no window ends at node any more
+                node.seq, node.start = child.seq, child.start - node.length
+                node.length = -1 if child.length < 0 else node.length + child.length
+                node.children = child.children
                 self.num_nodes -= 1
+                kids = node.children
+        if node.seq is toks:  # keep no reference to the forgotten sequence
+            for child in (kids or {}).values():
+                if child.seq is not toks:
+                    node.seq, node.start = child.seq, child.start - node.length
+                    return
+            end = node.top + node.length  # closed here: an open leaf would have gone with toks
+            node.seq, node.start = array("q", toks[start : start + end]), node.top
 
     # --- queries -------------------------------------------------------------------------
 
@@ -140,30 +202,27 @@ class SuffixTree:
         """The trie point spelled by `pattern`, or None if no window contains it."""
         node, k = self.root, 0
         for t in pattern:
-            if node.seq is not None:
-                i = node.pos + k
-                if i >= len(node.seq) or node.depth + k >= self.depth or node.seq[i] != t:
+            if k < self.edge_len(node):
+                if node.seq[node.start + k] != t:
                     return None
                 k += 1
             else:
                 child = node.children.get(t) if node.children else None
                 if child is None:
                     return None
-                node, k = child, 0
+                node, k = child, 1
         return node, k
 
     def next_tokens(self, loc: Loc) -> list[tuple[int, float, Loc]]:
         """(token, conditional probability, next point) for each continuation of `loc`."""
         node, k = loc
-        if node.seq is not None:
-            i = node.pos + k
-            if i < len(node.seq) and node.depth + k < self.depth:
-                return [(node.seq[i], 1.0, (node, k + 1))]
+        if k < self.edge_len(node):
+            return [(node.seq[node.start + k], 1.0, (node, k + 1))]
+        kids = node.children
+        if not kids:
             return []
-        if not node.children:
-            return []
-        total = sum(c.count for c in node.children.values())
-        return [(t, c.count / total, (c, 0)) for t, c in node.children.items()]
+        total = sum(c.count for c in kids.values())
+        return [(t, c.count / total, (c, 1)) for t, c in kids.items()]
 
     def longest_match(self, context: Sequence[int], max_len: int) -> tuple[Loc, int] | None:
         """Longest suffix of `context` (<= max_len tokens) that occurs followed by a token.
