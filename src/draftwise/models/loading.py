@@ -23,12 +23,14 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from draftwise.errors import CorruptModel, ModelNotFound
@@ -85,14 +87,11 @@ def load_weights(
         st = path.resolve().stat()
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         return _load_gguf_cached(path, _cache_key(path.stem, ident), cache_dir, progress, str(path))
-    if model in bundled.BUNDLED:
-        gguf = bundled.ensure(model, progress=progress, cache_dir=cache_dir)
-        key = _cache_key(model, bundled.BUNDLED[model].sha256)
-        return _load_gguf_cached(gguf, key, cache_dir, progress, model)
-    if os.sep in model or model.lower().endswith(".gguf"):
+    if model not in bundled.BUNDLED and (os.sep in model or model.lower().endswith(".gguf")):
         raise ModelNotFound(f"{model}: no such file or folder")
-    bundled.get_bundled(model)  # raises ModelNotFound listing the bundled names
-    raise AssertionError("unreachable")
+    spec = bundled.get_bundled(model)  # unknown: ModelNotFound listing the bundled names
+    gguf = bundled.ensure(model, progress=progress, cache_dir=cache_dir)
+    return _load_gguf_cached(gguf, _cache_key(model, spec.sha256), cache_dir, progress, model)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -156,18 +155,17 @@ def _load_hf_folder(folder: Path) -> LoadedWeights:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    index = folder / "model.safetensors.index.json"
     try:
-        raw = json.loads((folder / "config.json").read_text())
-        cfg = ModelConfig.from_hf_dict(raw)
+        cfg = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+        shards = sorted(folder.glob("*.safetensors"))
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted({folder / f for f in weight_map.values()})
     except UnsupportedArchitecture:
         raise
     except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptModel(f"{folder}/config.json is unreadable or incomplete: {exc}") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        shards = sorted(folder.glob("*.safetensors"))
+        raise CorruptModel(f"{folder}: config.json or the index is unreadable ({exc})") from None
     if not shards:
         raise CorruptModel(f"{folder} has no *.safetensors weights (draftwise reads safetensors)")
     sd: dict[str, torch.Tensor] = {}
@@ -207,7 +205,10 @@ def _load_gguf_cached(
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the GGUF
             shutil.rmtree(folder, ignore_errors=True)
     loaded = _load_gguf(path, progress, source)
-    _write_cache(folder, loaded)
+    try:
+        _write_cache(folder, loaded)
+    except OSError as exc:  # e.g. disk full: the weights are fine, only the cache is lost
+        warnings.warn(f"draftwise: could not cache converted weights in {folder}: {exc}")
     return loaded
 
 
@@ -233,8 +234,13 @@ def _write_cache(folder: Path, loaded: LoadedWeights) -> None:
         (tmp / "config.json").write_text(loaded.config.model_dump_json(indent=2))
         loaded.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / _DONE).write_text(json.dumps({"version": CACHE_VERSION, "source": loaded.source}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        if folder.exists() and not (folder / _DONE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left over from an interrupted run
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / _DONE).is_file():  # else another process just finished it
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -366,7 +372,11 @@ def _load_gguf(path: Path, progress: bool, source: str) -> LoadedWeights:
             raise CorruptModel(f"{path}: {exc}; use a GGUF with a common quantization") from None
         shape = tuple(reversed(t.shape.tolist()))  # GGUF lists dims innermost first
         arrays[name] = np.asarray(values, dtype=np.float32).reshape(shape)
-    cfg = _gguf_config(reader, arrays)
+    try:
+        cfg = _gguf_config(reader, arrays)
+    except ValidationError as exc:
+        msg = exc.errors()[0]
+        raise CorruptModel(f"{path}: bad GGUF metadata ({msg['loc']}: {msg['msg']})") from None
     if _GGUF_ARCHS[arch]:
         for name in list(arrays):
             if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
@@ -386,7 +396,7 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-        raise CorruptModel(f"{path}: could not build a tokenizer from its metadata ({exc})") from None
+        raise CorruptModel(f"{path}: cannot build a tokenizer from its metadata ({exc})") from None
 
 
 __all__ = ["LoadedWeights", "expected_shapes", "load_weights"]

@@ -95,3 +95,4 @@ class Target:
     progress: bool = True
     max_batch_size: int = 8  # cache rows the engine uses (RequestState.row < this)
     max_model_len: int = 4096
+    draft_model: object = None  # an already loaded draft model (tests, notebooks), used instead of config.model

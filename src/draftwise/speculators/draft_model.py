@@ -45,10 +45,13 @@ class DraftModelProposer(Proposer):
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "DraftModelProposer":
         from draftwise.api import load_model
 
-        if not config.model:
+        if target.draft_model is not None:
+            draft = target.draft_model
+        elif not config.model:
             raise BadInput("speculator draft_model needs a draft model (--draft-model NAME|PATH)")
-        draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress)
-        check_same_vocabulary(target.tokenizer, tok, "target", config.model)
+        else:
+            draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress)
+            check_same_vocabulary(target.tokenizer, tok, "target", config.model)
         return cls(draft, target.model.config.vocab_size, target.max_batch_size, target.max_model_len,
                    config.num_speculative_tokens)
 

@@ -149,14 +149,18 @@ class SuffixTree:
         return mid
 
     def remove(self, seq: _Seq) -> None:
-        """Forget every window of a finished sequence; re-compress and relabel what remains."""
+        """Forget every window of a finished sequence; re-compress and relabel what remains.
+
+        First all its windows are subtracted, then the nodes they went through are repaired
+        deepest first, so that no label is taken from a node still about to change.
+        """
         toks = seq.tokens
         n = len(toks)
         self.root.count -= n
+        touched: dict[int, tuple[int, _Node, int]] = {}  # id -> (end depth, node, a window start)
         for i in range(n):
             want = min(self.depth, n - i)
             node, depth = self.root, 0
-            path: list[_Node] = []
             while depth < want:
                 assert node.children is not None, "suffix tree out of sync"
                 t = toks[i + depth]
@@ -164,19 +168,26 @@ class SuffixTree:
                 child.count -= 1
                 if child.count == 0:
                     del node.children[t]
-                    self.num_nodes -= self._size(child)
+                    self.num_nodes -= self._drop(child)
                     break
-                depth += self.edge_len(child)
-                path.append(child)
+                depth += self.edge_len(child)  # closed: open leaves hold a single window
+                touched[id(child)] = (depth, child, i)
                 node = child
-            for node in reversed(path):
+        for _, node, i in sorted(touched.values(), key=lambda e: -e[0]):
+            if node.count > 0:
                 self._repair(node, toks, i)
 
-    def _size(self, node: _Node) -> int:
-        return 1 + sum(self._size(c) for c in (node.children or {}).values())
+    def _drop(self, node: _Node) -> int:
+        """Mark a detached subtree dead; return its size."""
+        node.count = 0
+        return 1 + sum(self._drop(c) for c in (node.children or {}).values())
 
     def _repair(self, node: _Node, toks: array, start: int) -> None:
-        """After a removal through `node`: merge a lone equal-count child, drop labels in toks."""
+        """After a removal through `node`: merge a lone equal-count child, drop labels in toks.
+
+        Children are repaired already, so none is labelled in toks; a leaf labelled in toks
+        gets a private copy of its path (window `start` went through it).
+        """
         kids = node.children
         if kids is not None and not kids:
             node.children = kids = None
