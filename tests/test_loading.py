@@ -330,7 +330,8 @@ def test_bundled_registry() -> None:
 
 @pytest.mark.real_model
 def test_real_smollm2_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     if USER_CACHE:  # reuse the user's cache: the real model is worth keeping
         monkeypatch.setenv("DRAFTWISE_CACHE", USER_CACHE)
@@ -341,8 +342,13 @@ def test_real_smollm2_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> N
     except DraftwiseError as exc:
         pytest.skip(f"cannot fetch smollm2-135m: {exc}")
     got = load_weights("smollm2-135m", progress=False)
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    ref_sd = ref.state_dict()
+    # The tensor conversion `from_pretrained(gguf_file=...)` runs (which itself needs
+    # `accelerate`): transformers' own q/k un-permutation, names from a meta-device model.
+    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    ref_sd = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    assert sorted(ref_sd) == sorted(got.state_dict)
     assert got.config.architecture == "llama" and got.config.tie_word_embeddings
     for name, t in got.state_dict.items():
         diff = (t.float() - ref_sd[name].float()).abs().max().item()

@@ -187,6 +187,9 @@ def test_truncations_chain_in_order() -> None:
     # min_p compares to the max probability, which truncation rescales with everything else
     params = SamplingParams(temperature=1.0, top_k=3, top_p=0.75, min_p=0.8)
     assert kept(target_distribution(probs_logits(P), params, [], [])) == {0}
+    # min-p comes after top-p: min-p first would leave [.44, .33, .22] and top-p 0.75 then {0, 1}
+    params = SamplingParams(temperature=1.0, top_p=0.75, min_p=0.3)
+    assert kept(target_distribution(probs_logits(P), params, [], [])) == {0, 1, 2}
 
 
 def test_truncation_acts_on_the_tempered_distribution() -> None:

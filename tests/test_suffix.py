@@ -249,7 +249,7 @@ def test_proposed_paths_occurred_after_match(seqs: list[list[int]], context: lis
         if match is None:
             continue
         loc, m = match
-        tokens, parents, probs = tree.draft(loc, budget, 0.0)
+        tokens, parents, probs, _ = tree.draft(loc, budget, 0.0)
         check_tree(tokens, parents, budget)
         assert all(0.0 < q <= 1.0 for q in probs)
         for path in paths(tokens, parents):

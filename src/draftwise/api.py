@@ -41,7 +41,6 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
         model = Transformer(weights.config)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)
     model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
-    model.inv_freq = model.inv_freq.float()  # rope stays fp32 whatever the weights' dtype
     return model.eval(), weights.tokenizer
 
 

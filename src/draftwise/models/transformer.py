@@ -82,7 +82,7 @@ def proj(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies `[head_dim/2]`, with linear or Llama-3 scaling applied."""
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
     if kind == "linear":
@@ -222,7 +222,8 @@ class Transformer(nn.Module):
         self.model = Inner(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
+        self.inv_freq = rope_inv_freq(cfg)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -260,6 +261,8 @@ class Transformer(nn.Module):
         slots = lengths[:, None] + torch.arange(t, device=device)  # [batch, T]
         key_len = _bucket(int(slots.max()) + 1, cache.capacity)
         mask = build_mask(lengths, slots, key_len, tree_mask)
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
         freqs = positions[..., None].float() * self.inv_freq  # [batch, T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, T, hd]
         step = StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin())

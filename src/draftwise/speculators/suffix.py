@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections import deque
+from operator import attrgetter
 from typing import Any, Iterable, Sequence
 
 from draftwise.config import SpeculativeConfig
@@ -65,6 +66,7 @@ class _Seq:
 
 
 Loc = tuple[_Node, int]  # a point of the trie: k tokens into the edge of a node (root: 0)
+_count = attrgetter("count")
 
 
 class SuffixTree:
@@ -94,14 +96,14 @@ class SuffixTree:
         O(1) per running window (at most `depth`); a window that leaves the known paths
         retires into its own open leaf and costs nothing more.
         """
-        toks = seq.tokens
+        toks, root, step, max_depth = seq.tokens, self.root, self._step, self.depth
         for t in tokens:
             toks.append(t)
-            self.root.count += 1
+            root.count += 1
             active: list[_Node] = []
-            for node in (*seq.active, self.root):  # deepest first: see _step
-                nxt = self._step(node, t, toks)
-                if nxt is not None and nxt.top + nxt.length < self.depth:
+            for node in (*seq.active, root):  # deepest first: see _step
+                nxt = step(node, t, toks)
+                if nxt is not None and nxt.top + nxt.length < max_depth:
                     active.append(nxt)
             seq.active = active
 
@@ -116,7 +118,7 @@ class SuffixTree:
             kids[t] = _Node(1, depth, toks, len(toks) - 1, -1)
             self.num_nodes += 1
             return None
-        clen = self.edge_len(child)
+        clen = child.length if child.length >= 0 else self.edge_len(child)
         if node is not self.root and len(kids) == 1 and node.count == child.count + 1:
             # Only this window ends at `node` and the path goes on: slide the node one token
             # down the edge instead of making a new one (relabel it from the child's label).
@@ -224,16 +226,24 @@ class SuffixTree:
                 node, k = child, 1
         return node, k
 
-    def next_tokens(self, loc: Loc) -> list[tuple[int, float, Loc]]:
-        """(token, conditional probability, next point) for each continuation of `loc`."""
+    def has_next(self, loc: Loc) -> bool:
+        node, k = loc
+        return k < self.edge_len(node) or bool(node.children)
+
+    def next_tokens(self, loc: Loc, limit: int, min_prob: float = 0.0) -> list[tuple[int, float, Loc]]:
+        """Up to `limit` continuations of `loc` with probability >= min_prob, best first:
+        (token, conditional probability = count / sum of sibling counts, next point)."""
         node, k = loc
         if k < self.edge_len(node):
             return [(node.seq[node.start + k], 1.0, (node, k + 1))]
         kids = node.children
-        if not kids:
+        if not kids or limit <= 0:
             return []
-        total = sum(c.count for c in kids.values())
-        return [(t, c.count / total, (c, 1)) for t, c in kids.items()]
+        total = sum(map(_count, kids.values()))
+        best = heapq.nlargest(limit, kids.values(), key=_count) if len(kids) > limit else kids.values()
+        return [
+            (c.seq[c.start], c.count / total, (c, 1)) for c in best if c.count >= min_prob * total
+        ]
 
     def longest_match(self, context: Sequence[int], max_len: int) -> tuple[Loc, int] | None:
         """Longest suffix of `context` (<= max_len tokens) that occurs followed by a token.
@@ -245,35 +255,37 @@ class SuffixTree:
         while lo <= hi:
             m = (lo + hi) // 2
             loc = self.locate(context[len(context) - m :])
-            if loc is not None and self.next_tokens(loc):
+            if loc is not None and self.has_next(loc):
                 best, lo = (loc, m), m + 1
             else:
                 hi = m - 1
         return best
 
-    def draft(self, loc: Loc, budget: int, min_prob: float) -> tuple[list[int], list[int], list[float]]:
-        """Best-first draft tree from `loc`: tokens, parents (-1 = root), path probabilities."""
+    def draft(self, loc: Loc, budget: int, min_prob: float) -> tuple[list[int], list[int], list[float], bool]:
+        """Best-first draft tree from `loc`, nodes of path probability >= min_prob.
+
+        Returns tokens, parents (-1 = child of the root), path probabilities, and whether
+        the tree ran out of continuations (rather than of budget or probability).
+        """
         tokens: list[int] = []
         parents: list[int] = []
         probs: list[float] = []
-        heap: list[tuple[float, int, int, int, Loc]] = []
-        tie = 0
-        for t, p, nxt in self.next_tokens(loc):
-            heap.append((-p, tie, -1, t, nxt))
-            tie += 1
+        heap = [(-p, tie, -1, t, nxt) for tie, (t, p, nxt) in enumerate(self.next_tokens(loc, budget, min_prob))]
+        tie = len(heap)
         heapq.heapify(heap)
         while heap and len(tokens) < budget:
             neg_p, _, parent, t, nxt = heapq.heappop(heap)
             if -neg_p < min_prob:
-                break
+                return tokens, parents, probs, False
             idx = len(tokens)
             tokens.append(t)
             parents.append(parent)
             probs.append(-neg_p)
-            for t2, p2, nxt2 in self.next_tokens(nxt):
+            room = budget - len(tokens)
+            for t2, p2, nxt2 in self.next_tokens(nxt, room, min_prob / -neg_p):
                 heapq.heappush(heap, (neg_p * p2, tie, idx, t2, nxt2))
                 tie += 1
-        return tokens, parents, probs
+        return tokens, parents, probs, not heap
 
 
 @register
@@ -382,7 +394,7 @@ class SuffixProposer(Proposer):
                 limit = min(budget, int(self.spec_factor * length + self.spec_offset))
                 if limit <= 0:
                     break
-                tokens, parents, probs = tree.draft(loc, limit, self.min_prob)
+                tokens, parents, probs, exhausted = tree.draft(loc, limit, self.min_prob)
                 score = sum(probs)
                 if score > best[0]:
                     best = (score, tokens, parents)
@@ -390,7 +402,7 @@ class SuffixProposer(Proposer):
                 # (e.g. the period of a repetitive output): then retry a shorter suffix,
                 # which has more (and earlier) occurrences. At most log2(match) retries.
                 length //= 2
-                if len(tokens) >= limit or length == 0:
+                if not exhausted or len(tokens) >= limit or length == 0:
                     break
                 found = tree.locate(context[len(context) - length :])
                 if found is None:

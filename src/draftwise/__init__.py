@@ -1,0 +1,11 @@
+"""draftwise: lossless speculative decoding for PyTorch language models.
+
+Public API: `LLM`, `SamplingParams`, `SpeculativeConfig`, `RequestOutput`.
+"""
+
+from draftwise.api import LLM, RequestOutput
+from draftwise.config import SpeculativeConfig
+from draftwise.sampling import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "SpeculativeConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""Run a benchmark: every method over every question, one generation at a time.
+
+Spec-Bench protocol by default: greedy, batch 1, the model's chat template, a warm-up
+generation before each method's first measured one, and plain decoding measured in the
+same run on the same loaded target (speculators are switched with `llm.set_speculation`).
+A multi-turn question runs as a conversation: each method's own answer to turn 1 is in
+the history of turn 2. Every finished generation is appended to `records.jsonl` at once,
+and finished (question_id, turn, method) triples are skipped when the run is restarted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from draftwise.bench.dataset import Question
+from draftwise.bench.methods import Method
+from draftwise.bench.records import RecordStore
+from draftwise.errors import BadInput
+from draftwise.sampling import SamplingParams
+
+WARMUP_TOKENS = 16
+
+
+@dataclass
+class BenchSettings:
+    model: str = "<in-memory model>"
+    dtype: str = "bf16"
+    device: str = "cpu"
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    chat_template: bool = True
+    warmup: bool = True
+    dataset: str = ""
+    categories: list[str] | None = None
+    limit: int | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a record's numbers depend on (a resumed run must match them)."""
+        keys = ("model", "dtype", "device", "max_tokens", "temperature", "chat_template")
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+
+@dataclass
+class Generation:
+    """What one generation produced, whichever engine ran it."""
+
+    token_ids: list[int]
+    text: str
+    seconds: float
+    finish_reason: str | None = None
+    stats: dict[str, Any] | None = None  # raw speculation counters (draftwise only)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Generate = Callable[[list[int], list[dict[str, str]], SamplingParams], Generation]
+
+
+def draftwise_generate(llm) -> Generate:
+    """Generate with the LLM's current speculation; keep the raw per-request counters."""
+
+    def generate(prompt_ids: list[int], messages: list[dict[str, str]], params: SamplingParams) -> Generation:
+        seen: dict[str, Any] = {}
+
+        def grab(out) -> None:
+            seen["request"] = out.request
+
+        out = llm.generate([prompt_ids], params, on_output=grab)[0]
+        req = seen.get("request")
+        st = req.stats if req is not None else None
+        stats = None if st is None else {
+            "target_passes": st.target_passes, "output_tokens": st.output_tokens, "drafts": st.drafts,
+            "draft_tokens": st.draft_tokens, "accepted_tokens": st.accepted_tokens,
+            "accepted_per_position": list(st.accepted_per_position),
+            "drafted_per_position": list(st.drafted_per_position),
+            "draft_seconds": round(st.draft_seconds, 6), "verify_seconds": round(st.verify_seconds, 6),
+        }
+        return Generation(list(out.token_ids), out.text, float(out.stats.get("seconds", 0.0)),
+                          out.finish_reason, stats)
+
+    return generate
+
+
+def build_prompt(llm, messages: list[dict[str, str]], chat_template: bool) -> list[int]:
+    if chat_template:
+        return llm.chat_prompt(messages)
+    return llm.encode_prompt("\n\n".join(m["content"] for m in messages))
+
+
+def sampling_for(settings: BenchSettings, question: Question, turn: int, max_tokens: int | None = None) -> SamplingParams:
+    seed = None if settings.temperature == 0 else zlib.crc32(f"{question.question_id}/{turn}".encode())
+    return SamplingParams(max_tokens=max_tokens or settings.max_tokens, temperature=settings.temperature, seed=seed)
+
+
+def pending(store: RecordStore, questions: Sequence[Question], label: str) -> int:
+    return sum(store.get(q.question_id, t, label) is None for q in questions for t in range(len(q.turns)))
+
+
+def run_method(
+    llm, generate: Generate, method: Method, questions: Sequence[Question], settings: BenchSettings,
+    store: RecordStore, bar: tqdm, on_record: Callable[[dict], None] | None = None,
+) -> None:
+    """All turns of all questions for one method, skipping those already recorded."""
+    warm = not settings.warmup
+    for q in questions:
+        messages: list[dict[str, str]] = []
+        failed: str | None = None
+        for turn, user_text in enumerate(q.turns):
+            messages.append({"role": "user", "content": user_text})
+            done = store.get(q.question_id, turn, method.label)
+            if done is not None:
+                failed = done.get("error")
+                messages.append({"role": "assistant", "content": done.get("text", "")})
+                continue
+            record = base_record(q, turn, method)
+            if failed is None:
+                try:
+                    prompt = build_prompt(llm, messages, settings.chat_template)
+                    if not warm:
+                        generate(prompt, list(messages), sampling_for(settings, q, turn, WARMUP_TOKENS))
+                        warm = True
+                    gen = generate(prompt, list(messages), sampling_for(settings, q, turn))
+                except BadInput as e:  # e.g. the conversation outgrew the context window
+                    failed = str(e)
+                else:
+                    record.update(prompt_tokens=len(prompt), output_tokens=len(gen.token_ids),
+                                  seconds=round(gen.seconds, 6),
+                                  tokens_per_second=round(len(gen.token_ids) / gen.seconds, 4) if gen.seconds > 0 else 0.0,
+                                  finish_reason=gen.finish_reason, stats=gen.stats, text=gen.text,
+                                  token_ids=gen.token_ids, **gen.extra)
+            if failed is not None:
+                record.update(error=failed, text="", token_ids=[])
+                print(f"warning: {method.label} question {q.question_id} turn {turn + 1}: {failed}", file=sys.stderr)
+            store.add(record)
+            messages.append({"role": "assistant", "content": record["text"]})
+            bar.update(1)
+            if on_record is not None:
+                on_record(record)
+
+
+def base_record(q: Question, turn: int, method: Method) -> dict[str, Any]:
+    return {"question_id": q.question_id, "category": q.category, "group": q.group, "turn": turn,
+            "method": method.label, "kind": method.kind, "config": method.config_dict()}
+
+
+def run_bench(
+    llm, questions: Sequence[Question], methods: Sequence[Method], out_dir: str | Path,
+    settings: BenchSettings, *, progress: bool = True, plots: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every method (plain first), then write results.json, results.md and plots.
+
+    `llm` is a `draftwise.LLM` (built by name, or `LLM.from_model` in tests). Returns the
+    results dictionary written to results.json. `on_record` is called after each record is
+    saved (progress hooks; tests use it to simulate an interruption).
+    """
+    from draftwise.bench import peers as peer_engines
+    from draftwise.bench.report import write_reports
+
+    if not methods or methods[0].label != "plain":
+        raise BadInput("the first method must be plain decoding (the baseline)")
+    store = RecordStore(out_dir, settings.fingerprint())
+    for m in methods:
+        store.check_method(m.label, m.config_dict())
+    notes: list[str] = []
+    todo = {m.label: pending(store, questions, m.label) for m in methods}
+    started = time.time()
+    with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
+        for m in methods:
+            if todo[m.label] == 0:
+                continue
+            bar.set_description(m.label)
+            if m.peer:
+                try:
+                    peer = peer_engines.make_peer(m.peer, llm, methods, settings)
+                except peer_engines.PeerUnavailable as e:
+                    notes.append(f"{m.label}: skipped ({e})")
+                    print(f"note: peer {m.label} skipped: {e}", file=sys.stderr)
+                    bar.total -= todo[m.label]
+                    bar.refresh()
+                    continue
+                try:
+                    run_method(llm, peer.generate, m, questions, settings, store, bar, on_record)
+                finally:
+                    peer.close()
+            else:
+                llm.set_speculation(m.config)
+                run_method(llm, draftwise_generate(llm), m, questions, settings, store, bar, on_record)
+    llm.set_speculation(None)
+    notes += peer_engines.standing_notes(methods)
+    return write_reports(store.all(), methods, questions, settings, Path(out_dir), notes=notes,
+                         seconds=time.time() - started, plots=plots)

@@ -1,0 +1,159 @@
+"""Request bodies of the OpenAI-compatible API, validated with pydantic.
+
+Unknown fields are refused (400 "unrecognized request argument") rather than silently
+ignored; a few harmless OpenAI fields (`user`, `store`, `metadata`, ...) are accepted and
+ignored. Options this server cannot honour exactly (logprobs, echo, tools, logit_bias, ...)
+are accepted by the schema and refused by `unsupported()` with a clear 400.
+Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+return_token_ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+MAX_N = 64
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted, ignored
+    continuous_usage_stats: bool | None = None  # vLLM's; accepted, ignored
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: StrictStr | list[StrictStr] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions (vLLM names)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 = off")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[StrictInt] | None = None
+    return_token_ids: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) of the first option this server refuses, else None."""
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by this server"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
+        if self.stop is not None and isinstance(self.stop, list) and len(self.stop) > 16:
+            return "stop", "at most 16 stop strings"
+        return None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported by this server"
+        if self.echo:
+            return "echo", "echo is not supported by this server"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by this server"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported by this server (use n)"
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # replayed assistant messages carry refusal, audio, ...
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs is not None:
+            return "logprobs", "logprobs are not supported by this server"
+        if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call is not None:
+            return "tools", "tools / function calling are not supported by this server"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            return "max_completion_tokens", "give max_completion_tokens or max_tokens, not both"
+        return super().unsupported()
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[StrictInt]
