@@ -35,7 +35,7 @@ from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, register
 
 
-_NO_TOKENS = array("q")
+_NO_TOKENS = array("i")
 
 
 class _Node:
@@ -61,7 +61,7 @@ class _Seq:
     __slots__ = ("tokens", "active")
 
     def __init__(self) -> None:
-        self.tokens = array("q")
+        self.tokens = array("i")
         self.active: list[_Node] = []  # deepest first
 
 
@@ -207,7 +207,7 @@ class SuffixTree:
                     node.seq, node.start = child.seq, child.start - node.length
                     return
             end = node.top + node.length  # closed here: an open leaf would have gone with toks
-            node.seq, node.start = array("q", toks[start : start + end]), node.top
+            node.seq, node.start = array("i", toks[start : start + end]), node.top
 
     # --- queries -------------------------------------------------------------------------
 

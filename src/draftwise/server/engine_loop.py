@@ -1,0 +1,240 @@
+"""The engine thread: one background thread owns the Engine and steps it while there is work.
+
+The Engine is not thread safe, so every engine call (add_request, abort, step) happens on
+this thread. Asyncio handlers talk to it through a command queue that is drained between
+steps, which is also where requests join (continuous batching) and leave (abort). Results
+go back to each handler's own asyncio.Queue with `loop.call_soon_threadsafe`, already
+detokenized, so handlers never touch engine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from draftwise.engine.engine import StepOutput
+from draftwise.errors import BadInput
+from draftwise.sampling import SamplingParams
+from draftwise.server.metrics import ServerMetrics
+
+log = logging.getLogger("draftwise.server")
+
+
+@dataclass
+class Event:
+    """What one engine step produced for one choice of a submission (or why it failed)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stats: dict | None = None  # speculation stats of the choice, on its last event
+    error: str | None = None
+    status: int = 500  # HTTP status of `error`
+
+
+class Submission:
+    """One API request: its engine requests (one per choice) and the queue their events go to."""
+
+    _ids = itertools.count()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        self.id = f"sub-{next(self._ids)}"
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.prompts, self.params = prompts, params
+        self.arrival = time.perf_counter()
+        self.rids = [f"{self.id}-{i}" for i in range(len(prompts))]
+
+    def post(self, event: Event) -> None:
+        """Engine thread -> this request's asyncio queue."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class Track:
+    """Engine-thread bookkeeping of one engine request."""
+
+    sub: Submission
+    index: int
+    hold: int  # characters held back while a stop string could still cut them
+    printed: int = 0
+    first_at: float | None = None
+    last_at: float = 0.0
+    seen: tuple = (0, 0, 0, (), 0)  # stats already counted in the metrics
+
+
+class EngineLoop:
+    def __init__(self, llm, metrics: ServerMetrics, max_queue: int) -> None:
+        self.engine = llm.engine
+        self.tokenizer = llm.tokenizer
+        self.metrics = metrics
+        self.capacity = len(self.engine.free_rows) + len(self.engine.running) + max_queue
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._tracks: dict[str, Track] = {}  # engine thread only
+        self._lock = threading.Lock()
+        self._reserved = 0  # engine requests admitted and not yet finished (guarded by _lock)
+        self._thread = threading.Thread(target=self._run, name="draftwise-engine", daemon=True)
+
+    # --- handler side (event loop thread) ------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._reserved
+
+    def try_submit(self, sub: Submission) -> bool:
+        """Queue a submission, or return False when the bounded queue is full."""
+        with self._lock:
+            if self._reserved + len(sub.rids) > self.capacity:
+                return False
+            self._reserved += len(sub.rids)
+        self._commands.put(("add", sub))
+        return True
+
+    def abort(self, sub: Submission) -> None:
+        self._commands.put(("abort", sub))
+
+    def abort_all(self, message: str) -> None:
+        self._commands.put(("abort_all", message))
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._drain_commands(block=not self.engine.has_work):
+                    return
+                if self.engine.has_work:
+                    self._step()
+                self._update_queue_gauges()
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; False when told to stop."""
+        try:
+            cmd = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            kind, arg = cmd
+            if kind == "add":
+                self._add(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "abort_all":
+                self._abort_everything(arg, 503)
+            elif kind == "stop":
+                self._abort_everything("the server is shutting down", 503)
+                return False
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, sub: Submission) -> None:
+        added = []
+        try:
+            for i, (ids, params) in enumerate(zip(sub.prompts, sub.params)):
+                self.engine.add_request(ids, params, request_id=sub.rids[i])
+                hold = max((len(s) for s in params.stop), default=1) - 1
+                self._tracks[sub.rids[i]] = Track(sub, i, hold)
+                added.append(sub.rids[i])
+        except BadInput as e:
+            for rid in added:
+                self.engine.abort(rid)
+                self._tracks.pop(rid, None)
+            self._release(len(sub.rids))
+            sub.post(Event(0, error=str(e), status=400))
+
+    def _abort(self, sub: Submission) -> None:
+        for rid in sub.rids:
+            track = self._tracks.pop(rid, None)
+            if track is not None:
+                self.engine.abort(rid)
+                self._release(1)
+                self.metrics.observe_finished("abort", time.perf_counter() - sub.arrival)
+
+    def _abort_everything(self, message: str, status: int) -> None:
+        subs = {id(t.sub): t.sub for t in self._tracks.values()}
+        for sub in subs.values():
+            self._abort(sub)
+            sub.post(Event(0, error=message, status=status))
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._reserved -= n
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; failing the requests in flight")
+            self._abort_everything("the engine failed while serving this request", 500)
+            return
+        now = time.perf_counter()
+        for out in outputs:
+            track = self._tracks.get(out.request.request_id)
+            if track is not None:
+                self._deliver(track, out, now)
+
+    def _deliver(self, track: Track, out: StepOutput, now: float) -> None:
+        req, m = out.request, self.metrics
+        if track.first_at is None:
+            track.first_at = now
+            m.observe_first_token(now - track.sub.arrival)
+            m.observe_tokens(prompt=len(req.prompt_ids))
+        else:
+            m.observe_inter_token(now - track.last_at)
+        track.last_at = now
+        self._count_stats(track, req.stats)
+        m.observe_tokens(generation=len(out.new_token_ids))
+        if req.finished:
+            text = req.stop_text if req.stop_text is not None else self._decode(req.output_ids)
+            event = Event(track.index, text[track.printed:], list(out.new_token_ids), True, req.finish_reason,
+                          stats=req.stats.to_dict())
+            del self._tracks[req.request_id]
+            self._release(1)
+            m.observe_finished(req.finish_reason or "stop", now - track.sub.arrival)
+        else:
+            text = self._decode(req.output_ids)
+            upto = track.printed if text.endswith("\ufffd") else max(track.printed, len(text) - track.hold)
+            event = Event(track.index, text[track.printed:upto], list(out.new_token_ids))
+            track.printed = upto
+        track.sub.post(event)
+
+    def _count_stats(self, track: Track, s) -> None:
+        drafts, draft_tokens, accepted, per_pos, passes = track.seen
+        new_pos = [n - (per_pos[j] if j < len(per_pos) else 0) for j, n in enumerate(s.accepted_per_position)]
+        self.metrics.observe_spec(s.drafts - drafts, s.draft_tokens - draft_tokens, s.accepted_tokens - accepted, new_pos)
+        self.metrics.observe_tokens(passes=s.target_passes - passes)
+        track.seen = (s.drafts, s.draft_tokens, s.accepted_tokens, tuple(s.accepted_per_position), s.target_passes)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _update_queue_gauges(self) -> None:
+        running = len(self.engine.running)
+        self.metrics.set_queue(running, max(0, self.in_flight - running))

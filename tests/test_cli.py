@@ -1,0 +1,66 @@
+"""The command line: output shapes, stdin, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import byte_tokenizer
+from draftwise.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder, with the byte tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=256)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_cli(args, capsys, stdin: str | None = None):
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        code = main(args)
+    finally:
+        sys.stdin = sys.__stdin__
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_and_stats_line(hf_folder, capsys):
+    code, out, err = run_cli(["generate", "hello", "--model", str(hf_folder), "--max-tokens", "7", "--json",
+                              "--dtype", "fp32"], capsys)
+    assert code == 0
+    obj = json.loads(out)
+    assert set(obj) == {"text", "token_ids", "finish_reason", "stats"}
+    assert len(obj["token_ids"]) <= 7 and obj["stats"]["target_passes_per_token"] > 0
+    code, out, err = run_cli(["generate", "--model", str(hf_folder), "--max-tokens", "5", "--speculator", "ngram"],
+                             capsys, stdin="from stdin")
+    assert code == 0 and "target passes per token" in err and "ngram" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--model", "no-such-model"], "smollm2-135m"),
+    (["generate", "x", "--model", "{folder}", "--temperature", "-1"], "temperature"),
+    (["generate", "x", "--model", "{folder}", "--speculator", "nope"], "unknown speculator"),
+    (["generate", "x", "--model", "{folder}", "--speculative-config", "{{bad json"], "not valid JSON"),
+    (["generate", "x" * 300, "--model", "{folder}"], "context window"),
+    (["generate", "", "--model", "{folder}"], "empty"),
+])
+def test_bad_input_is_one_line_exit_2(hf_folder, capsys, args, message):
+    args = [a.format(folder=hf_folder) for a in args]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
