@@ -260,3 +260,16 @@ def test_proposed_paths_occurred_after_match(seqs: list[list[int]], context: lis
     check_tree(draft.tokens[0], draft.parents[0], budget)
     for path in paths(draft.tokens[0], draft.parents[0]):
         assert any(occurs(context[-1:] + path, s) for s in seqs + [context])
+
+
+def test_repeats_stay_linear_in_nodes() -> None:
+    rng = random.Random(0)
+    tree = SuffixTree(80)
+    seg = [rng.randrange(10) for _ in range(300)]
+    tree.extend(_Seq(), seg * 4)  # one sequence repeating itself
+    for _ in range(4):  # and the same text again as other sequences
+        tree.extend(_Seq(), seg)
+    assert tree.num_nodes == len(all_nodes(tree))
+    # an uncompressed trie would hold ~ 300 x 80 nodes for the repeated windows
+    assert tree.num_nodes <= 2 * 2400
+    assert tree_counts(tree) == window_counts([seg * 4] + [seg] * 4, 80)

@@ -99,7 +99,7 @@ class LLM:
         self.engine = Engine(
             model, tokenizer,
             proposer=proposer,
-            controller=make_controller(spec, model) if spec else None,
+            controller=make_controller(spec) if spec else None,
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             max_speculative_tokens=spec.num_speculative_tokens if spec else 0,

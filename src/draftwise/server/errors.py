@@ -30,12 +30,16 @@ ERROR_TYPES = {
 }
 
 
-class APIError(Exception):
-    """An error to send back as the OpenAI error envelope with this HTTP status."""
+class APIError(StarletteHTTPException):
+    """An error to send back as the OpenAI error envelope with this HTTP status.
+
+    An HTTPException subclass so that FastAPI re-raises it as is when it comes out of
+    reading the body (the body size limit raises it from `receive`).
+    """
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status, message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
 

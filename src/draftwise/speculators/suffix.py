@@ -14,12 +14,14 @@ finished requests (prompt + output, added in `end`, oldest evicted past
 `suffix_max_cached_requests` or `max_cached_tokens`). The draft with the higher score
 (sum of node probabilities = expected accepted tokens under the counts) wins.
 
-Memory: a node seen by a single window does not spell out its continuation; it keeps a
-*tail* (sequence, position) from which the rest of that window is read. A node becomes
-explicit only when a second window reaches it, so a tree holds O(tokens + repeats)
-nodes rather than O(tokens x depth). Appending a token touches only the windows still
-running along already-seen paths ("active" cursors, at most `depth`), O(1) each; windows
-that entered their own tail grow for free, since the tail reads the growing sequence.
+The tree is path-compressed: an edge is a (sequence, start, length) label into the held
+sequences, and a node exists only where paths branch or windows end, so a tree holds
+O(tokens) nodes whatever the repetition. A window seen once ends in an *open leaf* that
+reads on along its sequence, so it grows with a live sequence for free. Appending a token
+moves only the windows still running along known paths (at most `depth`), O(1) each: a
+window always ends at a node, and a node where it alone ends slides down the edge rather
+than being re-created. One growing sequence per tree at a time (a request's own tree; a
+finished request is inserted into the global tree in one go).
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class SuffixProposer(Proposer):
         max_depth: int = 64,
         max_spec_tokens: int = 16,
         max_cached_requests: int = 10000,
-        max_cached_tokens: int = 4_000_000,
+        max_cached_tokens: int = 1_000_000,
         min_prob: float = 0.1,
         spec_factor: float = 1.0,
         spec_offset: float = 0.0,

@@ -1,0 +1,65 @@
+"""`draftwise bench`: Spec-Bench style speed benchmark of speculators against plain decoding."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from draftwise.commands.generate import DEFAULT_MODEL, add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure speculators against plain decoding on a prompt set (Spec-Bench protocol)",
+        description="Run plain decoding and each --speculator over a Spec-Bench style JSONL prompt set on the same "
+                    "loaded target (greedy, batch 1, chat template, warm-up first) and report tokens/s, speedup, "
+                    "mean accepted length, acceptance per position, target passes per token, draft time share "
+                    "and the exact-match rate against plain decoding, per category and overall. Writes "
+                    "results.json, results.md, PNG plots and records.jsonl (a rerun resumes from it).",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--speculator", action="append", default=[], metavar="SPEC", required=True,
+                   help='method name or JSON config, repeatable: ngram, suffix, '
+                        '\'{"method": "draft_model", "model": "qwen2.5-coder-0.5b"}\'')
+    p.add_argument("--dataset", required=True, metavar="FILE.jsonl",
+                   help='one {"question_id", "category", "turns"} object a line (Spec-Bench question.jsonl)')
+    p.add_argument("--categories", default=None, help="comma-separated categories (e.g. mt_bench,translation,coding)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per turn at most (default 1024, as Spec-Bench)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as Spec-Bench)")
+    p.add_argument("--no-chat-template", action="store_true", help="send the raw question text instead")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before each method")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results); reruns resume")
+    p.add_argument("--peers", nargs="+", default=[], metavar="PEER",
+                   help="also run other engines on the same model: hf, hf-assisted, hf-lookup, llamacpp, "
+                        "llamacpp-lookup (comma or space separated)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftwise.api import LLM, default_device
+    from draftwise.bench import BenchSettings, load_questions, parse_methods, run_bench
+    from draftwise.errors import BadInput
+
+    if args.max_tokens < 1:
+        raise BadInput("--max-tokens must be at least 1")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    peers = [x.strip() for item in args.peers for x in item.split(",") if x.strip()]
+    questions = load_questions(args.dataset, categories, args.limit)
+    methods = parse_methods(args.speculator, peers)
+    settings = BenchSettings(
+        model=args.model, dtype=args.dtype, device=args.device or default_device(), max_tokens=args.max_tokens,
+        temperature=args.temperature, chat_template=not args.no_chat_template, warmup=not args.no_warmup,
+        dataset=str(args.dataset), categories=categories, limit=args.limit,
+    )
+    llm = LLM(args.model, dtype=args.dtype, device=settings.device, max_batch_size=1,
+              max_model_len=args.max_model_len, progress=not args.quiet)
+    data = run_bench(llm, questions, methods, args.out, settings, progress=not args.quiet, plots=not args.no_plots)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {args.out}/results.json, {args.out}/results.md", file=sys.stderr)
+    lossless = data["lossless"]
+    return 1 if lossless["greedy"] and not lossless["ok"] else 0

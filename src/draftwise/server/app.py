@@ -1,0 +1,199 @@
+"""The FastAPI app: `create_app(llm, ...)` wraps a loaded `LLM` in an OpenAI-compatible server.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics, POST /tokenize, POST /detokenize. A guard in front of every route answers
+503 while draining, 401 without the API key (when one is set; /health stays open) and
+413 for bodies over the size cap. The engine thread starts and stops with the app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from draftwise.errors import BadInput
+from draftwise.server.engine_loop import EngineLoop
+from draftwise.server.errors import APIError, install_error_handlers
+from draftwise.server.generation import create_chat_completion, create_completion
+from draftwise.server.metrics import ServerMetrics
+from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    llm: object
+    engine: EngineLoop
+    metrics: ServerMetrics
+    model_name: str
+    api_key: str | None
+    max_body_bytes: int
+    shutdown_timeout: float
+    vocab_size: int
+    max_model_len: int
+    spec_method: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    drain_deadline: float = 0.0
+    drain_aborted: bool = False
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def begin_drain(self) -> None:
+        """Stop accepting requests (503); in-flight ones get `shutdown_timeout` seconds to finish."""
+        if not self.draining:
+            self.drain_deadline = time.monotonic() + self.shutdown_timeout
+            self.draining = True
+
+    def drained(self) -> bool:
+        """True once draining and nothing is in flight; past the deadline, abort what is left."""
+        if not self.draining:
+            return False
+        if self.engine.in_flight == 0 or not self.engine.alive:
+            return True
+        now = time.monotonic()
+        if now >= self.drain_deadline and not self.drain_aborted:
+            self.drain_aborted = True
+            self.engine.abort_all("the server shut down before this request finished (shutdown timeout)")
+        return now >= self.drain_deadline + 2.0
+
+
+def create_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0) -> FastAPI:
+    """An app serving `llm` (an `LLM`); no weights are loaded here."""
+    metrics = ServerMetrics(served_model_name or "draftwise")
+    spec = llm.speculative_config
+    state = ServerState(
+        llm=llm, engine=EngineLoop(llm, metrics, max_queue), metrics=metrics,
+        model_name=served_model_name or "draftwise", api_key=api_key or None, max_body_bytes=max_body_bytes,
+        shutdown_timeout=shutdown_timeout, vocab_size=llm.model.config.vocab_size,
+        max_model_len=llm.engine.max_model_len, spec_method=spec.method if spec else "none",
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="draftwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draftwise = state
+    install_error_handlers(app)
+    add_routes(app, state)
+    app.add_middleware(Guard, state=state)
+    return app
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    app.post("/v1/completions")(_completions)
+    app.post("/v1/chat/completions")(_chat)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.engine.alive:
+            raise APIError(503, "the engine is not running")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "draftwise",
+            "root": state.model_name, "max_model_len": state.max_model_len,
+        }]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        tok = state.llm.tokenizer
+        try:
+            if body.messages is not None:
+                ids = state.llm.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+            else:
+                ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except BadInput as e:
+            raise APIError(400, str(e)) from None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        state.check_model(body.model)
+        if any(not 0 <= t < state.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {state.vocab_size})", param="tokens")
+        return {"prompt": state.llm.tokenizer.decode(body.tokens)}
+
+
+async def _completions(body: CompletionRequest, request: Request) -> Response:
+    return await create_completion(body, request)
+
+
+async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
+    return await create_chat_completion(body, request)
+
+
+class Guard:
+    """ASGI middleware: drain (503), API key (401), body size cap (413), before any route runs."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st = self.state
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if st.draining:
+            return await _send(send, scope, APIError(503, "the server is shutting down; retry elsewhere"))
+        if st.api_key and scope["path"] != "/health" and not _authorized(headers.get("authorization"), st.api_key):
+            return await _send(send, scope, APIError(401, "missing or incorrect API key (send 'Authorization: "
+                                                          "Bearer <key>')", code="invalid_api_key"))
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                return await _send(send, scope, APIError(400, "bad Content-Length header"))
+            if size > st.max_body_bytes:
+                return await _send(send, scope, _too_large(st.max_body_bytes))
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > st.max_body_bytes:
+                    raise _too_large(st.max_body_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _authorized(header: bytes | None, key: str) -> bool:
+    if not header:
+        return False
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def _send(send, scope, error: APIError) -> None:
+    await error.response()(scope, None, send)

@@ -1,0 +1,299 @@
+"""/v1/completions and /v1/chat/completions: validate, submit to the engine thread, answer.
+
+Everything a request could get wrong is checked here, before anything is queued, so a
+streaming request fails with a 4xx status rather than an error inside a 200 stream.
+A client that disconnects has its engine requests aborted (their cache rows freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from draftwise.config import one_line
+from draftwise.errors import BadInput
+from draftwise.sampling import SamplingParams
+from draftwise.server.engine_loop import Event, Submission
+from draftwise.server.errors import APIError
+from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+DISCONNECTED = Event(-1, error="client disconnected", status=499)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def check_prompt(state, ids: list[int], max_tokens: int | None, param: str) -> int:
+    """Validate one prompt's token ids and return the max_tokens it gets."""
+    if not ids:
+        raise APIError(400, "the prompt is empty", param=param)
+    vocab = state.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
+    limit = state.max_model_len
+    wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
+    if len(ids) + wanted > limit:
+        raise APIError(
+            400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                 f"{len(ids) + wanted} tokens ({len(ids)} in the prompt, {wanted} for the completion). "
+                 f"Please reduce the length of the prompt or of the completion.",
+            param=param, code="context_length_exceeded")
+    return wanted
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> SamplingParams:
+    """The engine's SamplingParams of one choice (OpenAI defaults: temperature 1, top_p 1)."""
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(s == "" for s in stops):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=top_k,
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=None if body.seed is None else (body.seed + sample) % 2**63,  # n samples differ
+            stop=stops,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+        )
+    except ValidationError as e:
+        raise APIError(400, one_line(e)) from None
+
+
+def check_common(state, body: SamplingFields) -> None:
+    state.check_model(body.model)
+    refused = body.unsupported()
+    if refused is not None:
+        param, message = refused
+        raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def submit(state, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
+    sub = Submission(asyncio.get_running_loop(), prompts, params)
+    if not state.engine.alive:
+        raise APIError(503, "the engine is not running")
+    if not state.engine.try_submit(sub):
+        raise APIError(429, "the server's request queue is full; retry later", code="queue_full")
+    return sub
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = request.app.state.draftwise
+    check_common(state, body)
+    prompts, params = [], []
+    for p in body.prompts():
+        try:
+            ids = state.llm.encode_prompt(p)
+        except BadInput as e:
+            raise APIError(400, str(e), param="prompt") from None
+        max_tokens = check_prompt(state, ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
+        for i in range(body.n):
+            prompts.append(ids)
+            params.append(sampling_params(body, max_tokens, i))
+    reply = Reply(state, body, "cmpl", "text_completion", prompts)
+    sub = submit(state, prompts, params)
+    if body.stream:
+        return stream_response(reply.stream(sub))
+    return await reply.collect(sub, request)
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = request.app.state.draftwise
+    check_common(state, body)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids = state.llm.chat_prompt(messages)
+    except BadInput as e:
+        raise APIError(400, str(e), param="messages") from None
+    except Exception as e:  # a template that rejects this conversation (e.g. role order)
+        raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+    max_tokens = check_prompt(state, ids, body.token_limit(), "messages")
+    prompts = [ids] * body.n
+    params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
+    reply = Reply(state, body, "chatcmpl", "chat.completion", prompts)
+    sub = submit(state, prompts, params)
+    if body.stream:
+        return stream_response(reply.stream(sub))
+    return await reply.collect(sub, request)
+
+
+def stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+class Reply:
+    """Builds the OpenAI response (or stream of chunks) of one submission."""
+
+    def __init__(self, state, body: SamplingFields, prefix: str, kind: str, prompts: list[list[int]]) -> None:
+        self.state, self.body, self.kind = state, body, kind
+        self.chat = kind == "chat.completion"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompts = prompts
+        self.n = len(prompts)
+        # OpenAI counts each distinct prompt once, however many samples (n) it has
+        self.prompt_tokens = sum(len(prompts[i]) for i in range(0, self.n, body.n))
+        self.texts = [""] * self.n
+        self.token_ids: list[list[int]] = [[] for _ in range(self.n)]
+        self.finish: list[str | None] = [None] * self.n
+        self.stats: list[dict | None] = [None] * self.n
+
+    def _record(self, ev: Event) -> None:
+        self.texts[ev.index] += ev.text
+        self.token_ids[ev.index] += ev.token_ids
+        if ev.finished:
+            self.finish[ev.index], self.stats[ev.index] = ev.finish_reason, ev.stats
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def usage(self) -> dict:
+        completion = sum(len(t) for t in self.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def spec_summary(self, stats: list[dict]) -> dict:
+        """Speculation stats summed over choices (the `draftwise` extension field)."""
+        out = {"method": self.state.spec_method}
+        keys = ("output_tokens", "target_passes", "drafts", "draft_tokens", "accepted_tokens")
+        total = {k: sum(s.get(k, 0) for s in stats) for k in keys}
+        out.update(total)
+        out["acceptance_rate"] = round(total["accepted_tokens"] / total["draft_tokens"], 4) if total["draft_tokens"] else 0.0
+        decode_passes = total["target_passes"] - len(stats)
+        out["mean_accepted_length"] = round((total["output_tokens"] - len(stats)) / decode_passes, 4) \
+            if decode_passes > 0 else 1.0
+        out["target_passes_per_token"] = round(total["target_passes"] / total["output_tokens"], 4) \
+            if total["output_tokens"] else 0.0
+        return out
+
+    def _choice(self, i: int) -> dict:
+        if self.chat:
+            choice = {"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": None,
+                      "finish_reason": self.finish[i]}
+        else:
+            choice = {"index": i, "text": self.texts[i], "logprobs": None, "finish_reason": self.finish[i]}
+        if self.body.return_token_ids:
+            choice["prompt_token_ids"], choice["token_ids"] = self.prompts[i], self.token_ids[i]
+        return choice
+
+    async def collect(self, sub: Submission, request: Request) -> Response:
+        watcher = asyncio.create_task(_watch_disconnect(request, sub))
+        try:
+            while not self.done:
+                ev = await sub.events.get()
+                if ev is DISCONNECTED:
+                    self.state.engine.abort(sub)
+                    return Response(status_code=499)
+                if ev.error is not None:
+                    raise APIError(ev.status, ev.error)
+                self._record(ev)
+        finally:
+            watcher.cancel()
+            if not self.done:
+                self.state.engine.abort(sub)
+        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.state.model_name,
+                "choices": [self._choice(i) for i in range(self.n)], "usage": self.usage(),
+                "draftwise": self.spec_summary([s or {} for s in self.stats])}
+        return JSONResponse(body)
+
+    # --- streaming ------------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.state.model_name, "choices": choices}
+        if self.include_usage:
+            data["usage"] = None
+        data.update(extra)
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def _delta(self, i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+    async def stream(self, sub: Submission) -> AsyncIterator[str]:
+        started = [False] * self.n
+        try:
+            while not self.done:
+                ev = await sub.events.get()
+                if ev.error is not None:
+                    err = APIError(ev.status, ev.error).body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                self._record(ev)
+                i = ev.index
+                for piece in self._pieces(ev, started[i]):
+                    yield piece
+                started[i] = True
+            else:
+                if self.include_usage:
+                    yield self._chunk([], usage=self.usage(),
+                                      draftwise=self.spec_summary([s or {} for s in self.stats]))
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, or cancelled because the client went away
+            if not self.done:
+                self.state.engine.abort(sub)
+
+    def _pieces(self, ev: Event, started: bool) -> list[str]:
+        i, out = ev.index, []
+        extra = {}
+        if self.body.return_token_ids:
+            extra = {"token_ids": ev.token_ids}
+        if self.chat:
+            if not started or ev.text or (extra and ev.token_ids):
+                choice = self._delta(i, ev.text, None, role=not started)
+                choice.update(extra)
+                out.append(self._chunk([choice]))
+            if ev.finished:
+                out.append(self._chunk([self._delta(i, None, ev.finish_reason)],
+                                       draftwise={"index": i, "method": self.state.spec_method, **(ev.stats or {})}))
+            return out
+        if ev.finished:
+            choice = self._delta(i, ev.text, ev.finish_reason)
+            choice.update(extra)
+            out.append(self._chunk([choice], draftwise={"index": i, "method": self.state.spec_method,
+                                                        **(ev.stats or {})}))
+        elif ev.text or not started or (extra and ev.token_ids):
+            choice = self._delta(i, ev.text, None)
+            choice.update(extra)
+            out.append(self._chunk([choice]))
+        return out
+
+
+async def _watch_disconnect(request: Request, sub: Submission) -> None:
+    """Wake the waiting handler with DISCONNECTED when the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            sub.events.put_nowait(DISCONNECTED)
+            return

@@ -1,0 +1,85 @@
+"""Running the app under uvicorn, with a graceful drain on SIGTERM / Ctrl-C.
+
+On the first signal the server keeps its socket open but answers every new request
+with 503, lets in-flight requests finish for up to `shutdown_timeout` seconds (then
+aborts them), and exits. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose exit waits for the app's in-flight requests to drain."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.app_state = config.app.state.draftwise
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.app_state.draining:  # second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        self.app_state.begin_drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.app_state.drained():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port=0)."""
+        return self.servers[0].sockets[0].getsockname()[1]
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> DrainingServer:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            access_log=log_level == "debug", lifespan="on")
+    return DrainingServer(config)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until SIGTERM / SIGINT, then drain and return."""
+    make_server(app, host, port, log_level).run()
+
+
+class ServerThread:
+    """The server in a background thread (tests, notebooks): `with ServerThread(app) as s: s.url`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.server = make_server(app, host, port, log_level)
+        self.thread = threading.Thread(target=self.server.run, name="draftwise-server", daemon=True)
+        self.host = host
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.server.port}"
+
+    def drain(self) -> None:
+        """What SIGTERM does: stop accepting, let in-flight requests finish, exit."""
+        self.server.handle_exit(15, None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

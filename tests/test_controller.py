@@ -1,0 +1,57 @@
+"""The draft-length controller picks k from measured costs and acceptance."""
+
+from __future__ import annotations
+
+import pytest
+
+from draftwise.engine.controller import AdaptiveController, CostModel, expected_tokens
+from draftwise.request import RequestState
+from draftwise.sampling import SamplingParams
+
+
+def req(drafted: int, accepted: int) -> RequestState:
+    r = RequestState("r", [1], SamplingParams())
+    r.stats.draft_tokens, r.stats.accepted_tokens = drafted, accepted
+    return r
+
+
+def controller(cost_per_token: float, base: float = 1.0, draft: float = 0.0, k_max: int = 8) -> AdaptiveController:
+    c = AdaptiveController(k_max)
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        c.costs.observe_pass(n, base + cost_per_token * n)
+    c.costs.draft_per_token = draft
+    return c
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_flat_pass_cost_and_high_acceptance_drafts_the_maximum():
+    assert controller(0.0).choose([req(100, 90)]) == [8]
+
+
+def test_low_acceptance_and_costly_drafts_turn_speculation_off():
+    assert controller(0.0, draft=0.5).choose([req(100, 5)]) == [0]
+
+
+def test_large_batches_on_compute_bound_passes_draft_less():
+    c = controller(0.05)
+    one = c.choose([req(100, 70)])[0]
+    many = c.choose([req(100, 70)] * 64)[0]
+    assert one > many
+
+
+def test_nothing_measured_starts_at_configured_length():
+    assert AdaptiveController(5).choose([req(0, 0)]) == [5]
+
+
+def test_cost_model_interpolates_and_extrapolates_pessimistically():
+    m = CostModel()
+    m.observe_pass(2, 1.0)
+    m.observe_pass(6, 2.0)
+    assert m.pass_cost(4) == pytest.approx(1.5)
+    assert m.pass_cost(12) == pytest.approx(4.0)
+    assert m.pass_cost(1) == 1.0
