@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import byte_tokenizer, tiny_model
 from draftwise.api import LLM
@@ -23,6 +24,15 @@ QUESTIONS = [
 ROW_FIELDS = {"questions", "generations", "output_tokens", "seconds", "tokens_per_second", "speedup",
               "mean_accepted_length", "acceptance_rate", "acceptance_per_position", "target_passes_per_token",
               "draft_time_share", "exact_match", "exact_match_compared"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine they spin and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

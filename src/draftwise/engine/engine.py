@@ -105,7 +105,7 @@ class Engine:
         t0 = time.perf_counter()
         draft = self._propose(reqs)
         t1 = time.perf_counter()
-        results = target_step(self.model, self.cache, reqs, draft)
+        results, hidden = target_step(self.model, self.cache, reqs, draft, self._hidden_layers())
         t2 = time.perf_counter()
         if self.controller is not None:
             width = 1 + max(len(t) for t in draft.tokens)
@@ -119,8 +119,13 @@ class Engine:
             req.stats.verify_seconds += (t2 - t1) / len(reqs)
             outputs.append(self._commit(req, res.tokens))
             if not req.finished and self.proposer is not None:
+                if hidden[i]:
+                    self.proposer.on_hidden(req, hidden[i])
                 self.proposer.on_accept(req, res.num_accepted)
         return outputs
+
+    def _hidden_layers(self) -> tuple[int, ...]:
+        return self.proposer.hidden_layers if self.proposer is not None else ()
 
     def _propose(self, reqs: list[RequestState]) -> Draft:
         if self.proposer is None or self.controller is None:
@@ -145,13 +150,15 @@ class Engine:
             req = self.waiting.popleft()
             req.row = self.free_rows.pop(0)
             batch.append(req)
-        results = prefill(self.model, self.cache, batch)
+        results, hidden = prefill(self.model, self.cache, batch, self._hidden_layers())
         outputs = []
-        for req, res in zip(batch, results):
+        for req, res, hid in zip(batch, results, hidden):
             self.running.append(req)
             req.stats.target_passes += 1
             if self.proposer is not None:
                 self.proposer.begin(req)
+                if hid:
+                    self.proposer.on_hidden(req, hid)
             outputs.append(self._commit(req, res.tokens))
         return outputs
 

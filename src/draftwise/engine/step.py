@@ -84,23 +84,38 @@ def commit_cache(cache: KVCache, row: int, length: int, path: Sequence[int]) -> 
     cache.keep_path(row, length, [length] + [length + 1 + p for p in path])
 
 
+def rows_arg(requests: Sequence[RequestState], cache: KVCache, device) -> torch.Tensor | None:
+    """Cache rows of the batch; None when they are 0..n-1 in order (no gather needed)."""
+    rows = [r.row for r in requests]
+    return None if rows == list(range(len(rows))) else torch.tensor(rows, device=device)
+
+
 def target_step(
-    model: Transformer, cache: KVCache, requests: Sequence[RequestState], draft: Draft
-) -> list[Verified]:
-    """One target pass over every request's last token and draft; commits the cache."""
-    rows = torch.tensor([r.row for r in requests], device=model.device)
-    lengths = cache.lengths[rows].tolist()
+    model: Transformer, cache: KVCache, requests: Sequence[RequestState], draft: Draft,
+    hidden_layers: Sequence[int] = (),
+) -> tuple[list[Verified], list[dict[int, torch.Tensor]]]:
+    """One target pass over every request's last token and draft; commits the cache.
+    Also returns, per request, the hidden states of the tokens it kept."""
+    rows = rows_arg(requests, cache, model.device)
+    lengths = [int(cache.lengths[r.row]) for r in requests]
     batch = build_verify_batch(requests, draft, lengths, model.device)
-    out = model(batch.ids, batch.positions, cache, tree_mask=batch.tree_mask, rows=rows)
+    out = model(batch.ids, batch.positions, cache, tree_mask=batch.tree_mask, rows=rows,
+                hidden_layers=hidden_layers)
     results = verify_rows(requests, draft, out.logits, batch.sizes)
-    for req, length, res in zip(requests, lengths, results):
+    kept_hidden = []
+    for i, (req, length, res) in enumerate(zip(requests, lengths, results)):
         commit_cache(cache, req.row, length, res.path)
-    return results
+        kept = torch.tensor([0] + [1 + p for p in res.path], device=model.device)
+        kept_hidden.append({layer: h[i, kept] for layer, h in out.hidden.items()})
+    return results, kept_hidden
 
 
-def prefill(model: Transformer, cache: KVCache, requests: Sequence[RequestState]) -> list[Verified]:
-    """Run the prompts (different lengths, one row each) and emit each first token."""
-    rows = torch.tensor([r.row for r in requests], device=model.device)
+def prefill(
+    model: Transformer, cache: KVCache, requests: Sequence[RequestState], hidden_layers: Sequence[int] = ()
+) -> tuple[list[Verified], list[dict[int, torch.Tensor]]]:
+    """Run the prompts (different lengths, one row each) and emit each first token.
+    Also returns, per request, the hidden states of its prompt tokens."""
+    rows = rows_arg(requests, cache, model.device)
     lens = [len(r.prompt_ids) for r in requests]
     t = max(lens)
     ids = torch.zeros(len(requests), t, dtype=torch.long)
@@ -109,9 +124,11 @@ def prefill(model: Transformer, cache: KVCache, requests: Sequence[RequestState]
         cache.set_length(r.row, 0)
     positions = torch.arange(t).expand(len(requests), t)
     last = torch.tensor(lens)[:, None] - 1  # [batch, 1]
-    out = model(ids.to(model.device), positions.to(model.device), cache, rows=rows, logits_at=last.to(model.device))
+    out = model(ids.to(model.device), positions.to(model.device), cache, rows=rows,
+                logits_at=last.to(model.device), hidden_layers=hidden_layers)
     empty = Draft.empty(len(requests))
     results = verify_rows(requests, empty, out.logits, [1] * len(requests))
     for r, n in zip(requests, lens):
         cache.set_length(r.row, n)
-    return results
+    hidden = [{layer: h[i, :n] for layer, h in out.hidden.items()} for i, n in enumerate(lens)]
+    return results, hidden

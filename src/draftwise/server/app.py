@@ -71,8 +71,8 @@ class ServerState:
 def create_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0) -> FastAPI:
     """An app serving `llm` (an `LLM`); no weights are loaded here."""
-    metrics = ServerMetrics(served_model_name or "draftwise")
     spec = llm.speculative_config
+    metrics = ServerMetrics(served_model_name or "draftwise", spec.num_speculative_tokens if spec else 0)
     state = ServerState(
         llm=llm, engine=EngineLoop(llm, metrics, max_queue), metrics=metrics,
         model_name=served_model_name or "draftwise", api_key=api_key or None, max_body_bytes=max_body_bytes,

@@ -64,7 +64,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         if err.get("type") == "extra_forbidden":
             parts.append(f"unrecognized request argument: {where}")
         else:
-            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid value')}")
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            parts.append(f"{where or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
 
 

@@ -19,7 +19,7 @@ PREFIXES = ("vllm", "draftwise")
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, num_positions: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         r, m = self.registry, ["model_name"]
@@ -44,6 +44,9 @@ class ServerMetrics:
                         buckets=E2E_BUCKETS)
         self.running = both(Gauge, "num_requests_running", "Requests holding a cache row.")
         self.waiting = both(Gauge, "num_requests_waiting", "Requests waiting for a cache row.")
+        for j in range(num_positions):  # as vLLM: every draft position is exported from the start
+            for c in self.accepted_per_pos:
+                c.labels(model_name, str(j))
         self.target_passes = [Counter("draftwise:target_passes", "Target forward passes per request (prefill "
                                       "included), summed.", m, registry=r).labels(model_name)]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_N = 64
 
@@ -35,7 +35,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: StrictStr | list[StrictStr] | None = Field(default=None)
+    stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -51,6 +51,13 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     return_token_ids: bool = False
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: object) -> object:
+        if v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return v
+        raise ValueError("stop must be a string or a list of strings")
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of the first option this server refuses, else None."""
         if self.logit_bias:
@@ -62,12 +69,25 @@ class SamplingFields(BaseModel):
         return None
 
 
+def _is_ids(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: object) -> object:
+        if isinstance(v, str) or _is_ids(v):
+            return v
+        if isinstance(v, list) and v and (all(isinstance(x, str) for x in v) or all(_is_ids(x) for x in v)):
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of such lists")
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.logprobs is not None:
@@ -83,8 +103,8 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: text, or token ids."""
         p = self.prompt
-        if isinstance(p, str):
-            return [p]
+        if isinstance(p, str) or not p:
+            return [p]  # an empty prompt is refused later with a clear message
         if p and all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]

@@ -45,6 +45,9 @@ class Proposer(ABC):
     """Base class of all speculation methods."""
 
     name: ClassVar[str]
+    # target layers whose outputs this proposer reads (-1 = last layer, before the final
+    # norm); the engine then calls `on_hidden` after every target pass
+    hidden_layers: tuple[int, ...] = ()
 
     def begin(self, request: RequestState) -> None:
         """A request starts (its prompt is prefilled in the target)."""
@@ -56,6 +59,11 @@ class Proposer(ABC):
     def on_accept(self, request: RequestState, num_accepted: int) -> None:
         """After verification: `num_accepted` draft tokens were kept, and the tokens now
         committed are in `request.output_ids` (including the bonus / recovered token)."""
+
+    def on_hidden(self, request: RequestState, hidden: dict[int, torch.Tensor]) -> None:
+        """Target hidden states `{layer: [n, hidden_size]}` of the tokens this pass added to
+        the cache, in order: after prefill, the n prompt tokens; after a step, the fed last
+        token and then the accepted draft tokens. Called before `on_accept`."""
 
     def end(self, request: RequestState) -> None:
         """The request finished; drop any per-request state."""

@@ -1,0 +1,58 @@
+"""`draftwise serve`: an OpenAI-compatible HTTP server (needs the `server` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from draftwise.commands.generate import DEFAULT_MODEL, add_model_args, add_speculation_args, speculative_config_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize and "
+                    "/detokenize, with continuous batching and optional speculation. SIGTERM drains: new requests "
+                    "get 503, in-flight ones get --shutdown-timeout seconds to finish.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTWISE_API_KEY)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache rows, default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429 (default 64)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="request body cap, 413 above (default 4 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_model_args(p)
+    add_speculation_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftwise.errors import BadInput
+
+    try:
+        from draftwise.server import create_app, serve
+    except ModuleNotFoundError as e:
+        raise BadInput(f"the server needs the 'server' extra ({e.name} is missing): pip install 'draftwise[server]'") from None
+    for name in ("max_batch_size", "max_queue", "max_request_bytes"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise BadInput(f"--{name.replace('_', '-')} must be positive")
+    if args.shutdown_timeout < 0 or not 0 <= args.port < 65536:
+        raise BadInput("--shutdown-timeout must be >= 0 and --port in [0, 65535]")
+    from draftwise.api import LLM
+
+    spec = speculative_config_from_args(args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec,
+              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+    app = create_app(llm, served_model_name=args.served_model_name or args.model,
+                     api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
+                     max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+    method = spec.method if spec else "plain decoding"
+    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
