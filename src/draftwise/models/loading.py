@@ -118,7 +118,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "post_attention_layernorm.weight": (h,),
         }
         if cfg.attention_bias:
-            shapes |= {p + f"self_attn.{x}_proj.bias": (n,) for x, n in zip("qkv", (q, kv, kv))}
+            bias = {"q": q, "k": kv, "v": kv}
+            shapes |= {p + f"self_attn.{x}_proj.bias": (n,) for x, n in bias.items()}
         if cfg.qk_norm:
             shapes |= {p + f"self_attn.{x}_norm.weight": (hd,) for x in "qk"}
     return shapes
@@ -208,7 +209,7 @@ def _load_gguf_cached(
     try:
         _write_cache(folder, loaded)
     except OSError as exc:  # e.g. disk full: the weights are fine, only the cache is lost
-        warnings.warn(f"draftwise: could not cache converted weights in {folder}: {exc}")
+        warnings.warn(f"draftwise: cannot cache converted weights in {folder}: {exc}", stacklevel=2)
     return loaded
 
 
@@ -308,10 +309,7 @@ def _gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any] | None:
     raise UnsupportedArchitecture(f"{arch} with {kind} rope scaling (GGUF)")
 
 
-def _gguf_config(reader: Any, tensors: dict[str, np.ndarray]) -> ModelConfig:
-    arch = _meta(reader, "general.architecture", "")
-    if arch not in _GGUF_ARCHS:
-        raise UnsupportedArchitecture(arch or "unknown (GGUF)")
+def _gguf_config(reader: Any, arch: str, tensors: dict[str, np.ndarray]) -> ModelConfig:
     heads = _meta(reader, f"{arch}.attention.head_count")
     try:
         q_rows = tensors["model.layers.0.self_attn.q_proj.weight"].shape[0]
@@ -373,10 +371,10 @@ def _load_gguf(path: Path, progress: bool, source: str) -> LoadedWeights:
         shape = tuple(reversed(t.shape.tolist()))  # GGUF lists dims innermost first
         arrays[name] = np.asarray(values, dtype=np.float32).reshape(shape)
     try:
-        cfg = _gguf_config(reader, arrays)
-    except ValidationError as exc:
-        msg = exc.errors()[0]
-        raise CorruptModel(f"{path}: bad GGUF metadata ({msg['loc']}: {msg['msg']})") from None
+        cfg = _gguf_config(reader, arch, arrays)
+    except (ValidationError, TypeError) as exc:  # missing or ill-typed metadata
+        why = f"{exc.errors()[0]['loc']}" if isinstance(exc, ValidationError) else str(exc)
+        raise CorruptModel(f"{path}: incomplete GGUF metadata ({why}); re-download it") from None
     if _GGUF_ARCHS[arch]:
         for name in list(arrays):
             if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
