@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from draftwise.server.loadtest import format_report, read_prompts, run_loadtest
     except ModuleNotFoundError as e:
-        raise BadInput(f"loadtest needs the 'server' extra ({e.name} is missing): pip install 'draftwise[server]'") from None
+        raise BadInput(f"loadtest needs the 'server' extra ({e.name} is missing): "
+                       "pip install 'draftwise[server]'") from None
     prompts = read_prompts(args.prompt_file)
     report = asyncio.run(run_loadtest(
         args.url, concurrency=args.concurrency, requests=args.requests, max_tokens=args.max_tokens, prompts=prompts,

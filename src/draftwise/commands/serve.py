@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from draftwise.commands.generate import DEFAULT_MODEL, add_model_args, add_speculation_args, speculative_config_from_args
+from draftwise.commands.generate import (DEFAULT_MODEL, add_model_args, add_speculation_args,
+                                        speculative_config_from_args)
 
 
 def add_parser(sub) -> None:
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
                     "/detokenize, with continuous batching and optional speculation. SIGTERM drains: new requests "
                     "get 503, in-flight ones get --shutdown-timeout seconds to finish.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -23,7 +25,8 @@ def add_parser(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTWISE_API_KEY)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache rows, default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429 (default 64)")
-    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="request body cap, 413 above (default 4 MiB)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                   help="request body cap, 413 above (default 4 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from draftwise.server import create_app, serve
     except ModuleNotFoundError as e:
-        raise BadInput(f"the server needs the 'server' extra ({e.name} is missing): pip install 'draftwise[server]'") from None
+        raise BadInput(f"the server needs the 'server' extra ({e.name} is missing): "
+                       "pip install 'draftwise[server]'") from None
     for name in ("max_batch_size", "max_queue", "max_request_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise BadInput(f"--{name.replace('_', '-')} must be positive")

@@ -69,7 +69,10 @@ class Track:
     sub: Submission
     index: int
     hold: int  # characters held back while a stop string could still cut them
-    printed: int = 0
+    text: str = ""  # output decoded so far (incrementally)
+    prefix_offset: int = 0  # token window decoded each step: [prefix_offset, end)
+    read_offset: int = 0
+    printed: int = 0  # characters of `text` already sent
     first_at: float | None = None
     last_at: float = 0.0
     seen: tuple = (0, 0, 0, (), 0)  # stats already counted in the metrics
@@ -219,18 +222,30 @@ class EngineLoop:
             self._release(1)
             m.observe_finished(req.finish_reason or "stop", now - track.sub.arrival)
         else:
-            text = self._decode(req.output_ids)
-            upto = track.printed if text.endswith("\ufffd") else max(track.printed, len(text) - track.hold)
-            event = Event(track.index, text[track.printed:upto], list(out.new_token_ids))
+            self._advance_text(track, req.output_ids)
+            upto = max(track.printed, len(track.text) - track.hold)
+            event = Event(track.index, track.text[track.printed:upto], list(out.new_token_ids))
             track.printed = upto
         track.sub.post(event)
 
     def _count_stats(self, track: Track, s) -> None:
         drafts, draft_tokens, accepted, per_pos, passes = track.seen
         new_pos = [n - (per_pos[j] if j < len(per_pos) else 0) for j, n in enumerate(s.accepted_per_position)]
-        self.metrics.observe_spec(s.drafts - drafts, s.draft_tokens - draft_tokens, s.accepted_tokens - accepted, new_pos)
+        self.metrics.observe_spec(s.drafts - drafts, s.draft_tokens - draft_tokens, s.accepted_tokens - accepted,
+                                  new_pos)
         self.metrics.observe_tokens(passes=s.target_passes - passes)
         track.seen = (s.drafts, s.draft_tokens, s.accepted_tokens, tuple(s.accepted_per_position), s.target_passes)
+
+    def _advance_text(self, track: Track, ids: list[int]) -> None:
+        """Extend track.text by decoding only the newest tokens (with one step of context before them).
+
+        Text ending in U+FFFD is half of a multi-byte character: wait for the rest.
+        """
+        before = self._decode(ids[track.prefix_offset:track.read_offset])
+        now = self._decode(ids[track.prefix_offset:])
+        if len(now) > len(before) and now.startswith(before) and not now.endswith("\ufffd"):
+            track.text += now[len(before):]
+            track.prefix_offset, track.read_offset = track.read_offset, len(ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -83,6 +83,9 @@ def check_common(state, body: SamplingFields) -> None:
 
 def submit(state, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
     sub = Submission(asyncio.get_running_loop(), prompts, params)
+    if len(prompts) > state.engine.capacity:
+        raise APIError(400, f"this request asks for {len(prompts)} sequences (prompts x n); the server holds at "
+                            f"most {state.engine.capacity} at once", param="n")
     if not state.engine.alive:
         raise APIError(503, "the engine is not running")
     if not state.engine.try_submit(sub):
@@ -109,7 +112,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     reply = Reply(state, body, "cmpl", "text_completion", prompts)
     sub = submit(state, prompts, params)
     if body.stream:
-        return stream_response(reply.stream(sub))
+        return EngineStream(reply.stream(sub), lambda: state.engine.abort(sub))
     return await reply.collect(sub, request)
 
 
@@ -129,13 +132,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     reply = Reply(state, body, "chatcmpl", "chat.completion", prompts)
     sub = submit(state, prompts, params)
     if body.stream:
-        return stream_response(reply.stream(sub))
+        return EngineStream(reply.stream(sub), lambda: state.engine.abort(sub))
     return await reply.collect(sub, request)
 
 
-def stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class EngineStream(StreamingResponse):
+    """An SSE response that aborts its engine requests however it ends (a no-op once they finished).
+
+    The generator's own `finally` covers most disconnects; this also covers a client that
+    leaves before the generator ever started.
+    """
+
+    def __init__(self, chunks: AsyncIterator[str], on_close) -> None:
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 # --- answers --------------------------------------------------------------------------------
@@ -179,7 +196,8 @@ class Reply:
         keys = ("output_tokens", "target_passes", "drafts", "draft_tokens", "accepted_tokens")
         total = {k: sum(s.get(k, 0) for s in stats) for k in keys}
         out.update(total)
-        out["acceptance_rate"] = round(total["accepted_tokens"] / total["draft_tokens"], 4) if total["draft_tokens"] else 0.0
+        drafted = total["draft_tokens"]
+        out["acceptance_rate"] = round(total["accepted_tokens"] / drafted, 4) if drafted else 0.0
         decode_passes = total["target_passes"] - len(stats)
         out["mean_accepted_length"] = round((total["output_tokens"] - len(stats)) / decode_passes, 4) \
             if decode_passes > 0 else 1.0

@@ -1,0 +1,366 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on 127.0.0.1, the real openai client.
+
+The app wraps a tiny random-weight model (no downloads). Greedy answers must be the very
+tokens offline `LLM.generate` gives; bad input must come back as a 4xx OpenAI error
+envelope; disconnects, a full queue, the API key and a graceful drain are exercised too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+from conftest import tiny_model  # noqa: E402
+from draftwise.api import LLM  # noqa: E402
+from draftwise.cli import main as cli_main  # noqa: E402
+from draftwise.errors import BadInput  # noqa: E402
+from draftwise.sampling import SamplingParams  # noqa: E402
+from draftwise.server import ServerThread, create_app  # noqa: E402
+from draftwise.server.loadtest import check_loopback, format_report, run_loadtest  # noqa: E402
+
+KEY = "test-key"
+MODEL = "tiny"
+STD = 0.1  # weights peaked enough for repetitive greedy text, so prompt lookup gets accepted
+PROMPTS = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "x = 1\nx = 1\n"]
+
+
+def make_llm(tokenizer, spec: dict | None = None, batch: int = 4) -> LLM:
+    return LLM.from_model(tiny_model(std=STD), tokenizer, speculative_config=spec, max_batch_size=batch)
+
+
+@pytest.fixture(scope="module")
+def offline(tokenizer):
+    """Greedy reference outputs from offline generation (plain decoding), cached per prompt and length."""
+    llm = make_llm(tokenizer, batch=1)
+    cache: dict = {}
+
+    def ref(prompt, max_tokens: int, chat: bool = False):
+        key = (json.dumps(prompt), max_tokens, chat)
+        if key not in cache:
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            run = llm.chat if chat else llm.generate
+            cache[key] = run(prompt, params)[0]
+        return cache[key]
+
+    return ref
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    llm = make_llm(tokenizer, {"method": "ngram", "num_speculative_tokens": 3})
+    app = create_app(llm, served_model_name=MODEL, api_key=KEY, max_queue=2, max_body_bytes=16 * 1024)
+    with ServerThread(app) as srv:
+        srv.app, srv.llm = app, llm
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      trust_env=False) as c:
+        yield c
+
+
+def greedy(max_tokens: int, **extra) -> dict:
+    return {"max_tokens": max_tokens, "temperature": 0,
+            "extra_body": {"ignore_eos": True, "return_token_ids": True, **extra}}
+
+
+@contextlib.contextmanager
+def slow_engine(llm, seconds: float = 0.01):
+    """Make every engine step take at least `seconds`, so a request is surely still running."""
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    llm.engine.step = slow_step
+    try:
+        yield
+    finally:
+        del llm.engine.step
+
+
+def aborted(http) -> float:
+    line = next(x for x in http.get("/metrics").text.splitlines()
+                if x.startswith("vllm:request_success_total") and 'finished_reason="abort"' in x)
+    return float(line.rsplit(" ", 1)[1])
+
+
+def wait_idle(server, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.app.state.draftwise.engine.in_flight:
+        assert time.monotonic() < deadline, "requests still in flight"
+        time.sleep(0.02)
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def test_completion_greedy_matches_offline(client, offline):
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], **greedy(24))
+    ref = offline(PROMPTS[0], 24)
+    choice = resp.choices[0]
+    assert choice.model_extra["token_ids"] == ref.token_ids
+    assert choice.text == ref.text and choice.finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(ref.prompt_token_ids) and resp.usage.completion_tokens == 24
+    spec = resp.model_extra["draftwise"]
+    assert spec["method"] == "ngram" and spec["output_tokens"] == 24
+    assert spec["accepted_tokens"] > 0, "the repetitive prompt must exercise acceptance"
+
+
+def test_completion_stream_matches_offline(client, offline):
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[1], stream=True,
+                                       stream_options={"include_usage": True}, **greedy(20))
+    chunks = list(stream)
+    ref = offline(PROMPTS[1], 20)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids", [])]
+    assert ids == ref.token_ids
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_stream_and_not_match_offline(client, offline):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abcabcabc"}]
+    ref = offline(messages, 16, chat=True)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, **greedy(16))
+    assert resp.object == "chat.completion" and resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == ref.text
+    assert resp.choices[0].model_extra["token_ids"] == ref.token_ids
+    assert resp.usage.total_tokens == len(ref.prompt_token_ids) + 16
+    stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                            stream_options={"include_usage": True}, **greedy(16))
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+    # max_completion_tokens is the chat name of max_tokens
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, temperature=0)
+    assert resp.usage.completion_tokens <= 5
+
+
+def test_concurrent_requests_with_different_settings(client, offline):
+    results: dict = {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as e:  # reported by the assertion below
+            results[name] = e
+
+    jobs = {f"greedy{i}": (lambda p=p: client.completions.create(model=MODEL, prompt=p, **greedy(12)))
+            for i, p in enumerate(PROMPTS)}
+    jobs["sampled"] = lambda: client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=10, temperature=0.9, top_p=0.9, seed=7, n=2, presence_penalty=0.5,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True})
+    jobs["stop"] = lambda: client.completions.create(model=MODEL, prompt=PROMPTS[0], stop=["c"], **greedy(12))
+    threads = [threading.Thread(target=run, args=(name, fn)) for name, fn in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for name, res in results.items():
+        assert not isinstance(res, Exception), f"{name}: {res!r}"
+    for i, p in enumerate(PROMPTS):  # each answer is its own prompt's, untouched by its neighbours
+        assert results[f"greedy{i}"].choices[0].model_extra["token_ids"] == offline(p, 12).token_ids
+    sampled = results["sampled"]
+    assert [c.index for c in sampled.choices] == [0, 1]
+    assert all(c.finish_reason == "length" for c in sampled.choices) and sampled.usage.completion_tokens == 20
+    stop = results["stop"].choices[0]
+    full = offline(PROMPTS[0], 12).text
+    if "c" in full:
+        assert stop.finish_reason == "stop" and stop.text == full[: full.index("c")]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", {"prompt": 3}, 400, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, None),
+    ("/v1/completions", {"prompt": "x", "temperature": 5}, 400, None),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, None),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found"),
+    ("/v1/completions", {"prompt": ""}, 400, None),
+    ("/v1/completions", {"prompt": []}, 400, None),
+    ("/v1/completions", {"prompt": [1, 2, 9999]}, 400, None),
+    ("/v1/completions", {"prompt": [-1]}, 400, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x" * 600}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, None),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, None),
+    ("/v1/completions", {"prompt": "x", "n": 7}, 400, None),  # 4 rows + 2 queue places < 7
+    ("/v1/completions", {"prompt": "x" * 20000}, 413, "request_too_large"),
+    ("/v1/chat/completions", {"messages": []}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, 400, "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    ("/tokenize", {}, 400, None),
+    ("/detokenize", {"tokens": [5000]}, 400, None),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+def test_bad_input_gets_4xx_error_envelope(http, client):
+    for path, body, status, code in BAD:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = http.post(path, headers={"Content-Type": "application/json"}, **kw)
+        assert r.status_code == status, (path, body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+        if code is not None:
+            assert err["code"] == code, r.text
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10_000)
+
+
+def test_models_health_tokenize(http, tokenizer):
+    assert http.get("/health").status_code == 200
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    tok = http.post("/tokenize", json={"prompt": "hello"}).json()
+    assert tok["tokens"] == tokenizer.encode("hello") and tok["count"] == 5 and tok["max_model_len"] == 512
+    assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "hello"
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] == len(tokenizer.encode("<user>hi\n<assistant>"))
+
+
+def test_api_key_required_and_checked(server):
+    with httpx.Client(base_url=server.url, trust_env=False, timeout=30) as anon:
+        assert anon.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+            r = anon.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert anon.get("/metrics").status_code == 401
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_frees_the_row_and_queue_full(server, http, client, offline):
+    body = {"prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True, "n": 6}
+    with slow_engine(server.llm), http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        # all 4 rows and both queue places are taken now
+        full = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
+    wait_idle(server)  # closing the stream aborted all six requests
+    assert aborted(http) >= 6
+    assert server.llm.engine.free_rows == [0, 1, 2, 3] and not server.llm.engine.running
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[2], **greedy(10))
+    assert resp.choices[0].model_extra["token_ids"] == offline(PROMPTS[2], 10).token_ids
+
+
+def test_disconnect_while_waiting_non_streaming(server, http):
+    before = aborted(http)
+    with slow_engine(server.llm), pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=0.3)
+    wait_idle(server)
+    assert aborted(http) == before + 1
+
+
+def test_metrics_have_vllm_names_after_speculative_request(client, http):
+    client.completions.create(model=MODEL, prompt=PROMPTS[0], **greedy(16))
+    text = http.get("/metrics").text
+    for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "draftwise:spec_decode_num_accepted_tokens_total"):
+        assert name in text, name
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:") and "_per_pos" not in line and "{" in line}
+    assert values["vllm:spec_decode_num_drafts_total"] > 0
+    assert 0 < values["vllm:spec_decode_num_accepted_tokens_total"] <= values["vllm:spec_decode_num_draft_tokens_total"]
+    assert 'position="0"' in text
+
+
+def test_loadtest_against_the_server(server, capsys):
+    report = asyncio.run(run_loadtest(server.url, concurrency=2, requests=4, max_tokens=6, prompts=PROMPTS,
+                                      timeout=60, api_key=KEY, ignore_eos=True))
+    assert report["completed"] == 4 and report["failed"] == 0 and report["total_output_tokens"] == 24
+    assert report["request_throughput"] > 0 and report["mean_ttft_ms"] > 0 and report["p99_itl_ms"] > 0
+    assert report["spec_decode"]["drafts"] >= 0
+    text = format_report(report)
+    for label in ("Request throughput (req/s)", "Output token throughput (tok/s)", "Mean TTFT (ms)",
+                  "P90 TPOT (ms)", "P99 ITL (ms)", "Acceptance rate (%)"):
+        assert label in text
+
+
+def test_loadtest_refuses_other_hosts(capsys):
+    assert check_loopback("http://localhost:8000/") == "http://localhost:8000"
+    assert check_loopback("http://[::1]:8000") == "http://[::1]:8000"
+    for url in ("http://10.0.0.1:8000", "http://example.com", "ftp://127.0.0.1"):
+        with pytest.raises(BadInput, match="loadtest only targets|must look like"):
+            check_loopback(url)
+    assert cli_main(["loadtest", "--url", "http://192.168.1.2:8000", "--requests", "1"]) == 2
+    assert "only targets this machine" in capsys.readouterr().err
+
+
+def test_graceful_shutdown_finishes_in_flight(tokenizer, offline):
+    llm = make_llm(tokenizer)
+    app = create_app(llm, served_model_name=MODEL, shutdown_timeout=30)
+    srv = ServerThread(app).start()
+    body = {"prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True}
+    with slow_engine(llm, 0.005), httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c, \
+            httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as other:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.drain()  # what SIGTERM does
+            refused = other.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+            rest = [first] + [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in rest[:-1]]
+    ids = [t for ch in chunks for t in ch["choices"][0].get("token_ids", [])]
+    assert ids == offline(PROMPTS[0], 60).token_ids
+    srv.thread.join(20)
+    assert not srv.thread.is_alive(), "the server did not exit after draining"
+
+
+def test_shutdown_timeout_cuts_long_requests(tokenizer):
+    llm = make_llm(tokenizer)
+    app = create_app(llm, served_model_name=MODEL, shutdown_timeout=0.0)
+    srv = ServerThread(app).start()
+    body = {"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with slow_engine(llm), httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            srv.drain()
+            rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and "shutdown timeout" in rest[-2]
+    srv.thread.join(20)
+    assert not srv.thread.is_alive()
