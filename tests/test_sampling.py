@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +9,15 @@ from hypothesis import strategies as st
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from draftwise.sampling import SamplingParams, apply_penalties, sample, target_distribution
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (a lot on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def probs_logits(probs: list[float]) -> torch.Tensor:
@@ -140,7 +147,9 @@ def draft_trees(draw: st.DrawFn, vocab: int) -> tuple[list[int], list[int] | Non
 def test_each_row_equals_plain_decoding_with_its_path_committed(tree, prompt, output, rep, presence, frequency, seed):
     tokens, parents = tree
     logits = torch.randn(len(tokens) + 1, 8, generator=torch.Generator().manual_seed(seed))
-    params = SamplingParams(temperature=0.9, repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency)
+    params = SamplingParams(
+        temperature=0.9, repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency
+    )
     rows = target_distribution(logits, params, prompt, output, tokens, parents)
     for r in range(len(tokens) + 1):
         history = output + [tokens[j] for j in path_of(r - 1, parents)]
@@ -148,13 +157,15 @@ def test_each_row_equals_plain_decoding_with_its_path_committed(tree, prompt, ou
         torch.testing.assert_close(rows[r : r + 1], alone)
 
 
-# --- truncation --------------------------------------------------------------------------------
+# --- truncation ----------------------------------------------------------------------------
 
 
 P = [0.4, 0.3, 0.2, 0.1]
 
 
-@pytest.mark.parametrize(("k", "expected"), [(1, {0}), (2, {0, 1}), (3, {0, 1, 2}), (4, {0, 1, 2, 3}), (0, {0, 1, 2, 3})])
+@pytest.mark.parametrize(
+    ("k", "expected"), [(1, {0}), (2, {0, 1}), (3, {0, 1, 2}), (4, {0, 1, 2, 3}), (0, {0, 1, 2, 3})]
+)
 def test_top_k(k: int, expected: set[int]) -> None:
     probs = target_distribution(probs_logits(P), SamplingParams(temperature=1.0, top_k=k), [], [])
     assert kept(probs) == expected
@@ -162,7 +173,8 @@ def test_top_k(k: int, expected: set[int]) -> None:
 
 
 def test_top_k_keeps_ties() -> None:
-    probs = target_distribution(probs_logits([0.3, 0.3, 0.3, 0.1]), SamplingParams(temperature=1.0, top_k=2), [], [])
+    params = SamplingParams(temperature=1.0, top_k=2)
+    probs = target_distribution(probs_logits([0.3, 0.3, 0.3, 0.1]), params, [], [])
     assert kept(probs) == {0, 1, 2}
 
 
@@ -237,4 +249,3 @@ def test_sample_frequencies() -> None:
     draws = sample(p.expand(40_000, 4), torch.Generator().manual_seed(3))  # [40000]
     freq = torch.bincount(draws, minlength=4) / 40_000
     assert (freq - p).abs().sum().item() / 2 < 0.01
-    assert not math.isnan(freq.sum().item())

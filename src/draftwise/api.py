@@ -32,16 +32,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None = None, progress: bool = True):
+def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None = None, progress: bool = True,
+               quantization: str = "none"):
     """A bundled name, GGUF file or HF folder -> (native model, tokenizer)."""
     from draftwise.models.loading import load_weights
+    from draftwise.models.quantize import QUANTIZATIONS, quantize
+
+    if quantization not in QUANTIZATIONS:
+        raise BadInput(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
 
     weights = load_weights(ref, progress=progress)
     with torch.device("meta"):
         model = Transformer(weights.config)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)
     model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
-    return model.eval(), weights.tokenizer
+    return quantize(model.eval(), quantization), weights.tokenizer
 
 
 @dataclass
@@ -68,8 +73,9 @@ class LLM:
         max_batch_size: int = 8,
         max_model_len: int | None = None,
         progress: bool = True,
+        quantization: str = "none",
     ) -> None:
-        target, tokenizer = load_model(model, dtype, device, progress)
+        target, tokenizer = load_model(model, dtype, device, progress, quantization)
         self._setup(target, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress)
 
     @classmethod

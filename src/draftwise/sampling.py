@@ -81,10 +81,13 @@ def _path_pairs(n: int, parents: Sequence[int] | None, device: torch.device) -> 
         ancestors.append(path)
         rows.extend([j + 1] * len(path))
         nodes.extend(path)
-    return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(nodes, dtype=torch.long, device=device)
+    as_long = dict(dtype=torch.long, device=device)
+    return torch.as_tensor(rows, **as_long), torch.as_tensor(nodes, **as_long)
 
 
-def _draft_counts(draft_tokens: Sequence[int], parents: Sequence[int] | None, vocab: int, device: torch.device) -> Tensor:
+def _draft_counts(
+    draft_tokens: Sequence[int], parents: Sequence[int] | None, vocab: int, device: torch.device
+) -> Tensor:
     """Counts of the draft tokens on each row's path (see `_path_pairs`)."""
     n = len(draft_tokens)
     counts = torch.zeros(n + 1, vocab, dtype=torch.float32, device=device)  # [n+1, vocab]
@@ -93,8 +96,9 @@ def _draft_counts(draft_tokens: Sequence[int], parents: Sequence[int] | None, vo
     row_t, node_t = _path_pairs(n, parents, device)  # [pairs], [pairs]
     tokens = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=device)  # [n]
     tok_t = tokens[node_t]  # [pairs]
-    inside = tok_t < vocab
-    counts.index_put_((row_t[inside], tok_t[inside]), torch.ones_like(tok_t[inside], dtype=torch.float32), accumulate=True)
+    inside = tok_t < vocab  # [pairs]
+    row_t, tok_t = row_t[inside], tok_t[inside]
+    counts.index_put_((row_t, tok_t), torch.ones(len(tok_t), device=device), accumulate=True)
     return counts
 
 

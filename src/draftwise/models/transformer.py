@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,20 +60,27 @@ def padded_rows(n: int) -> int:
     return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` over rows padded to a multiple of ROW_MULTIPLE, so each
-    row's result does not depend on how many rows there are."""
+def on_padded_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` applied to x's rows `[n, in] -> [n, out]`, with n padded to a multiple of
+    ROW_MULTIPLE, so each row's result does not depend on how many rows there are."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     n = flat.shape[0]
     if n % ROW_MULTIPLE:
         flat = torch.cat([flat, flat.new_zeros(padded_rows(n) - n, shape[-1])])
-    out = F.linear(flat, weight, bias)[:n]
+    out = fn(flat)[:n]
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def proj(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return padded_linear(x, layer.weight, layer.bias)
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return on_padded_rows(x, lambda rows: F.linear(rows, weight, bias))
+
+
+def proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection: nn.Linear, or a quantized module with `rows(x)` (models/quantize.py)."""
+    if isinstance(layer, nn.Linear):
+        return padded_linear(x, layer.weight, layer.bias)
+    return on_padded_rows(x, layer.rows)
 
 
 # --- rotary embeddings ----------------------------------------------------------------
@@ -219,6 +226,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.quantization = "none"
         self.model = Inner(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
