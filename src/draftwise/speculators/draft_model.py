@@ -56,8 +56,11 @@ class DraftModelProposer(Proposer):
                    config.num_speculative_tokens)
 
     def begin(self, request: RequestState) -> None:
+        """Prefill the prompt now (with the target's prefill), so that drafting time,
+        which the controller weighs, counts draft passes only."""
         self.seen[request.request_id] = 0
         self.cache.set_length(request.row, 0)
+        self._catch_up([request])
 
     def end(self, request: RequestState) -> None:
         self.seen.pop(request.request_id, None)
