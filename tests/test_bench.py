@@ -181,7 +181,7 @@ def test_cost_command(tmp_path, capsys):
 
     assert main(["cost", "--tokens-per-second", "40", "--speedup", "2.5", "--passes-per-token", "0.3"]) == 0
     text = capsys.readouterr().out
-    assert "13.89" in text and "5.56" in text and "60% per token" in text and "3.3x" in text
+    assert "13.89" in text and "5.56" in text and "60% cheaper per token" in text and "3.3x" in text
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"results": {
         "plain": {"overall": {"tokens_per_second": 40.0, "target_passes_per_token": 1.0}},

@@ -98,10 +98,12 @@ def format_table(work: Workload, lines: list[CostLine]) -> str:
         if line is base:
             note = "-"
         else:
-            note = f"{saving(base.dollars_per_million, line.dollars_per_million):.0%} per token"
+            cut = saving(base.dollars_per_million, line.dollars_per_million)
+            note = f"{cut:.0%} cheaper per token" if cut >= 0 else f"{-cut:.0%} dearer per token"
             if line.passes_per_token and base.passes_per_token:
                 note += f", {compute_cut(line.passes_per_token, base.passes_per_token):.1f}x less target compute"
-            note += f", ${base.monthly - line.monthly:,.0f}/month"
+            month = base.monthly - line.monthly
+            note += f", ${month:,.0f}/month saved" if month >= 0 else f", ${-month:,.0f}/month more"
         out.append(f"{line.label:<28} {line.tokens_per_second:>9.1f} {line.dollars_per_million:>12.2f} "
                    f"{passes:>13} {line.gpus:>5} {line.monthly:>11,.0f}  {note}")
     out += ["", "Self-hosted, you pay for GPU-hours: more tokens/s per GPU is a lower price per token and fewer GPUs.",

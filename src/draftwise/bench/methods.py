@@ -15,6 +15,7 @@ from draftwise.config import SpeculativeConfig, parse_speculative_config
 from draftwise.errors import BadInput
 
 PLAIN = "plain"
+SHORT = {"num_speculative_tokens": "k"}  # shorter names of settings shown in labels
 PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp", "llamacpp-lookup")
 
 
@@ -44,12 +45,13 @@ def parse_method(spec: str) -> Method:
 
 
 def label_of(config: SpeculativeConfig) -> str:
-    """`ngram`, `draft_model:qwen2.5-coder-0.5b`, `ngram(num_speculative_tokens=8)`, ..."""
+    """`ngram`, `draft_model:qwen2.5-coder-0.5b`, `ngram(k=8, adaptive=false)`, ..."""
     label = config.method
     if config.model:
         label += ":" + Path(config.model).name
     defaults = SpeculativeConfig(method=config.method).model_dump()
-    changed = [f"{k}={v}" for k, v in config.model_dump().items() if k not in ("method", "model") and v != defaults[k]]
+    changed = [f"{SHORT.get(k, k)}={str(v).lower() if isinstance(v, bool) else v}"
+               for k, v in config.model_dump().items() if k not in ("method", "model") and v != defaults[k]]
     return label + (f"({', '.join(changed)})" if changed else "")
 
 

@@ -87,6 +87,7 @@ class HFPeer:
 
     def generate(self, prompt_ids: list[int], messages: list[dict[str, str]], params: SamplingParams) -> Generation:
         from transformers import GenerationConfig
+        from transformers.utils import logging as hf_logging
 
         device = self.model.device
         ids = torch.tensor([prompt_ids], device=device)
@@ -102,11 +103,16 @@ class HFPeer:
             gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size = self.lookup
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, **kw)
-        sync(device)
+        quiet = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # assisted generation warns about its own internal call
+        try:
+            sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, **kw)
+            sync(device)
+        finally:
+            hf_logging.set_verbosity(quiet)
         seconds = time.perf_counter() - start
         new = out[0, len(prompt_ids):].tolist()
         stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)

@@ -17,7 +17,8 @@ def write_plots(data: dict[str, Any], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    others = [m["label"] for m in data["methods"] if m["label"] != PLAIN]
+    others = [m["label"] for m in data["methods"]
+              if m["label"] != PLAIN and data["results"][m["label"]]["overall"]["questions"]]
     cats = [*data["categories"], "overall"]
     title = f"{data['settings']['model']} ({data['settings']['dtype']}), {data['machine']['gpu'] or data['machine']['cpu']}"
 

@@ -24,6 +24,20 @@ def key_of(question_id: Any, turn: int, method: str) -> Key:
     return (str(question_id), int(turn), method)
 
 
+def same_config(a: dict | None, b: dict | None) -> bool:
+    """Equal speculative configs, defaults filled in (a field added since is not a change)."""
+    if a is None or b is None:
+        return a is b
+    from pydantic import ValidationError
+
+    from draftwise.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.model_validate(a) == SpeculativeConfig.model_validate(b)
+    except ValidationError:
+        return False
+
+
 class RecordStore:
     """The records of one output folder: those already there, and new ones appended."""
 
@@ -71,7 +85,7 @@ class RecordStore:
     def check_method(self, label: str, config: dict | None) -> None:
         """Refuse to resume a label whose recorded config differs from the one asked now."""
         for (_, _, method), rec in self.records.items():
-            if method == label and rec.get("config") != config:
+            if method == label and not same_config(rec.get("config"), config):
                 raise BadInput(f"{self.path}: method {label} was recorded with config {rec.get('config')}, "
                                f"now {config}; use another --out folder")
             if method == label:

@@ -137,7 +137,8 @@ def markdown(data: dict[str, Any]) -> str:
         "exact match vs plain |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for m in data["methods"]:
+    shown = [m for m in data["methods"] if data["results"][m["label"]]["overall"]["questions"]]
+    for m in shown:
         row = data["results"][m["label"]]["overall"]
         lines.append(
             f"| {m['label']}{' (peer)' if m['kind'] == 'peer' else ''} | {fmt(row['tokens_per_second'])} | "
@@ -147,13 +148,13 @@ def markdown(data: dict[str, Any]) -> str:
     cats = data["categories"]
     lines += ["", "Speedup over plain decoding by category:", "",
               "| method | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
-    for m in data["methods"]:
+    for m in shown:
         if m["label"] == PLAIN:
             continue
         res = data["results"][m["label"]]
         cells = [fmt(res["categories"][c]["speedup"], "{:.2f}x") for c in cats]
         lines.append(f"| {m['label']} | " + " | ".join(cells) + f" | {fmt(res['overall']['speedup'], '{:.2f}x')} |")
-    spec = [m for m in data["methods"] if m["kind"] == "draftwise" and m["label"] != PLAIN]
+    spec = [m for m in shown if m["kind"] == "draftwise" and m["label"] != PLAIN]
     depth = max((len(data["results"][m["label"]]["overall"]["acceptance_per_position"] or []) for m in spec), default=0)
     if depth:
         lines += ["", "Acceptance by draft position (share of drafts reaching position j that were accepted there):",

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="target forward passes per output token with speculation (plain = 1.00)")
     p.add_argument("--requests-per-day", type=float, default=100_000, help="workload (default 100,000)")
     p.add_argument("--output-tokens-per-request", type=float, default=500, help="workload (default 500)")
-    p.add_argument("--method", action="append", default=[], help="with --results: only these methods (repeatable)")
+    p.add_argument("--method", action="append", default=[], help="with --results: only these methods (repeatable; default: every draftwise speculator)")
     p.set_defaults(run=run)
 
 
@@ -43,9 +43,11 @@ def lines_from_results(path: str, work, only: list[str]):
     unknown = [m for m in only if m not in results]
     if unknown:
         raise BadInput(f"{path} has no method {', '.join(unknown)}; it has: {', '.join(results)}")
+    peers = {m.get("label") for m in data.get("methods", []) if m.get("kind") == "peer"}
     for label, res in results.items():
         row = res["overall"]
-        if label == "plain" or (only and label not in only) or not row.get("tokens_per_second"):
+        wanted = label in only if only else label not in peers  # peers only when named
+        if label == "plain" or not wanted or not row.get("tokens_per_second"):
             continue
         lines.append(cost_line(label, work, row["tokens_per_second"], row.get("target_passes_per_token")))
     return lines

@@ -131,7 +131,8 @@ def grouped_attention(
         q = torch.cat([q, q.new_zeros(b, h, pad, hd)], dim=2)
         mask = torch.cat([mask, mask[:, :, :1].expand(b, 1, pad, s)], dim=2)
     tp = q.shape[2]
-    scores = (q.reshape(b, kvh, g * tp, hd) @ k.transpose(-1, -2)).float() * hd**-0.5  # [b, kvh, g*tp, S]
+    # scores in fp32: bf16 scores would round logits of attention to 3 significant digits
+    scores = (q.reshape(b, kvh, g * tp, hd).float() @ k.float().transpose(-1, -2)) * hd**-0.5  # [b, kvh, g*tp, S]
     scores = scores.view(b, kvh, g, tp, s).masked_fill(~mask[:, :, None], float("-inf"))
     probs = scores.softmax(-1).to(v.dtype).view(b, kvh, g * tp, s)
     return (probs @ v).view(b, h, tp, hd)[:, :, :t]

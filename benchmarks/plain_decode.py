@@ -1,0 +1,83 @@
+"""Plain decoding speed: draftwise's native model against transformers `generate`.
+
+Same weights (the transformers model is built around the very tensors draftwise loaded),
+same dtype, prompt, token count and machine, measured in one run, alternating the two
+engines so that background load hits both alike. Also times a cached model load.
+
+    python benchmarks/plain_decode.py --model qwen2.5-coder-1.5b --tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from draftwise.api import LLM, load_model
+from draftwise.bench.peers import hf_model
+from draftwise.sampling import SamplingParams
+
+PROMPT = [{"role": "user", "content": "Write a Python class for a bounded LRU cache with get and put, with comments."}]
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    load_model(args.model, args.dtype, "cpu", progress=True)  # make sure the cache exists
+    start = time.perf_counter()
+    model, tok = load_model(args.model, args.dtype, "cpu", progress=False)
+    load_seconds = time.perf_counter() - start
+
+    llm = LLM.from_model(model, tok, max_batch_size=1, max_model_len=2048)
+    ids = llm.chat_prompt(PROMPT)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    hf = hf_model(model)
+    hf_ids = torch.tensor([ids])
+
+    def ours() -> float:
+        t = time.perf_counter()
+        out = llm.generate([ids], params)[0]
+        return len(out.token_ids) / (time.perf_counter() - t)
+
+    def theirs() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=args.tokens,
+                              min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - len(ids)) / (time.perf_counter() - t)
+
+    ours(), theirs()  # warm-up
+    a, b = [], []
+    for _ in range(args.repeats):
+        a.append(ours())
+        b.append(theirs())
+    ra, rb = statistics.median(a), statistics.median(b)
+    print(f"machine: {machine()}")
+    print(f"model: {args.model}, dtype {args.dtype}, prompt {len(ids)} tokens, {args.tokens} new tokens, "
+          f"median of {args.repeats}")
+    print(f"cached load: {load_seconds:.1f} s")
+    print(f"draftwise plain:     {ra:6.2f} tokens/s")
+    print(f"transformers plain:  {rb:6.2f} tokens/s")
+    print(f"ratio draftwise / transformers: {ra / rb:.2f}")
+
+
+if __name__ == "__main__":
+    main()
