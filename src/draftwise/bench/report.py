@@ -87,6 +87,7 @@ def write_reports(
         "machine": machine_info(settings.dtype, date),
         "settings": {
             "model": settings.model, "dtype": settings.dtype, "device": settings.device,
+            "quantization": settings.quantization,
             "dataset": settings.dataset, "categories": settings.categories, "limit": settings.limit,
             "max_tokens": settings.max_tokens, "temperature": settings.temperature,
             "chat_template": settings.chat_template, "warmup": settings.warmup, "batch_size": 1,

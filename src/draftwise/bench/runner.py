@@ -40,10 +40,11 @@ class BenchSettings:
     dataset: str = ""
     categories: list[str] | None = None
     limit: int | None = None
+    quantization: str = "none"
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a record's numbers depend on (a resumed run must match them)."""
-        keys = ("model", "dtype", "device", "max_tokens", "temperature", "chat_template")
+        keys = ("model", "dtype", "device", "max_tokens", "temperature", "chat_template", "quantization")
         return {k: v for k, v in asdict(self).items() if k in keys}
 
 

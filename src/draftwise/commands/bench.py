@@ -19,10 +19,13 @@ def add_parser(sub) -> None:
                     "results.json, results.md, PNG plots and records.jsonl (a rerun resumes from it).",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
-    p.add_argument("--speculator", action="append", default=[], metavar="SPEC", required=True,
+    p.add_argument("--roofline", action="store_true",
+                   help="instead: print the roofline of the loaded model on this machine (weight bytes, memory "
+                        "bandwidth, floor per token, measured pass time over 1-16 tokens, best draft length)")
+    p.add_argument("--speculator", action="append", default=[], metavar="SPEC",
                    help='method name or JSON config, repeatable: ngram, suffix, '
                         '\'{"method": "draft_model", "model": "qwen2.5-coder-0.5b"}\'')
-    p.add_argument("--dataset", required=True, metavar="FILE.jsonl",
+    p.add_argument("--dataset", metavar="FILE.jsonl",
                    help='one {"question_id", "category", "turns"} object a line (Spec-Bench question.jsonl)')
     p.add_argument("--categories", default=None, help="comma-separated categories (e.g. mt_bench,translation,coding)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each category")
@@ -45,6 +48,15 @@ def run(args: argparse.Namespace) -> int:
     from draftwise.bench import BenchSettings, load_questions, parse_methods, run_bench
     from draftwise.errors import BadInput
 
+    if args.roofline:
+        from draftwise.api import load_model
+        from draftwise.bench.roofline import measure, report
+
+        model, _ = load_model(args.model, args.dtype, args.device, not args.quiet, args.quantization)
+        print(report(measure(model), args.model, args.dtype, args.quantization))
+        return 0
+    if not args.speculator or not args.dataset:
+        raise BadInput("bench needs --dataset and at least one --speculator (or --roofline)")
     if args.max_tokens < 1:
         raise BadInput("--max-tokens must be at least 1")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
@@ -54,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         model=args.model, dtype=args.dtype, device=args.device or default_device(), max_tokens=args.max_tokens,
         temperature=args.temperature, chat_template=not args.no_chat_template, warmup=not args.no_warmup,
-        dataset=str(args.dataset), categories=categories, limit=args.limit,
+        dataset=str(args.dataset), categories=categories, limit=args.limit, quantization=args.quantization,
     )
     llm = LLM(args.model, dtype=args.dtype, device=settings.device, max_batch_size=1,
-              max_model_len=args.max_model_len, progress=not args.quiet)
+              max_model_len=args.max_model_len, progress=not args.quiet, quantization=args.quantization)
     data = run_bench(llm, questions, methods, args.out, settings, progress=not args.quiet, plots=not args.no_plots)
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md", file=sys.stderr)
