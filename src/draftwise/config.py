@@ -23,11 +23,22 @@ class SpeculativeConfig(BaseModel):
     prompt_lookup_max: int = Field(default=4, ge=1, le=16)
     suffix_max_depth: int = Field(default=64, ge=1, le=1024, description="longest suffix the suffix cache matches")
     suffix_max_cached_requests: int = Field(default=10000, ge=0, description="finished requests the suffix cache keeps")
+    eagle_tree_top_k: int = Field(default=4, ge=1, le=64, description="eagle: children expanded per node and nodes expanded per depth")
+    eagle_tree_depth: int = Field(default=5, ge=1, le=32, description="eagle: draft tree depth (head passes per step)")
+    eagle_total_tokens: int | None = Field(default=None, ge=1, le=256,
+                                           description="eagle: tree nodes kept for verification (default: num_speculative_tokens)")
+    num_layers: int | None = Field(default=None, ge=1, description="layer_skip: target layers the draft runs (None = calibrate)")
+    tree: list[list[int]] | None = Field(
+        default=None, description="tree proposers (medusa): choice paths, top-i per depth, e.g. [[0], [0, 0], [1]]")
 
     @model_validator(mode="after")
     def _check(self) -> "SpeculativeConfig":
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        if self.tree is not None:
+            from draftwise.speculators.tree import order_parent_first  # lazy: that package imports this one
+
+            order_parent_first(self.tree)  # ValueError with the reason
         return self
 
 

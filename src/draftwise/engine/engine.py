@@ -55,6 +55,8 @@ class Engine:
                                  model.config.max_position_embeddings)
         self.slack = max_speculative_tokens + 1  # cache slots a verify pass may write past the end
         self.cache = model.new_cache(max_batch_size, self.max_model_len + self.slack)
+        if proposer is not None:
+            proposer.attach_target_cache(self.cache)
         self.free_rows = list(range(max_batch_size))
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []

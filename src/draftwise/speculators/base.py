@@ -49,6 +49,10 @@ class Proposer(ABC):
     # norm); the engine then calls `on_hidden` after every target pass
     hidden_layers: tuple[int, ...] = ()
 
+    def attach_target_cache(self, cache) -> None:
+        """The engine hands over its target KV cache once, before any request; a proposer
+        that runs the target's own first layers (layer_skip) may share it."""
+
     def begin(self, request: RequestState) -> None:
         """A request starts (its prompt is prefilled in the target)."""
 

@@ -113,23 +113,27 @@ class DraftModelProposer(Proposer):
         return target_distribution(logits[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
 
     def _catch_up(self, reqs: list[RequestState]) -> torch.Tensor:
-        """Run each request's unseen committed tokens; logits after the last one `[n, vocab]`."""
-        device = self.draft.device
+        """Run each request's unseen committed tokens; logits after the last one `[n, vocab]`.
+        Requests with the same number of unseen tokens share a pass (no padding, so a
+        row near the end of its cache never gets slots written past it)."""
         pending = [r.all_ids[self.seen[r.request_id]:] for r in reqs]
-        t = max(len(p) for p in pending)
-        ids = torch.zeros(len(reqs), t, dtype=torch.long)
-        pos = torch.zeros(len(reqs), t, dtype=torch.long)
-        for j, (r, p) in enumerate(zip(reqs, pending)):
-            start = self.seen[r.request_id]
-            ids[j, : len(p)] = torch.tensor(p)
-            pos[j] = start + torch.arange(t)
-        rows = torch.tensor([r.row for r in reqs], device=device)
-        last = torch.tensor([[len(p) - 1] for p in pending], device=device)
-        out = self.draft(ids.to(device), pos.to(device), self.cache, rows=rows, logits_at=last)
-        for r, p in zip(reqs, pending):
-            self.seen[r.request_id] += len(p)
-            self.cache.set_length(r.row, self.seen[r.request_id])
-        return out.logits[:, 0]
+        logits: list[torch.Tensor | None] = [None] * len(reqs)
+        groups: dict[int, list[int]] = {}
+        for j, p in enumerate(pending):
+            groups.setdefault(len(p), []).append(j)
+        device = self.draft.device
+        for t, members in groups.items():
+            ids = torch.tensor([pending[j] for j in members], device=device)  # [n, t]
+            starts = torch.tensor([self.seen[reqs[j].request_id] for j in members], device=device)
+            pos = starts[:, None] + torch.arange(t, device=device)
+            rows = torch.tensor([reqs[j].row for j in members], device=device)
+            last = torch.full((len(members), 1), t - 1, device=device)
+            out = self.draft(ids, pos, self.cache, rows=rows, logits_at=last)
+            for i, j in enumerate(members):
+                logits[j] = out.logits[i, 0]
+                self.seen[reqs[j].request_id] += t
+                self.cache.set_length(reqs[j].row, self.seen[reqs[j].request_id])
+        return torch.stack(logits)  # type: ignore[arg-type]
 
     def _feed_last(self, reqs, live: list[int], draft: Draft, active: list[int], logits: torch.Tensor) -> torch.Tensor:
         """One draft pass over the newest draft token of each live request."""

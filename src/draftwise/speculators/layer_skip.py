@@ -1,0 +1,285 @@
+"""`layer_skip`: the target drafts for itself with its first L layers (early exit).
+
+The draft is the target's layers [0, L), then the target's final norm and LM head: no
+extra weights. It drafts a chain of k tokens, one single-token pass each, exactly like a
+separate draft model would, and with sampling hands its distributions to rejection
+sampling.
+
+KV cache. Keys/values of layers < L depend only on the tokens, so for committed tokens
+the draft's KV equals the target's. Two modes:
+
+- shared (`attach_target_cache(engine.cache)`): the draft reads the target's committed
+  KV of layers < L and writes its own tokens into the scratch slots after each row's
+  committed length, which the verify pass overwrites anyway. No catch-up pass, no extra
+  memory. The engine attaches its cache when it is built (`Proposer.attach_target_cache`).
+- own (default): a private cache of L layers, kept in step with the committed tokens
+  (catch up on the unseen ones, then draft; on acceptance keep what the target kept).
+  It costs an L-layer prefill per request and L/N of the target's cache memory.
+
+L comes from `SpeculativeConfig.num_layers`, or else from a short calibration
+(`calibrate`): one target pass over a fixed text gives, for a few candidate L, how often
+the early-exit argmax equals the full model's (acceptance alpha); the draft cost of L
+layers relative to a target pass is taken from parameter counts (decode reads every
+weight once, so it is memory bound: cost ~ bytes read). The L with the best expected
+tokens per unit of time, (1 - alpha^(k+1)) / (1 - alpha) / (1 + k c_L), wins.
+
+`partial_inputs` / `run_layers` / `lm_logits` run any stack of decoder layers with the
+native model's machinery (explicit cache slots and lengths, RoPE, masks); `mtp` uses them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from draftwise.cache import KVCache
+from draftwise.config import SpeculativeConfig
+from draftwise.engine.controller import expected_tokens
+from draftwise.errors import BadInput
+from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, build_mask, padded_linear
+from draftwise.request import RequestState
+from draftwise.sampling import sample, target_distribution
+from draftwise.speculators.base import Draft, Proposer, Target, register
+
+CALIBRATION_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1905 Albert Einstein published four papers "
+    "that changed physics. def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) "
+    "+ fibonacci(n - 2)\n\nQuestion: What is the capital of France? Answer: The capital of France is Paris. "
+    "To make tea, boil water, add the leaves, and wait three minutes before pouring."
+)
+
+
+# --- running part of a model ------------------------------------------------------------
+
+
+def partial_inputs(
+    model: Transformer, positions: torch.Tensor, cache: KVCache, lengths: torch.Tensor, rows: torch.Tensor,
+) -> StepInputs:
+    """Per-pass inputs for new tokens written at slots `lengths + 0..T-1` of cache `rows`,
+    each seeing the row's first `lengths` slots and the new tokens before it (causal).
+
+    positions [b, T] (RoPE positions), lengths [b], rows [b]."""
+    b, t = positions.shape
+    device = positions.device
+    slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
+    key_len = min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
+    mask = build_mask(lengths, slots, key_len, None)  # [b, 1, T, key_len]
+    freqs = positions[..., None].float() * model.inv_freq.to(device)  # [b, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, T, hd]
+    return StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin())
+
+
+@torch.inference_mode()
+def run_layers(layers: Sequence[torch.nn.Module], x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    """x [b, T, hidden] through `layers` in order; returns [b, T, hidden]."""
+    for layer in layers:
+        x = layer(x, step)
+    return x
+
+
+@torch.inference_mode()
+def lm_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """The target's final norm and LM head: [..., hidden] -> [..., vocab]."""
+    return padded_linear(model.model.norm(x), model.head_weight, None)
+
+
+def padded_groups(starts: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Which rows to run in one padded pass: every row writes max(lengths) slots after
+    its start, so a long new prompt next to a row deep into its context could run past
+    the cache; then each row runs alone."""
+    if max(starts) + max(lengths) <= capacity:
+        return [list(range(len(starts)))]
+    return [[j] for j in range(len(starts))]
+
+
+def draft_distribution(req: RequestState, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:
+    """The draft's distribution `[vocab]` under the request's sampling settings (one-hot
+    at the penalized argmax when greedy), with the drafted tokens as extra history."""
+    return target_distribution(logits.float()[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
+
+
+def pick(req: RequestState, q: torch.Tensor) -> int:
+    return int(q.argmax()) if req.params.greedy else int(sample(q[None], req.generator)[0])
+
+
+# --- calibration ------------------------------------------------------------------------
+
+
+def candidate_layers(n: int) -> list[int]:
+    """L values worth measuring for an n-layer target."""
+    if n <= 8:
+        return list(range(1, n)) or [1]
+    return sorted({max(1, min(n - 1, round(n * f))) for f in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)})
+
+
+def relative_cost(model: Transformer, num_layers: int) -> float:
+    """Cost of an L-layer draft pass over a full target pass, from weights read."""
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head = model.head_weight.numel()
+    n = len(model.model.layers)
+    return (num_layers * per_layer + head) / (n * per_layer + head)
+
+
+def pick_num_layers(alphas: dict[int, float], costs: dict[int, float], k: int) -> int:
+    """The L maximizing expected tokens per unit time: E[tokens | alpha, k] / (1 + k c_L)."""
+    return max(sorted(alphas), key=lambda L: expected_tokens(alphas[L], k) / (1.0 + k * costs[L]))
+
+
+@torch.inference_mode()
+def calibrate(model: Transformer, ids: list[int], k: int,
+              max_tokens: int = 96) -> dict[int, tuple[float, float, float]]:
+    """For each candidate L: (alpha, relative cost, expected speedup) measured on `ids`."""
+    ids = ids[:max_tokens]
+    t = len(ids)
+    cands = candidate_layers(len(model.model.layers))
+    cache = model.new_cache(1, t + 1)
+    device = model.device
+    x = torch.tensor([ids], device=device)  # [1, T]
+    out = model(x, torch.arange(t, device=device)[None], cache, hidden_layers=[L - 1 for L in cands])
+    full = out.logits[0].argmax(-1)  # [T]
+    result = {}
+    for L in cands:
+        early = lm_logits(model, out.hidden[L - 1][0]).argmax(-1)  # [T]
+        alpha = float((early == full).float().mean())
+        cost = relative_cost(model, L)
+        result[L] = (alpha, cost, expected_tokens(alpha, k) / (1.0 + k * cost))
+    return result
+
+
+# --- the proposer -----------------------------------------------------------------------
+
+
+@register
+class LayerSkipProposer(Proposer):
+    name = "layer_skip"
+
+    def __init__(self, model: Transformer, num_layers: int, max_batch_size: int, max_model_len: int, k_max: int,
+                 calibration: dict[int, tuple[float, float, float]] | None = None) -> None:
+        n = len(model.model.layers)
+        if not 1 <= num_layers <= n:
+            raise BadInput(f"layer_skip num_layers must be in [1, {n}] for this {n}-layer model, got {num_layers}")
+        self.model = model
+        self.num_layers = num_layers
+        self.calibration = calibration or {}
+        c = model.config
+        cap = min(max_model_len + k_max + 2, c.max_position_embeddings) + KEY_BUCKET
+        self.cache = KVCache(num_layers, max_batch_size, c.num_key_value_heads, c.head_dim, cap, model.dtype,
+                             model.device)
+        self.shared = False
+        self.seen: dict[str, int] = {}  # own cache: request id -> committed tokens in the draft cache
+        self._fed: dict[str, int] = {}  # own cache: draft tokens fed in the last propose
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig, target: Target) -> "LayerSkipProposer":
+        model = target.model
+        calibration = None
+        num_layers = config.num_layers
+        if num_layers is None:
+            ids = target.tokenizer.encode(CALIBRATION_TEXT) if target.tokenizer is not None else []
+            vocab = model.config.vocab_size
+            ids = [i for i in ids if 0 <= i < vocab]
+            if len(ids) >= 8:
+                calibration = calibrate(model, ids, max(1, config.num_speculative_tokens))
+                num_layers = pick_num_layers({L: a for L, (a, _, _) in calibration.items()},
+                                             {L: c for L, (_, c, _) in calibration.items()},
+                                             max(1, config.num_speculative_tokens))
+            else:
+                num_layers = max(1, len(model.model.layers) // 2)
+        return cls(model, num_layers, target.max_batch_size, target.max_model_len, config.num_speculative_tokens,
+                   calibration)
+
+    def attach_target_cache(self, cache: KVCache) -> None:
+        """Share the target's KV cache (see the module docstring). Call before any request."""
+        if cache.k.shape[0] < self.num_layers:
+            raise ValueError("the shared cache has fewer layers than the draft runs")
+        self.cache, self.shared = cache, True
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def begin(self, request: RequestState) -> None:
+        self.seen[request.request_id] = 0
+
+    def end(self, request: RequestState) -> None:
+        self.seen.pop(request.request_id, None)
+        self._fed.pop(request.request_id, None)
+
+    def on_accept(self, request: RequestState, num_accepted: int) -> None:
+        rid = request.request_id
+        if not self.shared and rid in self.seen:
+            self.seen[rid] += min(num_accepted, self._fed.pop(rid, 0))
+
+    # --- drafting -----------------------------------------------------------------------
+
+    def _start(self, req: RequestState) -> int:
+        """Committed slots of the request's row that the draft can use as they are."""
+        return int(self.cache.lengths[req.row]) if self.shared else self.seen.setdefault(req.request_id, 0)
+
+    def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
+        active = [i for i, k in enumerate(num_tokens) if k > 0]
+        draft = Draft.empty(len(requests))
+        if not active:
+            return draft
+        reqs = [requests[i] for i in active]
+        device = self.model.device
+        rows = torch.tensor([r.row for r in reqs], device=device)
+        starts = [self._start(r) for r in reqs]
+        pending = [r.all_ids[s:] for r, s in zip(reqs, starts)]
+        cur_logits = torch.empty(len(reqs), self.model.head_weight.shape[0], device=device)  # [n, vocab]
+        for group in padded_groups(starts, [len(p) for p in pending], self.cache.capacity):
+            g = torch.tensor(group, device=device)
+            cur_logits[g] = self._catch_up([pending[j] for j in group], [starts[j] for j in group], rows[g]).float()
+        filled = [s + len(p) for s, p in zip(starts, pending)]  # slots written (and visible) per request
+        if not self.shared:
+            for r, f in zip(reqs, filled):
+                self.seen[r.request_id] = f
+        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
+        live = list(range(len(reqs)))
+        while True:
+            for j in live:
+                req, i = reqs[j], active[j]
+                q = draft_distribution(req, cur_logits[j], draft.tokens[i])  # [vocab]
+                draft.tokens[i].append(pick(req, q))
+                probs[j].append(q)
+            live = [j for j in live if len(draft.tokens[active[j]]) < num_tokens[active[j]]]
+            if not live:
+                break
+            sel = torch.tensor(live, device=device)
+            step_ids = torch.tensor([[draft.tokens[active[j]][-1]] for j in live], device=device)  # [m, 1]
+            lengths = torch.tensor([filled[j] for j in live], device=device)  # [m]
+            out = self._run(step_ids, lengths[:, None], lengths, rows[sel])  # [m, vocab]
+            cur_logits = cur_logits.clone()
+            cur_logits[sel] = out.to(cur_logits.dtype)
+            for j in live:
+                filled[j] += 1
+        for j, req in enumerate(reqs):
+            i = active[j]
+            self._fed[req.request_id] = len(draft.tokens[i]) - 1  # all but the last were run
+            if not req.params.greedy:
+                draft.probs[i] = torch.stack(probs[j])  # [k, vocab]
+        return draft
+
+    def _catch_up(self, pending: list[list[int]], starts: list[int], rows: torch.Tensor) -> torch.Tensor:
+        """Run each row's unseen committed tokens after its `starts` slots; logits after
+        the last one [b, vocab]."""
+        device = self.model.device
+        t = max(len(p) for p in pending)
+        ids = torch.zeros(len(pending), t, dtype=torch.long)
+        for j, p in enumerate(pending):
+            ids[j, : len(p)] = torch.tensor(p)
+        start_t = torch.tensor(starts, device=device)  # [b]
+        positions = start_t[:, None] + torch.arange(t, device=device)  # [b, T]
+        last = torch.tensor([len(p) - 1 for p in pending], device=device)
+        return self._run(ids.to(device), positions, start_t, rows, last)
+
+    @torch.inference_mode()
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
+             at: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers [0, L), norm and head over ids [b, T] written after `lengths` [b]: logits
+        [b, vocab] at index `at` [b] of each row (the last index when None)."""
+        step = partial_inputs(self.model, positions, self.cache, lengths, rows)
+        x = self.model.model.embed_tokens(ids)  # [b, T, hidden]
+        x = run_layers(self.model.model.layers[: self.num_layers], x, step)
+        if at is None:
+            return lm_logits(self.model, x[:, -1])
+        return lm_logits(self.model, x[torch.arange(x.shape[0], device=x.device), at])
