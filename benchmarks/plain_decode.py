@@ -39,17 +39,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+                    help="quantize draftwise's projections (transformers stays unquantized in --dtype)")
     args = ap.parse_args()
 
     load_model(args.model, args.dtype, "cpu", progress=True)  # make sure the cache exists
     start = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, "cpu", progress=False)
     load_seconds = time.perf_counter() - start
+    hf = hf_model(model)  # built before quantizing: it shares the unquantized tensors
+    if args.quantization != "none":
+        import copy
+
+        from draftwise.models.quantize import quantize
+
+        model = quantize(copy.deepcopy(model), args.quantization)
 
     llm = LLM.from_model(model, tok, max_batch_size=1, max_model_len=2048)
     ids = llm.chat_prompt(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
-    hf = hf_model(model)
     hf_ids = torch.tensor([ids])
 
     def ours() -> float:
@@ -71,7 +79,7 @@ def main() -> None:
         b.append(theirs())
     ra, rb = statistics.median(a), statistics.median(b)
     print(f"machine: {machine()}")
-    print(f"model: {args.model}, dtype {args.dtype}, prompt {len(ids)} tokens, {args.tokens} new tokens, "
+    print(f"model: {args.model}, dtype {args.dtype}, draftwise quantization {args.quantization}, prompt {len(ids)} tokens, {args.tokens} new tokens, "
           f"median of {args.repeats}")
     print(f"cached load: {load_seconds:.1f} s")
     print(f"draftwise plain:     {ra:6.2f} tokens/s")
