@@ -66,3 +66,18 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return byte_tokenizer()
+
+
+def check_seeded_and_top1_greedy(llm, target, tokenizer, prompts, max_tokens: int = 16) -> None:
+    """Sampled speculation: the same seed gives the same tokens, and top_k=1 sampling
+    gives exactly plain greedy decoding (no sampling option is silently dropped)."""
+    from draftwise.api import LLM
+    from draftwise.sampling import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in llm.generate(prompts, sp)]
+    greedy = LLM.from_model(target, tokenizer, max_batch_size=len(prompts)).generate(
+        prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    top1 = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=1.5, top_k=1, seed=3,
+                                                ignore_eos=True))
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import tiny_model, check_seeded_and_top1_greedy
 from draftwise.api import LLM
 from draftwise.engine.step import build_verify_batch
 from draftwise.errors import BadInput
@@ -145,9 +145,4 @@ def test_missing_or_mismatched_heads_are_clear_errors(tokenizer, tmp_path):
 def test_sampled_medusa_is_seed_reproducible_and_top_k1_is_greedy(tokenizer):
     target = tiny_model("qwen2", torch.float32, std=0.1)
     llm = medusa_llm(target, tokenizer, random_heads(target))
-    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
-    assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == [o.token_ids for o in llm.generate(PROMPTS, sp)]
-    greedy = LLM.from_model(target, tokenizer, max_batch_size=4).generate(
-        PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
-    top1 = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
-    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    check_seeded_and_top1_greedy(llm, target, tokenizer, PROMPTS, max_tokens=16)

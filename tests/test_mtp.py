@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, check_seeded_and_top1_greedy
 from draftwise.api import LLM
 from draftwise.cache import KVCache
 from draftwise.errors import BadInput
@@ -143,12 +143,7 @@ def test_checkpoint_round_trip_and_errors(tokenizer, tmp_path):
 def test_sampled_mtp_is_seed_reproducible_and_top_k1_is_greedy(tokenizer):
     target = tiny_model("qwen3", torch.float32, std=0.1, tie_word_embeddings=True)
     llm = mtp_llm(target, tokenizer, copy_mtp(target))
-    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
-    assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == [o.token_ids for o in llm.generate(PROMPTS, sp)]
-    greedy = LLM.from_model(target, tokenizer, max_batch_size=4).generate(
-        PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
-    top1 = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
-    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    check_seeded_and_top1_greedy(llm, target, tokenizer, PROMPTS, max_tokens=16)
 
 
 def test_long_new_prompt_beside_a_long_context_stays_in_the_cache():

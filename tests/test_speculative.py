@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, check_seeded_and_top1_greedy
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
@@ -76,11 +76,7 @@ def test_sampled_speculation_is_seed_reproducible_and_top_k1_is_greedy(tokenizer
     target = tiny_model("qwen2", torch.float32, std=0.1)
     draft = noisy_copy(target, 0.05)
     llm = spec_llm(target, tokenizer, method, draft=draft)
-    sp = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
-    assert [o.token_ids for o in run(llm, sp)] == [o.token_ids for o in run(llm, sp)]
-    greedy = run(LLM.from_model(target, tokenizer, max_batch_size=4), SamplingParams(max_tokens=30, ignore_eos=True))
-    top1 = run(llm, SamplingParams(max_tokens=30, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
-    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    check_seeded_and_top1_greedy(llm, target, tokenizer, REPETITIVE, max_tokens=30)
 
 
 def test_sampled_speculation_matches_plain_distribution(tokenizer):

@@ -1,0 +1,119 @@
+"""`draftwise train`: self-distilled data, EAGLE / Medusa training end to end, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import EOS_ID, byte_tokenizer, tiny_model
+from draftwise.cli import main
+from draftwise.sampling import SamplingParams
+
+# prompts written for these tests: short, varied, repetitive enough for a tiny model
+TOPICS = ["apples", "rivers", "cables", "sorting", "tables", "clocks", "maps", "loops"]
+PROMPTS = [{"prompt": f"Say something about {t}."} for t in TOPICS] + \
+          [{"messages": [{"role": "user", "content": f"List three {t}"}]} for t in TOPICS[:4]]
+
+
+@pytest.fixture(scope="module")
+def target_folder(tmp_path_factory):
+    """conftest's peaked tiny Llama (4 layers) saved as a Hugging Face folder."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-target")
+    model = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=4)
+    c = model.config
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "tie_word_embeddings": False, "eos_token_id": EOS_ID}))
+    byte_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def train_cli(method, target, data, out, *extra):
+    args = ["train", method, "--target", str(target), "--data", str(data), "--out", str(out), "--max-tokens", "24",
+            "--batch-size", "2", "--max-len", "48", "--device", "cpu", "--distill-dtype", "fp32", "--quiet",
+            "--lr", "3e-3", *extra]
+    assert main(args) == 0
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_distilled_features_are_the_target_hidden_states(tokenizer, tmp_path):
+    from draftwise.train.data import build_dataset, distill_layers
+    from draftwise.train.dataset import Distilled
+
+    target = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=4)
+    folder = tmp_path / "data"
+    meta = build_dataset(target, tokenizer, PROMPTS[:3], folder, max_tokens=10, batch_size=2, progress=False)
+    assert meta["layers"] == distill_layers(4) == [0, 1, 3] and meta["sequences"] == 3
+    data = Distilled(folder, max_len=64)
+    ids, feats, prompt_len = data.item(0)
+    n = feats.shape[0]
+    assert ids.shape[0] == n + 1 and 0 < prompt_len < n
+    with torch.inference_mode():
+        out = target(ids[None, :n], torch.arange(n)[None], target.new_cache(1, 128), hidden_layers=[0, 1, 3])
+    want = torch.cat([out.hidden[i][0] for i in (0, 1, 3)], -1)
+    torch.testing.assert_close(feats.float(), want, rtol=0.02, atol=0.02)
+    nxt = out.logits[0].argmax(-1)  # greedy answers: each answer token is the target's argmax
+    assert torch.equal(nxt[prompt_len - 1: n - 1], ids[prompt_len: n])
+
+
+def test_train_eagle_end_to_end_loss_drops_resume_continues(target_folder, prompts_file, tmp_path):
+    from draftwise.api import LLM, load_model
+
+    out = tmp_path / "head"
+    train_cli("eagle", target_folder, prompts_file, out, "--epochs", "2", "--draft-vocab", "128", "--ttt-steps", "2")
+    first = losses(out)
+    steps = len(first)
+    assert steps >= 8
+    assert sum(first[-3:]) / 3 < sum(first[:3]) / 3, first
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == steps and ckpt["epoch"] == 2
+    train_cli("eagle", target_folder, prompts_file, out, "--epochs", "3", "--draft-vocab", "128", "--ttt-steps", "2",
+              "--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == steps + steps // 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["draftwise_eagle"]["draft_vocab_size"] == 128 and cfg["training"]["steps"] == steps + steps // 2
+
+    target, tok = load_model(str(target_folder), "fp32", "cpu", progress=False)
+    spec = {"method": "eagle", "model": str(out), "num_speculative_tokens": 6, "adaptive": False}
+    prompts = ["Say something about rivers.", "hello"]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain = LLM.from_model(target, tok, max_batch_size=2).generate(prompts, params)
+    got = LLM.from_model(target, tok, max_batch_size=2, speculative_config=spec).generate(prompts, params)
+    assert [g.token_ids for g in got] == [p.token_ids for p in plain]
+
+
+def test_train_medusa_saves_loadable_heads(target_folder, prompts_file, tmp_path):
+    from draftwise.speculators.medusa import load_medusa
+
+    out = tmp_path / "medusa"
+    train_cli("medusa", target_folder, prompts_file, out, "--epochs", "3", "--num-heads", "2", "--lr", "2e-2")
+    got = losses(out)
+    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3, got
+    heads = load_medusa(out)
+    assert heads.num_heads == 2 and not heads.own_lm_head
+
+
+def test_bad_prompt_file_is_one_line_error(target_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    code = main(["train", "eagle", "--target", str(target_folder), "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 2 and 'expected an object with "prompt"' in capsys.readouterr().err
