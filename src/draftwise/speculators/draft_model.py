@@ -50,7 +50,9 @@ class DraftModelProposer(Proposer):
         elif not config.model:
             raise BadInput("speculator draft_model needs a draft model (--draft-model NAME|PATH)")
         else:
-            draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress)
+            quantization = getattr(target.model, "quantization", "none")  # the draft is quantized like the target
+            draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress,
+                                    quantization)
             check_same_vocabulary(target.tokenizer, tok, "target", config.model)
         return cls(draft, target.model.config.vocab_size, target.max_batch_size, target.max_model_len,
                    config.num_speculative_tokens)
