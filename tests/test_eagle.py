@@ -55,7 +55,8 @@ def test_sampled_eagle_is_seed_reproducible_and_top_k1_is_greedy(tokenizer):
     llm = eagle_llm(target, tokenizer, random_head(target, "eagle1", None), k=6, eagle_tree_top_k=2)
     sp = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == [o.token_ids for o in llm.generate(PROMPTS, sp)]
-    greedy = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    plain = LLM.from_model(target, tokenizer, max_batch_size=4)
+    greedy = plain.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     top1 = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=1.3, top_k=1, seed=2, ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
 
@@ -83,7 +84,8 @@ def test_dynamic_tree_is_valid_and_ranked(tokenizer):
 
 
 def _public_eagle3(head: EagleHead) -> dict[str, torch.Tensor]:
-    sd = {k.replace("layer.", "midlayer.", 1) if k.startswith("layer.") else k: v.clone() for k, v in head.state_dict().items()}
+    sd = {("midlayer." + k[len("layer."):]) if k.startswith("layer.") else k: v.clone()
+          for k, v in head.state_dict().items()}
     t2d = torch.zeros(head.config.vocab_size, dtype=torch.bool)
     t2d[head.draft_ids()] = True
     sd["t2d"] = t2d
@@ -126,7 +128,8 @@ def _reference_eagle3_logits(sd, cfg_json, target, ids: list[int], layers: list[
     o = (att.softmax(-1) @ v).transpose(0, 1).reshape(n, nh * hd) @ sd["midlayer.self_attn.o_proj.weight"].T
     x = x + o
     m = rms(x, sd["midlayer.post_attention_layernorm.weight"])
-    x = x + (F.silu(m @ sd["midlayer.mlp.gate_proj.weight"].T) * (m @ sd["midlayer.mlp.up_proj.weight"].T)) @ sd["midlayer.mlp.down_proj.weight"].T
+    gate, up = m @ sd["midlayer.mlp.gate_proj.weight"].T, m @ sd["midlayer.mlp.up_proj.weight"].T
+    x = x + (F.silu(gate) * up) @ sd["midlayer.mlp.down_proj.weight"].T
     return rms(x[-1], sd["norm.weight"]) @ sd["lm_head.weight"].T
 
 
@@ -139,7 +142,8 @@ def test_loads_public_eagle3_layout_and_matches_reference_math(tokenizer, tmp_pa
     cfg_json = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": c.hidden_size,
                 "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
                 "num_key_value_heads": c.num_key_value_heads, "num_hidden_layers": 1, "rms_norm_eps": 1e-6,
-                "rope_theta": c.rope_theta, "vocab_size": c.vocab_size, "draft_vocab_size": 64, "max_position_embeddings": 512}
+                "rope_theta": c.rope_theta, "vocab_size": c.vocab_size, "draft_vocab_size": 64,
+                "max_position_embeddings": 512}
     sd = _public_eagle3(head)
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(cfg_json))

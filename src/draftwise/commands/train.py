@@ -1,0 +1,100 @@
+"""`draftwise train {eagle,medusa}`: train a speculation head for a target by self-distillation.
+
+The target answers the prompts of --data greedily (draftwise's own engine) and its hidden
+states and next-token distributions become the labels; the head is trained on them and
+saved in --out, ready for `--speculator eagle|medusa --draft-model OUT`. The distilled
+data (OUT/data) and a checkpoint (OUT/checkpoint.pt) make --resume pick up where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train an EAGLE head or Medusa heads for a target model (self-distillation)",
+        description="Answer the prompts of --data with the target, then train a speculation head on its hidden "
+                    "states and next-token distributions. Training prompts must not come from the benchmark.",
+    )
+    p.add_argument("method", choices=["eagle", "medusa"])
+    p.add_argument("--target", required=True, help="target model: bundled name, .gguf file or HF folder")
+    p.add_argument("--data", required=True, help='JSONL prompts: {"prompt": "..."} or {"messages": [...]} per line')
+    p.add_argument("--out", required=True, help="output folder (head, distilled data, checkpoint)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length per prompt when distilling (default 256)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt and OUT/data")
+    g = p.add_argument_group("details")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
+    g.add_argument("--max-len", type=int, default=512, help="tokens per training window (default 512)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    g.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    g.add_argument("--distill-batch", type=int, default=8, help="requests the target answers at once (default 8)")
+    g.add_argument("--no-chat", action="store_true", help='do not wrap "prompt" strings in the chat template')
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training compute: auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--distill-dtype", default="bf16", choices=["bf16", "fp32"], help="target dtype while answering")
+    g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (default 200)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    e = p.add_argument_group("eagle")
+    e.add_argument("--style", default="eagle3", choices=["eagle3", "eagle1"],
+                   help="eagle3: fused low/mid/high features, own reduced-vocab LM head; eagle1: last layer only")
+    e.add_argument("--draft-vocab", type=int, default=8192,
+                   help="eagle3 draft vocabulary size, 0 = full (default 8192)")
+    e.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll steps (default 3)")
+    e.add_argument("--reg-weight", type=float, default=None, help="feature regression weight (default 0.1; eagle1: 10)")
+    m = p.add_argument_group("medusa")
+    m.add_argument("--num-heads", type=int, default=4)
+    m.add_argument("--num-layers", type=int, default=1)
+    m.add_argument("--own-lm-head", action="store_true",
+                   help="train an LM head per Medusa head (default: share the target's)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from draftwise.api import default_device, load_model
+    from draftwise.train.data import build_dataset, read_prompts
+    from draftwise.train.dataset import Distilled
+    from draftwise.train.loop import TrainSettings
+
+    out = Path(args.out)
+    device = args.device or default_device()
+    progress = not args.quiet
+    prompts = read_prompts(args.data)[: args.limit]
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    target, tokenizer = load_model(args.target, args.distill_dtype, device, progress)
+    meta = build_dataset(target, tokenizer, prompts, out / "data", max_tokens=args.max_tokens,
+                         batch_size=args.distill_batch, chat=not args.no_chat, progress=progress)
+    distill_seconds = time.perf_counter() - t0
+    if args.distill_dtype != "fp32":
+        target = target.float()  # labels and frozen pieces in fp32
+    data = Distilled(out / "data", args.max_len)
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
+                             max_len=args.max_len, save_every=args.save_every, device=device,
+                             precision=args.precision, progress=progress, max_steps=args.max_steps)
+    notes = {"target": args.target, "data": str(args.data), "prompts": len(prompts), "sequences": meta["sequences"],
+             "distilled_tokens": meta["tokens"], "max_tokens": args.max_tokens,
+             "distill_seconds": round(distill_seconds, 1)}
+    if args.method == "eagle":
+        from draftwise.train.eagle import train_eagle
+
+        _, result = train_eagle(target, data, out, settings, style=args.style, draft_vocab=args.draft_vocab,
+                                steps=args.ttt_steps, reg_weight=args.reg_weight, resume=args.resume, notes=notes)
+    else:
+        from draftwise.train.medusa import train_medusa
+
+        _, result = train_medusa(target, data, out, settings, num_heads=args.num_heads, num_layers=args.num_layers,
+                                 own_lm_head=args.own_lm_head, resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"out": str(out), "method": args.method, "steps": result.step, "epochs": result.epoch,
+                      "train_seconds": round(result.seconds, 1), "final": last, **notes}))
+    return 0

@@ -1,0 +1,92 @@
+"""Reading self-distillation shards back as training batches.
+
+A training item is a window of at most `max_len` target-run tokens of one sequence
+(long sequences give several windows). Batches are padded on the right; their order
+is a function of (seed, epoch) only, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from draftwise.errors import BadInput
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [b, T+1] tokens 0..T of each window (0-padded)
+    feats: torch.Tensor  # [b, T, len(layers) * H] bf16 target states of tokens 0..T-1
+    lengths: torch.Tensor  # [b] target-run tokens of each window (<= T)
+    prompt_lens: torch.Tensor  # [b] prompt tokens inside each window (may be <= 0)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.feats.to(device), self.lengths.to(device), self.prompt_lens.to(device))
+
+
+class Distilled:
+    """The shards of one `build_dataset` folder, opened lazily (memory-mapped)."""
+
+    def __init__(self, folder: str | Path, max_len: int = 512) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            raise BadInput(f"{folder} holds no distilled data (no meta.json)")
+        self.meta = json.loads(meta_path.read_text())
+        self.layers: list[int] = self.meta["layers"]
+        self.handles = [safe_open(str(self.folder / s), framework="pt") for s in self.meta["shards"]]
+        self.items: list[tuple[int, int, int, int, int]] = []  # shard, ids start, feat start, n, prompt_len
+        for k, h in enumerate(self.handles):
+            ids_off = h.get_tensor("ids_offsets").tolist()
+            feat_off = h.get_tensor("feat_offsets").tolist()
+            prompt_lens = h.get_tensor("prompt_lens").tolist()
+            for j, p in enumerate(prompt_lens):
+                n = feat_off[j + 1] - feat_off[j]
+                for a in range(0, max(n - 1, 1), max_len):
+                    self.items.append((k, ids_off[j] + a, feat_off[j] + a, min(max_len, n - a), p - a))
+        if not self.items:
+            raise BadInput(f"{folder} holds no sequences")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def token_counts(self, vocab: int) -> torch.Tensor:
+        """How often each token occurs in the data [vocab] (answers and prompts)."""
+        counts = torch.zeros(vocab, dtype=torch.long)
+        for h in self.handles:
+            counts += torch.bincount(h.get_tensor("ids").long(), minlength=vocab)[:vocab]
+        return counts
+
+    def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        k, ia, fa, n, p = self.items[index]
+        h = self.handles[k]
+        return h.get_slice("ids")[ia: ia + n + 1].long(), h.get_slice("feats")[fa: fa + n], p
+
+    def epoch_batches(self, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
+        """Item indices per batch: shuffled, then length-sorted inside blocks to cut padding."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        block = batch_size * 32
+        batches = []
+        for b in range(0, len(order), block):
+            chunk = sorted(order[b: b + block], key=lambda i: self.items[i][3])
+            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in perm]
+
+    def collate(self, indices: list[int]) -> Batch:
+        rows = [self.item(i) for i in indices]
+        t = max(r[1].shape[0] for r in rows)
+        width = rows[0][1].shape[-1]
+        ids = torch.zeros(len(rows), t + 1, dtype=torch.long)
+        feats = torch.zeros(len(rows), t, width, dtype=rows[0][1].dtype)
+        for j, (i, f, _) in enumerate(rows):
+            ids[j, : i.shape[0]] = i
+            feats[j, : f.shape[0]] = f
+        lengths = torch.tensor([r[1].shape[0] for r in rows])
+        return Batch(ids, feats, lengths, torch.tensor([r[2] for r in rows]))
