@@ -26,13 +26,7 @@ ROW_FIELDS = {"questions", "generations", "output_tokens", "seconds", "tokens_pe
               "draft_time_share", "exact_match", "exact_match_compared"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they spin and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 from draftwise.sampling import SamplingParams, apply_penalties, sample, target_distribution
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def probs_logits(probs: list[float]) -> torch.Tensor:

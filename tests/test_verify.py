@@ -25,13 +25,7 @@ from draftwise.verify import Verified, chain_parents, residual, verify
 V = 6  # vocabulary of the statistical tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_hot_rows(best: list[int], vocab: int = 8) -> torch.Tensor:
