@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import byte_tokenizer, tiny_model
 from draftwise.api import LLM
