@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                              precision=args.precision, progress=progress, max_steps=args.max_steps)
     notes = {"target": args.target, "data": str(args.data), "prompts": len(prompts), "sequences": meta["sequences"],
              "distilled_tokens": meta["tokens"], "max_tokens": args.max_tokens,
-             "distill_seconds": round(distill_seconds, 1)}
+             "distill_seconds": meta.get("seconds", round(distill_seconds, 1))}
     if args.method == "eagle":
         from draftwise.train.eagle import train_eagle
 

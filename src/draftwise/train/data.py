@@ -20,6 +20,7 @@ the stored final-layer state, recomputed exactly when training.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,6 +129,7 @@ def build_dataset(target, tokenizer, prompts: list[dict[str, Any]], folder: str 
     bar = tqdm(total=len(prompts), initial=meta["prompts_done"], desc="self-distillation", unit="prompt",
                disable=not progress)
     while meta["prompts_done"] < len(prompts):
+        t0 = time.perf_counter()
         start = meta["prompts_done"]
         chunk = encoded[start: start + max(SHARD_SEQUENCES, 4 * batch_size)]
         recorder = Recorder(meta["layers"])
@@ -145,6 +147,7 @@ def build_dataset(target, tokenizer, prompts: list[dict[str, Any]], folder: str 
         meta["prompts_done"] = start + len(chunk)
         meta["sequences"] += len(seqs)
         meta["tokens"] += sum(s[2].shape[0] for s in seqs)
+        meta["seconds"] = round(meta.get("seconds", 0.0) + time.perf_counter() - t0, 1)
         meta_path.write_text(json.dumps(meta, indent=2))
     bar.close()
     return meta
