@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import EOS_ID, tiny_config, tiny_model
+from conftest import EOS_ID, tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import tiny_model
 from draftwise.bench.roofline import PASS_SIZES, Roofline, measure, report, weight_bytes

@@ -187,7 +187,7 @@ class EagleProposer(Proposer):
     def _grow(self, reqs: list[RequestState], budgets: list[int],
               root: torch.Tensor) -> list[tuple[list[int], list[int]]]:
         """The dynamic tree of each request: (tokens, parents) of at most its budget of nodes."""
-        head, dev = self.head, self.head.device
+        head = self.head
         n = len(reqs)
         keep = [min(b, self.total_tokens or b) for b in budgets]
         ks = [min(self.top_k, m) for m in keep]
