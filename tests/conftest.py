@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from draftwise.models.config import ModelConfig
 from draftwise.models.transformer import Transformer
+from draftwise.speculators.base import Draft, Proposer
 
 EOS_ID = 256  # the byte tokenizer's only special token
 
@@ -91,3 +92,98 @@ def check_seeded_and_top1_greedy(llm, target, tokenizer, prompts, max_tokens: in
     top1 = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=1.5, top_k=1, seed=3,
                                                 ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+
+
+class OracleTree(Proposer):
+    """A test proposer that knows each prompt's plain greedy output and proposes a tree in
+    which that continuation is one path, each of its nodes listed after a decoy sibling, so
+    the accepted nodes sit at scattered cache slots (the hard case for exactness). Every
+    `cut_every`-th level the path token is wrong, so acceptance lengths vary."""
+
+    name = "oracle_tree"
+
+    def __init__(self, reference: dict[tuple[int, ...], list[int]], vocab_size: int, cut_every: int = 5) -> None:
+        self.reference, self.vocab, self.cut_every, self.levels = reference, vocab_size, cut_every, 0
+
+    def propose(self, requests, num_tokens):
+        tokens, parents = [], []
+        for req, n in zip(requests, num_tokens):
+            ref, done = self.reference[tuple(req.prompt_ids)], len(req.output_ids)
+            toks, pars, parent = [], [], -1
+            for d in range(min(n // 2, len(ref) - done)):
+                truth = ref[done + d]
+                self.levels += 1
+                path = (truth + 1) % self.vocab if self.levels % self.cut_every == 0 else truth
+                toks += [(truth + 2) % self.vocab, path]
+                pars += [parent, parent]
+                parent = len(toks) - 1
+            tokens.append(toks)
+            parents.append(pars)
+        return Draft(tokens, parents, [None] * len(requests))
+
+
+def oracle_tree_outputs(model, tokenizer, prompts, params, plain_outputs, max_batch_size: int, nodes: int = 8):
+    """Run `prompts` with the oracle tree proposer; returns the finished RequestStates."""
+    from draftwise.engine.controller import FixedController
+    from draftwise.engine.engine import Engine
+
+    reference = {tuple(p): list(o.token_ids) for p, o in zip(prompts, plain_outputs)}
+    engine = Engine(model, tokenizer, proposer=OracleTree(reference, model.config.vocab_size), controller=FixedController(nodes),
+                    max_batch_size=max_batch_size, max_speculative_tokens=nodes)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    engine.run_until_done()
+    return reqs
+
+
+def decode_alone(model, prompt: torch.Tensor, seq: torch.Tensor) -> list[torch.Tensor]:
+    cache = model.new_cache(1, prompt.shape[1] + seq.shape[1])
+    n = prompt.shape[1]
+    model(prompt, torch.arange(n)[None], cache)
+    cache.set_length(0, n)
+    out = []
+    for i in range(seq.shape[1]):
+        out.append(model(seq[:, i : i + 1], torch.tensor([[n + i]]), cache).logits[0, 0])
+        cache.set_length(0, n + i + 1)
+    return out
+
+
+def tree_with_decoys(path: list[int]) -> tuple[list[int], list[int]]:
+    """A tree holding `path` with a decoy sibling listed before each of its nodes, and a
+    decoy child under each decoy: the path's nodes land at scattered slots."""
+    tokens, parents, parent = [], [], -1
+    for tok in path:
+        base = len(tokens)
+        tokens += [(tok + 3) % 260, (tok + 5) % 260, tok]
+        parents += [parent, base, parent]
+        parent = base + 2
+    return tokens, parents
+
+
+def check_tree_pass(model, prompts: list[torch.Tensor], paths: list[torch.Tensor]) -> None:
+    """Prefill each prompt [1, n] in its own row, verify all rows together as trees holding
+    `paths` [1, d] (root first) among decoys, and check that each node on a path gives the
+    logits of decoding that path one token at a time."""
+    cache = model.new_cache(len(prompts), max(p.shape[1] for p in prompts) + 64)
+    for row, p in enumerate(prompts):
+        model(p, torch.arange(p.shape[1])[None], cache, rows=torch.tensor([row]))
+        cache.set_length(row, p.shape[1])
+    trees = [tree_with_decoys(path[0, 1:].tolist()) for path in paths]
+    t = 1 + max(len(tok) for tok, _ in trees)
+    ids, pos = torch.zeros(len(prompts), t, dtype=torch.long), torch.zeros(len(prompts), t, dtype=torch.long)
+    mask = torch.eye(t, dtype=torch.bool).repeat(len(prompts), 1, 1)
+    on_path = []
+    for row, ((tokens, parents), path, p) in enumerate(zip(trees, paths, prompts)):
+        ids[row, 0], ids[row, 1 : len(tokens) + 1] = path[0, 0], torch.tensor(tokens)
+        depth = [0]
+        mask[row, :, 0] = True
+        for j, par in enumerate(parents):  # node j is fed at index j + 1
+            depth.append(depth[par + 1] + 1)
+            mask[row, j + 1] |= mask[row, par + 1]
+        pos[row, : len(depth)] = p.shape[1] + torch.tensor(depth)
+        on_path.append([0] + [3 * d + 3 for d in range(len(tokens) // 3)])
+    logits = model(ids, pos, cache, tree_mask=mask).logits
+    for row, (p, path) in enumerate(zip(prompts, paths)):
+        ref = decode_alone(model, p, path)
+        for d, node in enumerate(on_path[row]):
+            assert torch.equal(logits[row, node], ref[d]), f"row {row}, depth {d}"
+

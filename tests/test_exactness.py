@@ -1,7 +1,8 @@
 """Batch invariance of the native model: the property greedy exactness rests on.
 
 A token's logits must be bit-identical whether it is decoded alone, verified among up to
-16 tokens, or run in a batch beside other sequences of other lengths.
+16 tokens in a chain or as a node of a tree, or run in a batch beside other sequences of
+other lengths, at short and long contexts (across the attention's key blocks).
 """
 
 from __future__ import annotations
@@ -9,40 +10,85 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
-
-
-def decode_alone(model, prompt: torch.Tensor, seq: torch.Tensor) -> list[torch.Tensor]:
-    cache = model.new_cache(1, 128)
-    n = prompt.shape[1]
-    model(prompt, torch.arange(n)[None], cache)
-    cache.set_length(0, n)
-    out = []
-    for i in range(seq.shape[1]):
-        out.append(model(seq[:, i : i + 1], torch.tensor([[n + i]]), cache).logits[0, 0])
-        cache.set_length(0, n + i + 1)
-    return out
+from conftest import check_tree_pass, decode_alone, oracle_tree_outputs, tiny_model
+from draftwise.api import LLM
+from draftwise.engine.step import prefill
+from draftwise.request import RequestState
+from draftwise.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_chunked_passes_equal_one_token_passes(arch, dtype):
-    model = tiny_model(arch, dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+@pytest.mark.parametrize("arch, context", [("llama", 37), ("qwen2", 37), ("qwen3", 37), ("qwen2", 700)])
+def test_chunked_passes_equal_one_token_passes(arch, dtype, context):
+    model = tiny_model(arch, dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=2048)
     torch.manual_seed(1)
-    prompt, seq = torch.randint(0, 260, (1, 37)), torch.randint(0, 260, (1, 30))
+    prompt, seq = torch.randint(0, 260, (1, context)), torch.randint(0, 260, (1, 30))
     ref = decode_alone(model, prompt, seq)
-    cache = model.new_cache(1, 128)
-    model(prompt, torch.arange(37)[None], cache)
-    cache.set_length(0, 37)
+    cache = model.new_cache(1, context + 64)
+    model(prompt, torch.arange(context)[None], cache)
+    cache.set_length(0, context)
     got, done = [], 0
     for t in [2, 5, 1, 9, 3, 4, 6]:  # passes over different token counts
-        logits = model(seq[:, done : done + t], (37 + done + torch.arange(t))[None], cache).logits[0]
+        logits = model(seq[:, done : done + t], (context + done + torch.arange(t))[None], cache).logits[0]
         got += list(logits)
         done += t
-        cache.set_length(0, 37 + done)
+        cache.set_length(0, context + done)
     assert done == 30
     for i, (a, b) in enumerate(zip(ref, got)):
         assert torch.equal(a, b), f"token {i}: max diff {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_nodes_equal_their_path_decoded_alone(dtype):
+    """Two rows verified together as trees whose paths cross key blocks (64 slots): each
+    node on the path gives the logits of decoding that path one token at a time."""
+    model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=2048)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 260, (1, n)) for n in (58, 250)]
+    paths = [torch.randint(0, 260, (1, 7)) for _ in prompts]
+    check_tree_pass(model, prompts, paths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_speculation_equals_plain_decoding(dtype, tokenizer):
+    """Through the engine: mixed prompt lengths (one past the fused-prefill threshold),
+    more prompts than rows, contexts crossing key blocks; the oracle's trees are accepted
+    deep, at scattered slots. Output must be plain decoding's, token for token."""
+    model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=2048)
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61, 20, 300, 90)]
+    params = SamplingParams(max_tokens=70, ignore_eos=True)
+    plain = LLM.from_model(model, tokenizer, max_batch_size=3).generate(prompts, params)
+    reqs = oracle_tree_outputs(model, tokenizer, prompts, params, plain, max_batch_size=3)
+    assert [r.output_ids for r in reqs] == [o.token_ids for o in plain]
+    passes = sum(r.stats.target_passes for r in reqs)
+    assert passes < 0.5 * sum(len(r.output_ids) for r in reqs), "the oracle's paths were hardly accepted"
+
+
+def test_prefill_does_not_depend_on_its_batch():
+    """Prompts prefilled together (short ones and ones past the fused-kernel threshold)
+    leave the same cache and first-token logits as each prompt prefilled alone."""
+    model = tiny_model("llama", torch.bfloat16, max_position_embeddings=1024)
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, 260, (n,)).tolist() for n in (9, 200, 70, 131)]
+    params = SamplingParams(max_tokens=1)
+
+    def run(group: list[int]):
+        cache = model.new_cache(len(prompts), 400)
+        reqs = [RequestState(f"r{i}", prompts[i], params, row=i) for i in group]
+        results, _ = prefill(model, cache, reqs)
+        return cache, {i: res.tokens for i, res in zip(group, results)}
+
+    together, first = run([0, 1, 2, 3])
+    for i, p in enumerate(prompts):
+        alone, first_alone = run([i])
+        n = len(p)
+        assert torch.equal(together.k[:, i, :, :n], alone.k[:, i, :, :n])
+        assert torch.equal(together.v[:, i, :, :n], alone.v[:, i, :, :n])
+        assert first[i] == first_alone[i]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

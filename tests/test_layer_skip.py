@@ -85,7 +85,7 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache(tokenizer):
         req.output_ids = [7]
         return req
 
-    prop = LayerSkipProposer(target, 1, max_batch_size=2, max_model_len=200, k_max=2)
+    prop = LayerSkipProposer(target, 1, max_batch_size=2, max_model_len=170, k_max=2)
     a, b = request("a", [5, 6, 7] * 50, 0), request("b", list(range(3, 153)), 1)
     prop.begin(a)
     prop.propose([a], [2])
@@ -94,6 +94,6 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache(tokenizer):
     prop.begin(b)
     assert prop.seen["a"] + len(b.all_ids) > prop.cache.capacity
     both = prop.propose([a, b], [2, 2])
-    alone = LayerSkipProposer(target, 1, max_batch_size=2, max_model_len=200, k_max=2)
+    alone = LayerSkipProposer(target, 1, max_batch_size=2, max_model_len=170, k_max=2)
     alone.begin(b)
     assert both.tokens[1] == alone.propose([b], [2]).tokens[0]

@@ -164,8 +164,8 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache():
             prop.on_hidden(req, {1: h})
         return req
 
-    prop = MTPProposer(target, mods, 2, 200, 2)
-    alone = MTPProposer(target, mods, 2, 200, 2)
+    prop = MTPProposer(target, mods, 2, 170, 2)
+    alone = MTPProposer(target, mods, 2, 170, 2)
     a = request("a", [5, 6, 7] * 50, 0, [prop])
     prop.propose([a], [2])
     a.output_ids.append(9)

@@ -7,11 +7,14 @@ length, so a rejected draft costs nothing to discard: the next pass overwrites i
 a tree step the accepted root-to-leaf path is kept by index copy (`keep_path`).
 
 Slots are not positions: tree siblings share a position but each has its own slot.
+The capacity is rounded up to whole key blocks of the attention (`attention.BLOCK`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from draftwise.models.attention import BLOCK
 
 
 class KVCache:
@@ -25,6 +28,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
+        capacity = -(-capacity // BLOCK) * BLOCK
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

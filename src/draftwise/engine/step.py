@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from draftwise.cache import KVCache
-from draftwise.models.transformer import Transformer
+from draftwise.models.transformer import SDPA_FROM, Transformer
 from draftwise.request import RequestState
 from draftwise.sampling import target_distribution
 from draftwise.speculators.base import Draft
@@ -45,7 +45,7 @@ def build_verify_batch(requests: Sequence[RequestState], draft: Draft, lengths: 
     b, t = len(requests), max(sizes)
     ids = torch.zeros(b, t, dtype=torch.long)
     positions = torch.zeros(b, t, dtype=torch.long)
-    mask = torch.eye(t, dtype=torch.bool).repeat(b, 1, 1)  # padding sees itself only
+    mask = torch.ones(t, t, dtype=torch.bool).tril().repeat(b, 1, 1)  # chains (and padding): causal
     for i, req in enumerate(requests):
         tokens, parents = draft.tokens[i], draft.parents[i]
         n = len(tokens)
@@ -53,13 +53,13 @@ def build_verify_batch(requests: Sequence[RequestState], draft: Draft, lengths: 
         ids[i, 1 : n + 1] = torch.tensor(tokens, dtype=torch.long)
         depth = draft_depths(parents, n)
         positions[i, : n + 1] = lengths[i] + torch.tensor([0] + depth)
-        mask[i, : n + 1, 0] = True
-        if parents is None:
-            mask[i, : n + 1, : n + 1] = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
-        else:
+        if parents is not None:
+            tree = torch.eye(n + 1, dtype=torch.bool)
+            tree[:, 0] = True
             for j, p in enumerate(parents):  # node j (index j+1) sees its parent's ancestors
                 if p >= 0:
-                    mask[i, j + 1] |= mask[i, p + 1]
+                    tree[j + 1] |= tree[p + 1]
+            mask[i, : n + 1, : n + 1] = tree
     return VerifyBatch(ids.to(device), positions.to(device), mask.to(device), sizes)
 
 
@@ -110,11 +110,36 @@ def target_step(
     return results, kept_hidden
 
 
+def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Which prompts are prefilled together (indices into `lengths`).
+
+    A prompt's cache and first token must not depend on what it shares a pass with, or
+    greedy output would change with the batch (and speculation would not be lossless).
+    Passes up to SDPA_FROM tokens compute each row the same whatever the batch, so short
+    prompts go together; a longer pass takes the fused SDPA path, whose result depends on
+    the padded length, so each long prompt runs alone.
+    """
+    short = [i for i, n in enumerate(lengths) if n <= SDPA_FROM]
+    return ([short] if short else []) + [[i] for i, n in enumerate(lengths) if n > SDPA_FROM]
+
+
 def prefill(
     model: Transformer, cache: KVCache, requests: Sequence[RequestState], hidden_layers: Sequence[int] = ()
 ) -> tuple[list[Verified], list[dict[int, torch.Tensor]]]:
-    """Run the prompts (different lengths, one row each) and emit each first token.
+    """Run the prompts (one row each) and emit each first token.
     Also returns, per request, the hidden states of its prompt tokens."""
+    results: list[Verified | None] = [None] * len(requests)
+    hidden: list[dict[int, torch.Tensor] | None] = [None] * len(requests)
+    for group in prefill_groups([len(r.prompt_ids) for r in requests]):
+        res, hid = _prefill_batch(model, cache, [requests[i] for i in group], hidden_layers)
+        for i, r, h in zip(group, res, hid):
+            results[i], hidden[i] = r, h
+    return results, hidden  # type: ignore[return-value]
+
+
+def _prefill_batch(
+    model: Transformer, cache: KVCache, requests: Sequence[RequestState], hidden_layers: Sequence[int]
+) -> tuple[list[Verified], list[dict[int, torch.Tensor]]]:
     rows = rows_arg(requests, cache, model.device)
     lens = [len(r.prompt_ids) for r in requests]
     t = max(lens)

@@ -9,9 +9,12 @@ Notable features:
 - Logits only for the positions asked for (`logits_at`), and hidden states of chosen
   layers for speculation heads.
 - Batch invariance: CPU matrix kernels pick a different reduction order for very few
-  rows, so a token's logits would depend on how many tokens share its pass. Every
-  matmul pads its rows to a multiple of 4, so decoding one token and verifying eight
-  give bit-identical results per token. That is what makes greedy speculation exact.
+  rows (measured on AVX-512: fp32 for 1, 2-3 and the tail rows of M % 4 != 0 below 12;
+  bf16 for M = 1), so a token's logits would depend on how many tokens share its pass.
+  Every matmul pads its rows to a multiple of 4, and attention follows one fixed recipe
+  per query (`attention.py`), so decoding one token, verifying eight in a chain or a
+  tree, and running beside other rows give bit-identical results per token. That is
+  what makes greedy speculation exact (tests/test_exactness.py keeps it true).
 
 Parameter names are Hugging Face's, so HF checkpoints load without renaming.
 """
@@ -27,14 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftwise.cache import KVCache
+from draftwise.models.attention import BLOCK, ROW_MULTIPLE, KeyLayout, attention, key_layout, padded_rows
 from draftwise.models.config import ModelConfig
 
-# Every matmul's row count is padded to a multiple of this. Measured on AVX-512 CPUs:
-# fp32 kernels treat 1, 2-3, and the tail rows of M % 4 != 0 (M < 12) with other
-# reduction orders; bf16 only M = 1. With rows padded to multiples of 4 a row's result
-# no longer depends on M (tests/test_exactness.py checks this stays true).
-ROW_MULTIPLE = 4
-KEY_BUCKET = 64  # key length is rounded up to this, so masked tails have the same shape
+KEY_BUCKET = BLOCK  # key length and cache capacity are multiples of this
 SDPA_FROM = 128  # passes over more tokens than this (prefill) use the fused SDPA kernel
 
 
@@ -54,10 +53,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def padded_rows(n: int) -> int:
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def on_padded_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -114,30 +109,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Attention for decode and verify passes, batch invariant.
-
-    q `[b, heads, T, hd]`, k/v `[b, kv_heads, S, hd]`, mask `[b, 1, T, S]` -> `[b, heads, T, hd]`.
-    Queries sharing a KV head are stacked into one matmul (no K/V copy for GQA), and T is
-    padded to a multiple of ROW_MULTIPLE, so a query's result is the same whatever T is.
-    """
-    b, h, t, hd = q.shape
-    kvh, s = k.shape[1], k.shape[2]
-    g = h // kvh
-    if t % ROW_MULTIPLE:
-        pad = padded_rows(t) - t
-        q = torch.cat([q, q.new_zeros(b, h, pad, hd)], dim=2)
-        mask = torch.cat([mask, mask[:, :, :1].expand(b, 1, pad, s)], dim=2)
-    tp = q.shape[2]
-    # scores in fp32: bf16 scores would round logits of attention to 3 significant digits
-    scores = (q.reshape(b, kvh, g * tp, hd).float() @ k.float().transpose(-1, -2)) * hd**-0.5  # [b, kvh, g*tp, S]
-    scores = scores.view(b, kvh, g, tp, s).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype).view(b, kvh, g * tp, s)
-    return (probs @ v).view(b, h, tp, hd)[:, :, :t]
-
-
 # --- layers ---------------------------------------------------------------------------
 
 
@@ -168,10 +139,10 @@ class Attention(nn.Module):
         step.cache.write(self.index, k, v, step.slots, step.rows)
         keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
         keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
-        if t > SDPA_FROM:  # long prefill: fused kernel, memory-lean
+        if step.layout is None:  # long prefill: fused kernel, memory-lean
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         else:
-            out = grouped_attention(q, keys, values, step.mask)
+            out = attention(q, keys, values, step.layout)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return proj(self.o_proj, out)
 
@@ -207,10 +178,33 @@ class StepInputs:
     cache: KVCache
     slots: torch.Tensor  # [batch, T] cache slots the new tokens are written to
     rows: torch.Tensor | None  # [batch] cache rows of the batch, None = all rows in order
-    mask: torch.Tensor  # [batch, 1, T, key_len] bool, True = may attend
     key_len: int
     cos: torch.Tensor  # [batch, 1, T, head_dim]
     sin: torch.Tensor
+    layout: KeyLayout | None  # decode / verify passes (T <= SDPA_FROM)
+    mask: torch.Tensor | None  # [batch, 1, T, key_len] bool, for the SDPA path (long prefill)
+
+
+def step_inputs(
+    inv_freq: torch.Tensor, positions: torch.Tensor, cache: KVCache, lengths: torch.Tensor,
+    rows: torch.Tensor | None, tree_mask: torch.Tensor | None = None,
+) -> StepInputs:
+    """What the layers of one pass share: new tokens go to slots `lengths + 0..T-1` of
+    cache `rows` and see the row's committed slots plus the new tokens `tree_mask` allows
+    (causal order when None). positions [b, T] are the RoPE positions."""
+    b, t = positions.shape
+    device = positions.device
+    slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
+    key_len = min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
+    if tree_mask is None:
+        tree_mask = torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
+    freqs = positions[..., None].float() * inv_freq.to(device)  # [b, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, T, hd]
+    if t > SDPA_FROM:
+        layout, mask = None, build_mask(lengths, slots, key_len, tree_mask)
+    else:
+        layout, mask = key_layout(lengths, tree_mask, key_len), None
+    return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), layout, mask)
 
 
 class Inner(nn.Module):
@@ -267,14 +261,9 @@ class Transformer(nn.Module):
         b, t = ids.shape
         device = ids.device
         lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
-        slots = lengths[:, None] + torch.arange(t, device=device)  # [batch, T]
-        key_len = _bucket(int(slots.max()) + 1, cache.capacity)
-        mask = build_mask(lengths, slots, key_len, tree_mask)
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        freqs = positions[..., None].float() * self.inv_freq  # [batch, T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, T, hd]
-        step = StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin())
+        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask)
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -291,20 +280,12 @@ class Transformer(nn.Module):
         return ModelOutput(logits, hidden)
 
 
-def _bucket(n: int, cap: int) -> int:
-    return min(cap, -(-n // KEY_BUCKET) * KEY_BUCKET)
-
-
-def build_mask(
-    lengths: torch.Tensor, slots: torch.Tensor, key_len: int, tree_mask: torch.Tensor | None
-) -> torch.Tensor:
+def build_mask(lengths: torch.Tensor, slots: torch.Tensor, key_len: int, tree_mask: torch.Tensor) -> torch.Tensor:
     """Attention mask `[batch, 1, T, key_len]`: every committed slot of the row, plus the
-    new tokens that `tree_mask` allows (causal order when it is None)."""
+    new tokens that `tree_mask` [batch, T, T] allows."""
     b, t = slots.shape
     device = slots.device
     keys = torch.arange(key_len, device=device)
     mask = (keys[None, None, :] < lengths[:, None, None]).expand(b, t, key_len).clone()  # [b, T, S]
-    if tree_mask is None:
-        tree_mask = torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
     mask.scatter_(2, slots[:, None, :].expand(b, t, t), tree_mask)
     return mask[:, None]

@@ -37,7 +37,7 @@ from draftwise.cache import KVCache
 from draftwise.config import SpeculativeConfig
 from draftwise.engine.controller import expected_tokens
 from draftwise.errors import BadInput
-from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, build_mask, padded_linear
+from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, padded_linear, step_inputs
 from draftwise.request import RequestState
 from draftwise.sampling import sample, target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
@@ -60,14 +60,7 @@ def partial_inputs(
     each seeing the row's first `lengths` slots and the new tokens before it (causal).
 
     positions [b, T] (RoPE positions), lengths [b], rows [b]."""
-    b, t = positions.shape
-    device = positions.device
-    slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
-    key_len = min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
-    mask = build_mask(lengths, slots, key_len, None)  # [b, 1, T, key_len]
-    freqs = positions[..., None].float() * model.inv_freq.to(device)  # [b, T, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, T, hd]
-    return StepInputs(cache, slots, rows, mask, key_len, emb.cos(), emb.sin())
+    return step_inputs(model.inv_freq, positions, cache, lengths, rows)
 
 
 @torch.inference_mode()
