@@ -20,6 +20,29 @@ PROMPTS = [
     [{"role": "user", "content": "List three uses of a hash map, one line each."}],
 ]
 
+MORE_PROMPTS = [
+    "Explain how a binary search works and write it in Python.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Summarise the causes of the French Revolution in five bullet points.",
+    "Write a Python class for a stack with push, pop and peek.",
+    "What is the difference between TCP and UDP? Give examples.",
+    "Write a SQL query that finds the top 3 customers by total order value.",
+    "Describe the water cycle to a ten year old.",
+    "Write a bash script that counts lines in every .py file in a directory.",
+    "Give me a recipe for pancakes.",
+    "Explain recursion with an example in JavaScript.",
+    "Write a haiku about autumn, then explain its imagery.",
+    "Compare lists and tuples in Python.",
+    "Write an email asking my manager for a day off next Friday.",
+    "How does HTTPS keep data private?",
+    "Write a function in C that reverses a linked list.",
+    "List the planets of the solar system with one fact about each.",
+    "What is 17 times 23? Show the steps.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Write a limerick about a cat who learns to code.",
+    "What are the main differences between a process and a thread?",
+]
+
 
 @pytest.fixture(scope="module")
 def smollm2():
@@ -77,7 +100,7 @@ def test_tree_nodes_equal_their_path_decoded_alone_on_real_model(smollm2, dtype)
 
 
 def test_greedy_tree_and_lookup_speculation_equal_plain_in_bf16(smollm2):
-    """The case that broke before: bf16, more prompts than rows, a prompt past the fused
+    """Two dozen real prompts in bf16, more prompts than rows, prompts past the fused
     prefill threshold, trees whose accepted nodes sit at scattered slots."""
     from conftest import oracle_tree_outputs
 
@@ -85,21 +108,19 @@ def test_greedy_tree_and_lookup_speculation_equal_plain_in_bf16(smollm2):
     bf16 = model.to(torch.bfloat16)
     try:
         doc = inspect.getdoc(json)[:1200]
-        convs = PROMPTS + [
+        convs = PROMPTS + [[{"role": "user", "content": q}] for q in MORE_PROMPTS] + [
             [{"role": "user", "content": f"Summarize this in two sentences:\n\n{doc}"}],
-            [{"role": "user", "content": "Write a haiku about rain, then explain it."}],
-            [{"role": "user", "content": "What is the difference between a list and a tuple in Python?"}],
-            [{"role": "user", "content": "Give three tips for writing clear emails."}],
+            [{"role": "user", "content": f"Which functions does this text mention?\n\n{doc[:700]}"}],
         ]
-        plain_llm = LLM.from_model(bf16, tok, max_batch_size=3)
+        plain_llm = LLM.from_model(bf16, tok, max_batch_size=6)
         prompts = [plain_llm.chat_prompt(c) for c in convs]
         assert max(len(p) for p in prompts) > 128
-        params = SamplingParams(max_tokens=48)
+        params = SamplingParams(max_tokens=40)
         plain = plain_llm.generate(prompts, params)
-        ngram = LLM.from_model(bf16, tok, max_batch_size=3, speculative_config={
+        ngram = LLM.from_model(bf16, tok, max_batch_size=6, speculative_config={
             "method": "ngram", "num_speculative_tokens": 4, "adaptive": False}).generate(prompts, params)
         assert [o.token_ids for o in ngram] == [o.token_ids for o in plain]
-        tree = oracle_tree_outputs(bf16, tok, prompts, params, plain, max_batch_size=3)
+        tree = oracle_tree_outputs(bf16, tok, prompts, params, plain, max_batch_size=6)
         assert [r.output_ids for r in tree] == [o.token_ids for o in plain]
     finally:
         model.to(torch.float32)
