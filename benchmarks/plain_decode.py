@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all"],
                     help="quantize draftwise's projections (transformers stays unquantized in --dtype)")
     args = ap.parse_args()
 

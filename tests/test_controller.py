@@ -10,8 +10,10 @@ from draftwise.sampling import SamplingParams
 
 
 def req(drafted: int, accepted: int) -> RequestState:
+    """A request whose `drafted` draft tokens were verified one per draft (k = 1)."""
     r = RequestState("r", [1], SamplingParams())
     r.stats.draft_tokens, r.stats.accepted_tokens = drafted, accepted
+    r.stats.rejections = drafted - accepted
     return r
 
 
@@ -48,10 +50,30 @@ def test_nothing_measured_starts_at_configured_length():
     assert AdaptiveController(5).choose([req(0, 0)]) == [5]
 
 
-def test_cost_model_interpolates_and_extrapolates_pessimistically():
+def test_cost_model_interpolates_and_extrapolates_along_the_last_slope():
     m = CostModel()
     m.observe_pass(2, 1.0)
+    assert m.pass_cost(12) == 1.0  # one size seen: flat, so a longer draft gets tried
     m.observe_pass(6, 2.0)
     assert m.pass_cost(4) == pytest.approx(1.5)
-    assert m.pass_cost(12) == pytest.approx(4.0)
+    assert m.pass_cost(12) == pytest.approx(3.5)
     assert m.pass_cost(1) == 1.0
+
+
+def test_first_pass_of_a_size_is_a_warm_up():
+    m = CostModel()
+    m.observe_pass(5, 9.0)  # shape set-up
+    m.observe_pass(5, 1.0)
+    assert m.pass_cost(5) == 1.0
+    m.observe_pass(5, 2.0)  # then a running average
+    assert 1.0 < m.pass_cost(5) < 2.0
+
+
+def test_acceptance_estimate_does_not_depend_on_draft_length():
+    """Drafts of 4 at alpha 0.5: tokens after a rejection were never tested."""
+    r = RequestState("r", [1], SamplingParams())
+    for accepted in [0, 1, 2, 4, 0, 1, 3, 0, 1, 0] * 20:  # mean accepted ~1.2 of 4
+        r.stats.observe_draft(4, accepted)
+    c = AdaptiveController(8, prior_weight=0.0)
+    assert c.alpha(r) == pytest.approx(240 / (240 + 180))
+    assert c.alpha(r) > r.stats.accepted_tokens / r.stats.draft_tokens

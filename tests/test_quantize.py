@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -22,10 +23,12 @@ def test_int8_linear_is_close_and_row_invariant():
         assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
 
 
-def test_quantized_model_tracks_the_original():
+@pytest.mark.parametrize("method", ["int8", "int8-all"])
+def test_quantized_model_tracks_the_original(method):
     model = tiny_model("qwen2", torch.bfloat16)
-    q = quantize(copy.deepcopy(model), "int8")
-    assert q.quantization == "int8" and isinstance(q.model.layers[0].mlp.up_proj, Int8Linear)
+    q = quantize(copy.deepcopy(model), method)
+    assert q.quantization == method and isinstance(q.model.layers[0].mlp.up_proj, Int8Linear)
+    assert isinstance(q.quantized_head, Int8Linear) == (method == "int8-all")
     ids = torch.randint(0, 260, (1, 40))
     a = model(ids, torch.arange(40)[None], model.new_cache(1, 64)).logits
     b = q(ids, torch.arange(40)[None], q.new_cache(1, 64)).logits
@@ -33,8 +36,9 @@ def test_quantized_model_tracks_the_original():
     assert agree >= 0.8, agree
 
 
-def test_greedy_speculation_is_exact_within_int8(tokenizer):
-    q = quantize(tiny_model("qwen2", torch.bfloat16), "int8")
+@pytest.mark.parametrize("method", ["int8", "int8-all"])
+def test_greedy_speculation_is_exact_within_int8(tokenizer, method):
+    q = quantize(tiny_model("qwen2", torch.bfloat16), method)
     prompts = ["abcabcabcabc", "one two one two one"]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     plain = LLM.from_model(q, tokenizer, max_batch_size=2).generate(prompts, params)

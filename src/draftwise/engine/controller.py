@@ -3,12 +3,17 @@
 The controller picks the draft length k that maximises expected output tokens per second
 for the running batch. Two things are measured, not assumed:
 
-- acceptance: per request, the share of draft tokens accepted so far (alpha, with a
-  prior that fades as evidence comes in). With i.i.d. acceptance a step that drafts k
-  tokens commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
+- acceptance: per request, the chance alpha that a draft token is accepted given the ones
+  before it were: accepted / (accepted + rejections), the estimate that does not depend
+  on the draft lengths tried (tokens after a rejection were never tested), with a prior
+  that fades as evidence comes in. With i.i.d. acceptance a step that drafts k tokens
+  commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
 - cost: the wall time of target passes by number of tokens in the pass (batch x (k+1)),
-  and of drafting, by draft length. Both are running averages of what the engine timed;
-  until a pass size has been seen, its cost is interpolated from the sizes that have.
+  and of drafting, by draft length. Both are running averages of what the engine timed
+  (the first pass of a new size is a warm-up: kernels are set up for the shape, so the
+  second measurement replaces it). Until a pass size has been seen, its cost is
+  interpolated from the sizes that have, or extended along the slope of the two largest,
+  so that longer drafts get tried (and measured) when passes are memory bound.
 
 k = 0 (plain decoding) is always a candidate, so speculation is switched off when it
 does not pay: low acceptance, or a batch so large that verification costs more than it
@@ -37,13 +42,16 @@ class CostModel:
     def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
         self.passes: dict[int, float] = {}  # tokens in the target pass -> seconds
+        self.seen: dict[int, int] = {}  # tokens in the target pass -> times measured
         self.draft_per_token: float | None = None  # drafting seconds per draft position
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
-        self.passes[tokens] = self._ema(self.passes.get(tokens), seconds)
+        n = self.seen.get(tokens, 0)
+        self.seen[tokens] = n + 1
+        self.passes[tokens] = seconds if n < 2 else self._ema(self.passes[tokens], seconds)
 
     def observe_draft(self, positions: int, seconds: float) -> None:
         if positions > 0:
@@ -59,10 +67,13 @@ class CostModel:
         i = bisect.bisect_left(sizes, tokens)
         if i == 0:
             return self.passes[sizes[0]]
-        if i == len(sizes):  # beyond what was seen: grow linearly past the largest size,
-            # the pessimistic assumption (compute bound) until it is measured
+        if i == len(sizes):  # beyond what was seen: the slope of the two largest sizes
             big = sizes[-1]
-            return self.passes[big] * tokens / big
+            if len(sizes) == 1:
+                return self.passes[big]
+            prev = sizes[-2]
+            slope = max(0.0, (self.passes[big] - self.passes[prev]) / (big - prev))
+            return self.passes[big] + slope * (tokens - big)
         lo, hi = sizes[i - 1], sizes[i]
         w = (tokens - lo) / (hi - lo)
         return (1 - w) * self.passes[lo] + w * self.passes[hi]
@@ -80,7 +91,8 @@ class AdaptiveController:
 
     def alpha(self, req: RequestState) -> float:
         s = req.stats
-        return (s.accepted_tokens + self.prior * self.prior_weight) / (s.draft_tokens + self.prior_weight)
+        tested = s.accepted_tokens + s.rejections  # draft tokens verified with all before them accepted
+        return (s.accepted_tokens + self.prior * self.prior_weight) / (tested + self.prior_weight)
 
     def rate(self, alphas: Sequence[float], k: int) -> float | None:
         """Expected committed tokens per second for the batch at draft length k."""

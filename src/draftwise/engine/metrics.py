@@ -16,6 +16,7 @@ class SpecStats:
     drafts: int = 0  # steps that verified a non-empty draft
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    rejections: int = 0  # drafts cut short by a rejected token (the rest were accepted whole)
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at depth j
     drafted_per_position: list[int] = field(default_factory=list)  # [k]: drafts that reached depth j
     draft_seconds: float = 0.0
@@ -28,6 +29,7 @@ class SpecStats:
         self.drafts += 1
         self.draft_tokens += num_draft
         self.accepted_tokens += num_accepted
+        self.rejections += num_accepted < num_draft
         for store, n in ((self.drafted_per_position, num_draft), (self.accepted_per_position, num_accepted)):
             if len(store) < n:
                 store.extend([0] * (n - len(store)))
@@ -35,7 +37,7 @@ class SpecStats:
                 store[j] += 1
 
     def merge(self, other: "SpecStats") -> None:
-        for name in ("target_passes", "output_tokens", "drafts", "draft_tokens", "accepted_tokens"):
+        for name in ("target_passes", "output_tokens", "drafts", "draft_tokens", "accepted_tokens", "rejections"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_seconds += other.draft_seconds
         self.verify_seconds += other.verify_seconds

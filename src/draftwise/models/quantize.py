@@ -3,8 +3,11 @@
 Each projection's weight becomes int8 with one scale per output channel (symmetric,
 round to nearest), and the matmul runs in `torch.ops.aten._weight_int8pack_mm`, which
 reads half the bytes of bf16: decoding is bound by memory bandwidth, so it runs faster.
-Embeddings, norms and the LM head keep the model's dtype (the head decides the argmax;
-keeping it exact keeps greedy agreement with the unquantized model high).
+With `int8` the embeddings, norms and the LM head keep the model's dtype (the head decides
+the argmax; keeping it exact keeps greedy agreement with the unquantized model high).
+`int8-all` quantizes the LM head too (an int8 copy that the forward pass reads; the
+original stays for embedding lookups and for draft heads that borrow it): on a large
+vocabulary the head is a quarter of the bytes a decode step reads.
 
 Quantization changes the model, so it is opt-in (`--quantization int8`) and named in
 every report. Within one setting the lossless promise holds exactly as without it: the
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int8-all")
 
 
 class Int8Linear(nn.Module):
@@ -61,5 +64,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
                 lin = getattr(parent, name, None)
                 if isinstance(lin, nn.Linear):
                     setattr(parent, name, Int8Linear(lin.weight.data, lin.bias, dtype))
+    if method == "int8-all":
+        model.quantized_head = Int8Linear(model.head_weight.data, None, dtype)  # forward reads only this
     model.quantization = method
     return model

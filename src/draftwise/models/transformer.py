@@ -227,10 +227,17 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
+        self.quantized_head: nn.Module | None = None  # set by models/quantize.py ("int8-all")
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head: final-norm states `[..., hidden]` -> logits `[..., vocab]`."""
+        if self.quantized_head is not None:
+            return on_padded_rows(x, self.quantized_head.rows)
+        return padded_linear(x, self.head_weight, None)
 
     @property
     def device(self) -> torch.device:
@@ -276,8 +283,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.norm(x)
-        logits = padded_linear(x, self.head_weight, None)
-        return ModelOutput(logits, hidden)
+        return ModelOutput(self.head(x), hidden)
 
 
 def build_mask(lengths: torch.Tensor, slots: torch.Tensor, key_len: int, tree_mask: torch.Tensor) -> torch.Tensor:

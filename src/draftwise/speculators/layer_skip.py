@@ -37,7 +37,7 @@ from draftwise.cache import KVCache
 from draftwise.config import SpeculativeConfig
 from draftwise.engine.controller import expected_tokens
 from draftwise.errors import BadInput
-from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, padded_linear, step_inputs
+from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, step_inputs
 from draftwise.request import RequestState
 from draftwise.sampling import sample, target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
@@ -74,7 +74,7 @@ def run_layers(layers: Sequence[torch.nn.Module], x: torch.Tensor, step: StepInp
 @torch.inference_mode()
 def lm_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor:
     """The target's final norm and LM head: [..., hidden] -> [..., vocab]."""
-    return padded_linear(model.model.norm(x), model.head_weight, None)
+    return model.head(model.model.norm(x))
 
 
 def padded_groups(starts: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:

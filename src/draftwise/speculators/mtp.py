@@ -52,7 +52,7 @@ from draftwise.cache import KVCache
 from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.models.config import ModelConfig
-from draftwise.models.transformer import KEY_BUCKET, DecoderLayer, RMSNorm, padded_linear, proj
+from draftwise.models.transformer import KEY_BUCKET, DecoderLayer, RMSNorm, proj
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
 from draftwise.speculators.layer_skip import draft_distribution, padded_groups, partial_inputs, pick
@@ -247,4 +247,4 @@ class MTPProposer(Proposer):
         out = layer(self.model.model.embed_tokens(ids), hidden, step)  # [b, T, H]
         last = torch.tensor([len(tk) - 1 for tk in toks], device=device)
         final = out[torch.arange(b, device=device), last]  # [b, H]
-        return out, padded_linear(layer.norm(final), self.model.head_weight, None)  # [b, vocab]
+        return out, self.model.head(layer.norm(final))  # [b, vocab]
