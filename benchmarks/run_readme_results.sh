@@ -4,7 +4,9 @@
 # Runs `draftwise bench` on the bundled target with plain decoding, prompt lookup (ngram),
 # suffix decoding and the bundled draft model, plus the transformers peers, over the
 # Spec-Bench prompt set, then appends `draftwise cost` for the measured numbers. The
-# section (machine named, date) is written to $OUT/README_RESULTS.md with its plots.
+# section (machine named, date) is written to $OUT/README_RESULTS.md with its plots, and
+# replaces the README's results section (between the results:start / results:end markers;
+# set README= to skip that).
 # Reruns resume from $OUT/records.jsonl; delete $OUT to measure afresh.
 #
 # Settings (environment variables):
@@ -29,6 +31,7 @@ DTYPE="${DTYPE:-bf16}"
 PEERS="${PEERS:-hf hf-assisted hf-lookup llamacpp llamacpp-lookup}"
 GPU_PRICE="${GPU_PRICE:-2.00}"
 OUT="${OUT:-$ROOT/benchmarks/results/$MODEL}"
+README="${README-$ROOT/README.md}"
 DRAFTWISE="${DRAFTWISE:-draftwise}"
 
 limit_args=()
@@ -53,7 +56,27 @@ $DRAFTWISE bench --model "$MODEL" --dtype "$DTYPE" --dataset "$DATASET" "${limit
   $DRAFTWISE cost --results "$OUT/results.json" --gpu-hour-price "$GPU_PRICE"
   echo '```'
   echo
+  echo "Plots (speedup by category, acceptance by position) and per-turn records: \`$OUT\`."
+  echo
   echo "Reproduce: \`MODEL=$MODEL DRAFT=$DRAFT LIMIT=$LIMIT MAX_TOKENS=$MAX_TOKENS DTYPE=$DTYPE benchmarks/run_readme_results.sh\`"
 } > "$OUT/README_RESULTS.md"
 
 echo "wrote $OUT/README_RESULTS.md" >&2
+
+if [ -n "$README" ]; then
+  python3 - "$OUT/README_RESULTS.md" "$README" <<'PY'
+import re
+import sys
+section, readme = open(sys.argv[1]).read().strip(), sys.argv[2]
+# the plots stay in $OUT (named in the section's last line); keep the README self-contained
+section = "\n".join(line for line in section.splitlines() if not line.startswith("!["))
+section = re.sub(r"\n{3,}", "\n\n", section)
+text = open(readme).read()
+start, end = "<!-- results:start -->", "<!-- results:end -->"
+if start not in text or end not in text:
+    sys.exit(f"{readme} has no {start} ... {end} block to replace")
+head, rest = text.split(start, 1)
+open(readme, "w").write(head + start + "\n" + section + "\n" + end + rest.split(end, 1)[1])
+print(f"updated the results section of {readme}", file=sys.stderr)
+PY
+fi

@@ -77,3 +77,13 @@ def test_acceptance_estimate_does_not_depend_on_draft_length():
     c = AdaptiveController(8, prior_weight=0.0)
     assert c.alpha(r) == pytest.approx(240 / (240 + 180))
     assert c.alpha(r) > r.stats.accepted_tokens / r.stats.draft_tokens
+
+
+def test_tree_methods_default_to_a_fixed_budget():
+    from draftwise.config import parse_speculative_config
+    from draftwise.engine.controller import FixedController, make_controller
+
+    assert isinstance(make_controller(parse_speculative_config({"method": "ngram"})), AdaptiveController)
+    assert isinstance(make_controller(parse_speculative_config({"method": "eagle", "model": "x"})), FixedController)
+    forced = parse_speculative_config({"method": "medusa", "adaptive": True})
+    assert isinstance(make_controller(forced), AdaptiveController)

@@ -124,3 +124,25 @@ def test_greedy_tree_and_lookup_speculation_equal_plain_in_bf16(smollm2):
         assert [r.output_ids for r in tree] == [o.token_ids for o in plain]
     finally:
         model.to(torch.float32)
+
+
+def test_shipped_eagle_head_is_exact_and_speculates(smollm2):
+    """The head shipped for smollm2-135m loads by name; greedy output equals plain, and it
+    accepts well over one token per target pass on prompts like its training prompts."""
+    model, tok = smollm2
+    bf16 = model.to(torch.bfloat16)
+    try:
+        convs = [[{"role": "user", "content": q}] for q in (
+            "Explain photosynthesis to a ten-year-old.", "Write a short poem about the moon.",
+            "What are the main benefits of public libraries?", "Give me five interesting facts about bees.")]
+        params = SamplingParams(max_tokens=48)
+        plain = LLM.from_model(bf16, tok, max_batch_size=4).chat(convs, params)
+        eagle = LLM.from_model(bf16, tok, max_batch_size=4, speculative_config={
+            "method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 8, "adaptive": False,
+        }).chat(convs, params)
+        assert [o.token_ids for o in eagle] == [o.token_ids for o in plain]
+        committed = sum(o.stats["output_tokens"] - 1 for o in eagle)
+        passes = sum(o.stats["target_passes"] - 1 for o in eagle)
+        assert committed / passes > 1.5, committed / passes
+    finally:
+        model.to(torch.float32)

@@ -52,7 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_speculation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculation")
     g.add_argument("--speculator", default=None, help="draft_model, ngram, suffix, ... (default: none, plain decoding)")
-    g.add_argument("--draft-model", default=None, help="draft model for --speculator draft_model: bundled name or path")
+    g.add_argument("--draft-model", default=None,
+                   help="what the speculator drafts with: for draft_model a bundled name or path; for "
+                        "eagle / medusa a head folder or a shipped head (see `draftwise models`)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (the maximum when adaptive)")
     g.add_argument("--speculative-config", default=None,
                    help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')

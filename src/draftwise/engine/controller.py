@@ -133,7 +133,11 @@ class FixedController:
         pass
 
 
+TREE_METHODS = ("eagle", "medusa")  # num_speculative_tokens counts tree nodes, not a chain
+
+
 def make_controller(config: SpeculativeConfig) -> AdaptiveController | FixedController:
-    if config.adaptive:
+    adaptive = config.adaptive if config.adaptive is not None else config.method not in TREE_METHODS
+    if adaptive:
         return AdaptiveController(config.num_speculative_tokens)
     return FixedController(config.num_speculative_tokens)

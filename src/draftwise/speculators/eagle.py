@@ -103,8 +103,9 @@ class EagleProposer(Proposer):
         elif config.model:
             head = load_eagle_head(config.model, target.model)
         else:
-            raise BadInput("speculator eagle needs a head: --draft-model DIR (an EAGLE / EAGLE-3 checkpoint "
-                           "folder, or one written by `draftwise train eagle`)")
+            raise BadInput("speculator eagle needs a head: --draft-model NAME|DIR (a shipped head such as "
+                           "smollm2-135m-eagle, an EAGLE / EAGLE-3 checkpoint folder, or one written by "
+                           "`draftwise train eagle`)")
         return cls(head, target.model, target.max_batch_size, target.max_model_len, config.eagle_tree_top_k,
                    config.eagle_tree_depth, config.eagle_total_tokens)
 

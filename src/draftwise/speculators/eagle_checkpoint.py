@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from draftwise.errors import BadInput
+from draftwise.heads import SHIPPED
+from draftwise.heads import resolve as resolve_head
 from draftwise.speculators.eagle_head import EagleConfig, EagleHead, default_eagle3_layers
 
 OURS_KEY = "draftwise_eagle"
@@ -148,11 +150,13 @@ def check_against_target(cfg: EagleConfig, target, where: str) -> None:
 
 
 def load_eagle_head(path: str | Path, target) -> EagleHead:
-    """A head from a folder in our layout or a public EAGLE / EAGLE-3 layout, checked
-    against the target and moved to its device and dtype."""
-    folder = Path(path).expanduser()
+    """A head from a folder in our layout or a public EAGLE / EAGLE-3 layout, or a shipped
+    head by name (`draftwise.heads`), checked against the target and moved to its device
+    and dtype."""
+    folder = resolve_head(path)
     if not (folder / "config.json").is_file():
-        raise BadInput(f"{path} is not an EAGLE head folder (no config.json)")
+        raise BadInput(f"{path} is not an EAGLE head folder (no config.json) nor a shipped head "
+                       f"({', '.join(n for n, h in SHIPPED.items() if h.method == 'eagle')})")
     cfg_json = json.loads((folder / "config.json").read_text())
     if OURS_KEY in cfg_json:
         from safetensors.torch import load_file
