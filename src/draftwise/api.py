@@ -60,8 +60,14 @@ class RequestOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+# The KV cache is allocated up front for every row: a 32k context at batch 16 would take
+# 15 GB for a 1.5B model. Unless asked for more, the context window is capped here.
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
 class LLM:
-    """Load a model once, then generate for batches of prompts (with speculation if configured)."""
+    """Load a model once, then generate for batches of prompts (with speculation if configured).
+    The context window is `max_model_len` (default: the model's, at most 8192 tokens)."""
 
     def __init__(
         self,
@@ -99,7 +105,7 @@ class LLM:
         model, tokenizer = self.model, self.tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
         spec = self.speculative_config
-        max_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        max_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, model.config.max_position_embeddings)
         target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None))
         proposer = build_proposer(spec, target) if spec else None
         self.engine = Engine(
@@ -107,7 +113,7 @@ class LLM:
             proposer=proposer,
             controller=make_controller(spec) if spec else None,
             max_batch_size=max_batch_size,
-            max_model_len=max_model_len,
+            max_model_len=max_len,
             max_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         )
 

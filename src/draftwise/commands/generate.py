@@ -43,7 +43,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (default bf16)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's, at most 8192)")
     g.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all"],
                    help="weight-only quantization (default none): int8 = the decoder projections, "
                         "reading half the bytes; int8-all = those and the LM head")
