@@ -56,7 +56,8 @@ $DRAFTWISE bench --model "$MODEL" --dtype "$DTYPE" --dataset "$DATASET" "${limit
   $DRAFTWISE cost --results "$OUT/results.json" --gpu-hour-price "$GPU_PRICE"
   echo '```'
   echo
-  echo "Plots (speedup by category, acceptance by position) and per-turn records: \`$OUT\`."
+  echo "The run also writes plots (speedup by category, acceptance by position), results.json and"
+  echo "per-turn records to its output folder (\`OUT\`, default \`benchmarks/results/MODEL\`)."
   echo
   echo "Reproduce: \`MODEL=$MODEL DRAFT=$DRAFT LIMIT=$LIMIT MAX_TOKENS=$MAX_TOKENS DTYPE=$DTYPE benchmarks/run_readme_results.sh\`"
 } > "$OUT/README_RESULTS.md"

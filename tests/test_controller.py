@@ -87,3 +87,10 @@ def test_tree_methods_default_to_a_fixed_budget():
     assert isinstance(make_controller(parse_speculative_config({"method": "eagle", "model": "x"})), FixedController)
     forced = parse_speculative_config({"method": "medusa", "adaptive": True})
     assert isinstance(make_controller(forced), AdaptiveController)
+
+
+def test_draft_cost_counts_the_catch_up_pass():
+    c = AdaptiveController(8)
+    c.observe(1, 3, 1.0, draft_positions=2, draft_seconds=0.3)  # catch-up + 2 positions
+    assert c.costs.draft_per_token == pytest.approx(0.1)
+    assert c.rate([0.5], 0) == pytest.approx(1.0)  # no draft, no drafting cost

@@ -9,7 +9,9 @@ for the running batch. Two things are measured, not assumed:
   that fades as evidence comes in. With i.i.d. acceptance a step that drafts k tokens
   commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
 - cost: the wall time of target passes by number of tokens in the pass (batch x (k+1)),
-  and of drafting, by draft length. Both are running averages of what the engine timed
+  and of drafting: k + 1 draft passes for k tokens (catching up on the tokens committed
+  last step is one more pass), so short drafts are not charged as if they cost more per
+  token. Both are running averages of what the engine timed
   (the first pass of a new size is a warm-up: kernels are set up for the shape, so the
   second measurement replaces it). Until a pass size has been seen, its cost is
   interpolated from the sizes that have, or extended along the slope of the two largest,
@@ -43,7 +45,9 @@ class CostModel:
         self.smoothing = smoothing
         self.passes: dict[int, float] = {}  # tokens in the target pass -> seconds
         self.seen: dict[int, int] = {}  # tokens in the target pass -> times measured
-        self.draft_per_token: float | None = None  # drafting seconds per draft position
+        # drafting seconds per draft pass; a step that drafts k tokens makes k + 1 passes
+        # (first catching the draft up on the tokens committed last step, then k positions)
+        self.draft_per_token: float | None = None
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -55,7 +59,7 @@ class CostModel:
 
     def observe_draft(self, positions: int, seconds: float) -> None:
         if positions > 0:
-            self.draft_per_token = self._ema(self.draft_per_token, seconds / positions)
+            self.draft_per_token = self._ema(self.draft_per_token, seconds / (positions + 1))
 
     def pass_cost(self, tokens: int) -> float | None:
         """Seconds of a target pass over `tokens` tokens; None before any measurement."""
@@ -99,7 +103,7 @@ class AdaptiveController:
         cost = self.costs.pass_cost(len(alphas) * (k + 1))
         if cost is None:
             return None
-        draft = (self.costs.draft_per_token or 0.0) * k
+        draft = (self.costs.draft_per_token or 0.0) * (k + 1) if k else 0.0
         return sum(expected_tokens(a, k) for a in alphas) / (cost + draft)
 
     def choose(self, requests: Sequence[RequestState]) -> list[int]:
