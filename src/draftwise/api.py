@@ -10,7 +10,7 @@ import torch
 
 from draftwise.config import SpeculativeConfig, parse_speculative_config
 from draftwise.engine.controller import make_controller
-from draftwise.engine.engine import Engine, StepOutput
+from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
 from draftwise.models.transformer import Transformer
 from draftwise.sampling import SamplingParams
@@ -60,11 +60,6 @@ class RequestOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-# The KV cache is allocated up front for every row: a 32k context at batch 16 would take
-# 15 GB for a 1.5B model. Unless asked for more, the context window is capped here.
-DEFAULT_MAX_MODEL_LEN = 8192
-
-
 class LLM:
     """Load a model once, then generate for batches of prompts (with speculation if configured).
     The context window is `max_model_len` (default: the model's, at most 8192 tokens)."""
@@ -105,7 +100,7 @@ class LLM:
         model, tokenizer = self.model, self.tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
         spec = self.speculative_config
-        max_len = min(max_model_len or DEFAULT_MAX_MODEL_LEN, model.config.max_position_embeddings)
+        max_len = context_window(model, max_model_len)
         target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None))
         proposer = build_proposer(spec, target) if spec else None
         self.engine = Engine(

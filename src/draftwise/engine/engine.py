@@ -27,6 +27,16 @@ from draftwise.sampling import SamplingParams
 from draftwise.speculators.base import Draft, Proposer
 
 
+# The KV cache is allocated up front for every row: a 32k context at batch 16 would take
+# 15 GB for a 1.5B model. Unless asked for more, the context window is capped here.
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def context_window(model: Transformer, max_model_len: int | None) -> int:
+    """The context window to allocate: `max_model_len`, else the model's (at most
+    DEFAULT_MAX_MODEL_LEN), never past what the model supports."""
+    return min(max_model_len or DEFAULT_MAX_MODEL_LEN, model.config.max_position_embeddings)
+
 
 @dataclass
 class StepOutput:
@@ -51,8 +61,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.controller = controller
-        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)
+        self.max_model_len = context_window(model, max_model_len)
         self.slack = max_speculative_tokens + 1  # cache slots a verify pass may write past the end
         self.cache = model.new_cache(max_batch_size, self.max_model_len + self.slack)
         if proposer is not None:
