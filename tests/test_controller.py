@@ -21,7 +21,7 @@ def controller(cost_per_token: float, base: float = 1.0, draft: float = 0.0, k_m
     c = AdaptiveController(k_max)
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         c.costs.observe_pass(n, base + cost_per_token * n)
-    c.costs.draft_per_token = draft
+    c.costs.draft_per_pass = draft
     return c
 
 
@@ -92,5 +92,5 @@ def test_tree_methods_default_to_a_fixed_budget():
 def test_draft_cost_counts_the_catch_up_pass():
     c = AdaptiveController(8)
     c.observe(1, 3, 1.0, draft_positions=2, draft_seconds=0.3)  # catch-up + 2 positions
-    assert c.costs.draft_per_token == pytest.approx(0.1)
+    assert c.costs.draft_per_pass == pytest.approx(0.1)
     assert c.rate([0.5], 0) == pytest.approx(1.0)  # no draft, no drafting cost

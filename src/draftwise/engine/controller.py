@@ -47,7 +47,7 @@ class CostModel:
         self.seen: dict[int, int] = {}  # tokens in the target pass -> times measured
         # drafting seconds per draft pass; a step that drafts k tokens makes k + 1 passes
         # (first catching the draft up on the tokens committed last step, then k positions)
-        self.draft_per_token: float | None = None
+        self.draft_per_pass: float | None = None
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -59,7 +59,7 @@ class CostModel:
 
     def observe_draft(self, positions: int, seconds: float) -> None:
         if positions > 0:
-            self.draft_per_token = self._ema(self.draft_per_token, seconds / (positions + 1))
+            self.draft_per_pass = self._ema(self.draft_per_pass, seconds / (positions + 1))
 
     def pass_cost(self, tokens: int) -> float | None:
         """Seconds of a target pass over `tokens` tokens; None before any measurement."""
@@ -103,7 +103,7 @@ class AdaptiveController:
         cost = self.costs.pass_cost(len(alphas) * (k + 1))
         if cost is None:
             return None
-        draft = (self.costs.draft_per_token or 0.0) * (k + 1) if k else 0.0
+        draft = (self.costs.draft_per_pass or 0.0) * (k + 1) if k else 0.0
         return sum(expected_tokens(a, k) for a in alphas) / (cost + draft)
 
     def choose(self, requests: Sequence[RequestState]) -> list[int]:
