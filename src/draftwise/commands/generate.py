@@ -44,9 +44,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (default bf16)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's, at most 8192)")
-    g.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all"],
-                   help="weight-only quantization (default none): int8 = the decoder projections, "
-                        "reading half the bytes; int8-all = those and the LM head")
+    g.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all", "int4", "int4-all"],
+                   help="weight-only quantization (default none): int8 = the decoder projections in int8, "
+                        "reading half the bytes; int4 = in 4 bits (groups of 32), a quarter; -all = the LM head "
+                        "in int8 too")
 
 
 def add_speculation_args(p: argparse.ArgumentParser) -> None:

@@ -1,13 +1,19 @@
-"""Weight-only int8 quantization of the native model's projections.
+"""Weight-only quantization of the native model's projections: int8 and int4.
 
-Each projection's weight becomes int8 with one scale per output channel (symmetric,
-round to nearest), and the matmul runs in `torch.ops.aten._weight_int8pack_mm`, which
-reads half the bytes of bf16: decoding is bound by memory bandwidth, so it runs faster.
-With `int8` the embeddings, norms and the LM head keep the model's dtype (the head decides
-the argmax; keeping it exact keeps greedy agreement with the unquantized model high).
-`int8-all` quantizes the LM head too (an int8 copy that the forward pass reads; the
-original stays for embedding lookups and for draft heads that borrow it): on a large
-vocabulary the head is a quarter of the bytes a decode step reads.
+- `int8`: each projection's weight becomes int8 with one scale per output channel
+  (symmetric, round to nearest); the matmul runs in `torch.ops.aten._weight_int8pack_mm`,
+  which reads half the bytes of bf16. Decoding is bound by memory bandwidth, so it runs
+  faster.
+- `int4`: 4-bit weights in groups of `INT4_GROUP` input channels, each group with its own
+  scale and offset (asymmetric, min to max); the matmul runs in
+  `torch.ops.aten._weight_int4pack_mm_for_cpu`, a quarter of the bytes of bf16 plus the
+  scales. Groups of 32 match the sub-blocks of GGUF's Q4_K, so a model read from a
+  Q4_K_M file is requantized almost without loss.
+- The embeddings, norms and the LM head keep the model's dtype (the head decides the
+  argmax; keeping it exact keeps greedy agreement with the unquantized model high).
+  `int8-all` and `int4-all` also give the forward pass an int8 copy of the LM head (the
+  original stays for embedding lookups and for draft heads that borrow it): on a large
+  vocabulary the head is a quarter of the bytes a bf16 decode step reads.
 
 Quantization changes the model, so it is opt-in (`--quantization int8`) and named in
 every report. Within one setting the lossless promise holds exactly as without it: the
@@ -20,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int8-all")
+QUANTIZATIONS = ("none", "int8", "int8-all", "int4", "int4-all")
+INT4_GROUP = 32
 
 
 class Int8Linear(nn.Module):
@@ -48,6 +55,58 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
 
+class Int4Linear(nn.Module):
+    """y = x @ dequant(4-bit weight).T + bias, dequant = (q - 8) * scale + zero per group."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 group: int = INT4_GROUP) -> None:
+        super().__init__()
+        w = weight.float()
+        out_features, k = w.shape
+        if k % group:
+            raise ValueError(f"int4 needs input features ({k}) divisible by the group size {group}")
+        w = torch.cat([w, w.new_zeros(-out_features % 16, k)])  # the packed kernel wants rows in 16s
+        n = w.shape[0]
+        g = w.reshape(n, k // group, group)
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)  # [n, groups]
+        q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
+        self.packed_cpu = weight.device.type == "cpu"
+        if self.packed_cpu:
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _inner_k_tiles(k)))
+        else:  # no packed kernel assumed: keep the 4-bit values and dequantize on the fly
+            self.register_buffer("qweight", q.to(torch.uint8))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.in_features, self.out_features, self.group = k, out_features, group
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[n, in]` -> `[n, out]`."""
+        if self.packed_cpu and x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_and_zeros)
+            y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
+        else:
+            y = x @ self.dequantized().to(x.dtype).T
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        if self.packed_cpu:  # recover the 4-bit values by multiplying with the identity
+            eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+            ones = self.scales_and_zeros.new_zeros(self.scales_and_zeros.shape)
+            ones[..., 0] = 1  # scale 1, zero 0: the kernel returns q - 8
+            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, ones).T.float() + 8
+        else:
+            q = self.qweight.float()
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # [n, groups, 2]
+        q = q.reshape(sz.shape[0], -1, self.group)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(sz.shape[0], -1)[: self.out_features]
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -58,13 +117,14 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if method == "none":
         return model
     dtype = model.dtype
+    kind = Int4Linear if method.startswith("int4") else Int8Linear
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJECTIONS:
                 lin = getattr(parent, name, None)
                 if isinstance(lin, nn.Linear):
-                    setattr(parent, name, Int8Linear(lin.weight.data, lin.bias, dtype))
-    if method == "int8-all":
+                    setattr(parent, name, kind(lin.weight.data, lin.bias, dtype))
+    if method.endswith("-all"):
         model.quantized_head = Int8Linear(model.head_weight.data, None, dtype)  # forward reads only this
     model.quantization = method
     return model
