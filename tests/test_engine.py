@@ -102,3 +102,27 @@ def test_bad_inputs_raise_clear_errors(tokenizer):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.parametrize("spec", [None, {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}])
+def test_logprobs_are_the_models_own(tokenizer, spec):
+    """Each output token's logprob (and the top alternatives) equals the log-softmax of the
+    model's logits at that position, bit for bit the same with speculation as without."""
+    model = tiny_model(std=0.1)
+    prompt = "abcabcabcabcabc"
+    params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=2)
+    out = LLM.from_model(model, tokenizer, speculative_config=spec).generate(prompt, params)[0]
+    plain = LLM.from_model(model, tokenizer).generate(prompt, params)[0]
+    assert [(x.token, x.logprob, x.top) for x in out.logprobs] == [(x.token, x.logprob, x.top) for x in plain.logprobs]
+    if spec:
+        assert out.stats["accepted_tokens"] > 0
+    ids = torch.tensor([out.prompt_token_ids + out.token_ids[:-1]])
+    logits = model(ids, torch.arange(ids.shape[1])[None], model.new_cache(1, 64)).logits[0, -20:]
+    ref = torch.log_softmax(logits.float(), -1)
+    for i, x in enumerate(out.logprobs):
+        assert x.token == out.token_ids[i] and x.logprob == pytest.approx(ref[i, x.token].item(), abs=1e-4)
+        assert [t for t, _ in x.top] == ref[i].topk(2).indices.tolist()
+    stopped = LLM.from_model(model, tokenizer, speculative_config=spec).generate(
+        prompt, SamplingParams(max_tokens=20, ignore_eos=True, logprobs=0, stop_token_ids=[out.token_ids[5]]))[0]
+    assert len(stopped.logprobs) == len(stopped.token_ids) <= 6 and stopped.logprobs[0].top == []
+    assert LLM.from_model(model, tokenizer).generate(prompt, SamplingParams(max_tokens=3))[0].logprobs is None

@@ -157,6 +157,35 @@ def test_chat_stream_and_not_match_offline(client, offline):
     assert resp.usage.completion_tokens <= 5
 
 
+def test_logprobs_completions_and_chat(client, server, tokenizer):
+    """Logprobs are the target's own (raw) log-probabilities of each emitted token, as offline
+    generation computes them with the same speculation, in both OpenAI shapes, streamed or not."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
+    ref = server.llm.generate(PROMPTS[0], params)[0]
+    assert len(ref.logprobs) == 12 and [lp.token for lp in ref.logprobs] == ref.token_ids
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=3, **greedy(12))
+    lp = resp.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    assert lp.tokens == [tokenizer.decode([t]) for t in ref.token_ids]
+    assert "".join(lp.tokens) == resp.choices[0].text and lp.text_offset[0] == 0
+    for top, x in zip(lp.top_logprobs, ref.logprobs):  # the 3 best, plus the chosen one
+        assert max(top.values()) == pytest.approx(x.top[0][1], abs=1e-5) and 3 <= len(top) <= 4
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=3, stream=True,
+                                            **greedy(12)))
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+
+    messages = [{"role": "user", "content": "abcabcabc"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=2,
+                                          **greedy(10))
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 10 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= 0 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    plain = client.chat.completions.create(model=MODEL, messages=messages, **greedy(10))
+    assert plain.choices[0].logprobs is None
+
+
 def test_concurrent_requests_with_different_settings(client, offline):
     results: dict = {}
 
@@ -206,7 +235,8 @@ BAD = [
     ("/v1/completions", {"prompt": [-1]}, 400, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "context_length_exceeded"),
     ("/v1/completions", {"prompt": "x" * 600}, 400, "context_length_exceeded"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "unsupported_parameter"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, None),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "unsupported_parameter"),
     ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, None),
@@ -214,7 +244,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x" * 20000}, 413, "request_too_large"),
     ("/v1/chat/completions", {"messages": []}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "unsupported_parameter"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),

@@ -13,7 +13,7 @@ from draftwise.engine.controller import make_controller
 from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
 from draftwise.models.transformer import Transformer
-from draftwise.sampling import SamplingParams
+from draftwise.sampling import SamplingParams, TokenLogprob
 from draftwise.speculators import Target, build_proposer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
@@ -58,6 +58,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None
     stats: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # per output token, when SamplingParams.logprobs is set
 
 
 class LLM:
@@ -158,4 +159,5 @@ class LLM:
         stats["seconds"] = round(elapsed, 4)
         stats["tokens_per_second"] = round(len(req.output_ids) / elapsed, 3) if elapsed > 0 else 0.0
         return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None, req.prompt_ids,
-                             text, list(req.output_ids), req.finish_reason, stats)
+                             text, list(req.output_ids), req.finish_reason, stats,
+                             list(req.output_logprobs) if req.params.logprobs is not None else None)

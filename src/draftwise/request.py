@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from draftwise.engine.metrics import SpecStats
-from draftwise.sampling import SamplingParams
+from draftwise.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RequestState:
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
     stop_text: str | None = None  # text up to (not including) a matched stop string
     stats: SpecStats = field(default_factory=SpecStats)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
 
     @property
     def all_ids(self) -> list[int]:

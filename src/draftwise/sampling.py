@@ -3,10 +3,12 @@
 `SamplingParams` is the typed, validated set of options every request carries. The
 functions below apply them (penalties, temperature, top-k, top-p, min-p) and are shared
 by plain decoding and by verification, so both sample from the very same distribution.
+`token_logprobs` reports the log-probabilities of emitted tokens when a request asks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -31,6 +33,9 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20,
+                                 description="return each output token's log-probability and the N most likely "
+                                             "alternatives (None = off)")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -201,3 +206,29 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- log-probabilities of emitted tokens ---------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability and the `top` most likely tokens at its position,
+    under the target model's own distribution (raw logits: before penalties, temperature
+    and truncation, as vLLM reports them by default)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Logits `[n, vocab]` of the positions that emitted `tokens` (n of them)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens), device=lp.device), torch.as_tensor(list(tokens), device=lp.device)].tolist()
+    if top > 0:
+        values, ids = lp.topk(top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, c, tp) for t, c, tp in zip(tokens, chosen, tops)]

@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from draftwise.sampling import sample
+from draftwise.sampling import TokenLogprob, sample
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Verified:
     tokens: list[int]  # committed this step: accepted draft tokens, then one recovered or bonus token
     num_accepted: int  # how many draft tokens were accepted
     path: list[int]  # draft node indices of the accepted tokens (chain: 0..num_accepted-1)
+    logprobs: list[TokenLogprob] | None = None  # one per committed token, when the request asks
 
 
 def chain_parents(n: int) -> list[int]:

@@ -23,8 +23,9 @@ from draftwise.engine.step import prefill, target_step
 from draftwise.errors import BadInput
 from draftwise.models.transformer import Transformer
 from draftwise.request import RequestState
-from draftwise.sampling import SamplingParams
+from draftwise.sampling import SamplingParams, TokenLogprob
 from draftwise.speculators.base import Draft, Proposer
+from draftwise.verify import Verified
 
 
 # The KV cache is allocated up front for every row: a 32k context at batch 16 would take
@@ -43,6 +44,7 @@ class StepOutput:
     request: RequestState
     new_token_ids: list[int]  # tokens committed this step (after stop handling)
     finished: bool
+    new_logprobs: list[TokenLogprob] | None = None  # theirs, when the request asks for logprobs
 
 
 class Engine:
@@ -128,7 +130,7 @@ class Engine:
             req.stats.observe_draft(n_draft, res.num_accepted)
             req.stats.draft_seconds += (t1 - t0) / len(reqs)
             req.stats.verify_seconds += (t2 - t1) / len(reqs)
-            outputs.append(self._commit(req, res.tokens))
+            outputs.append(self._commit(req, res))
             if not req.finished and self.proposer is not None:
                 if hidden[i]:
                     self.proposer.on_hidden(req, hidden[i])
@@ -170,14 +172,14 @@ class Engine:
                 self.proposer.begin(req)
                 if hid:
                     self.proposer.on_hidden(req, hid)
-            outputs.append(self._commit(req, res.tokens))
+            outputs.append(self._commit(req, res))
         return outputs
 
-    def _commit(self, req: RequestState, tokens: list[int]) -> StepOutput:
-        """Append tokens one by one, stopping at the first stop condition."""
+    def _commit(self, req: RequestState, res: Verified) -> StepOutput:
+        """Append the verified tokens one by one, stopping at the first stop condition."""
         new: list[int] = []
         p = req.params
-        for tok in tokens:
+        for tok in res.tokens:
             req.output_ids.append(tok)
             new.append(tok)
             if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
@@ -190,7 +192,10 @@ class Engine:
                 self._finish(req, "length")
                 break
         req.stats.output_tokens = len(req.output_ids)
-        return StepOutput(req, new, req.finished)
+        logprobs = None if res.logprobs is None else res.logprobs[: len(new)]
+        if logprobs is not None:
+            req.output_logprobs.extend(logprobs)
+        return StepOutput(req, new, req.finished, logprobs)
 
     def _hit_stop_string(self, req: RequestState) -> bool:
         longest = max(len(s) for s in req.params.stop)

@@ -17,7 +17,7 @@ import torch
 from draftwise.cache import KVCache
 from draftwise.models.transformer import SDPA_FROM, Transformer
 from draftwise.request import RequestState
-from draftwise.sampling import target_distribution
+from draftwise.sampling import target_distribution, token_logprobs
 from draftwise.speculators.base import Draft
 from draftwise.verify import Verified, verify
 
@@ -73,9 +73,11 @@ def verify_rows(
         probs = target_distribution(
             logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i]
         )  # [n+1, vocab]
-        results.append(
-            verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy)
-        )
+        res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy)
+        if req.params.logprobs is not None:  # rows that emitted: the root, then each accepted node
+            emitted = logits[i, [0] + [1 + p for p in res.path]]
+            res.logprobs = token_logprobs(emitted, res.tokens, req.params.logprobs)
+        results.append(res)
     return results
 
 

@@ -37,6 +37,7 @@ class Event:
     finished: bool = False
     finish_reason: str | None = None
     stats: dict | None = None  # speculation stats of the choice, on its last event
+    logprobs: list | None = None  # TokenLogprob of each of token_ids, when the request asks
     error: str | None = None
     status: int = 500  # HTTP status of `error`
 
@@ -217,14 +218,15 @@ class EngineLoop:
         if req.finished:
             text = req.stop_text if req.stop_text is not None else self._decode(req.output_ids)
             event = Event(track.index, text[track.printed:], list(out.new_token_ids), True, req.finish_reason,
-                          stats=req.stats.to_dict())
+                          stats=req.stats.to_dict(), logprobs=out.new_logprobs)
             del self._tracks[req.request_id]
             self._release(1)
             m.observe_finished(req.finish_reason or "stop", now - track.sub.arrival)
         else:
             self._advance_text(track, req.output_ids)
             upto = max(track.printed, len(track.text) - track.hold)
-            event = Event(track.index, track.text[track.printed:upto], list(out.new_token_ids))
+            event = Event(track.index, track.text[track.printed:upto], list(out.new_token_ids),
+                          logprobs=out.new_logprobs)
             track.printed = upto
         track.sub.post(event)
 

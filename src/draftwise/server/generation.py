@@ -22,6 +22,7 @@ from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 from draftwise.server.engine_loop import Event, Submission
 from draftwise.server.errors import APIError
+from draftwise.server.logprobs import LogprobFormatter
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DISCONNECTED = Event(-1, error="client disconnected", status=499)
@@ -68,6 +69,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> Sampl
             stop=stops,
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
+            logprobs=body.logprob_count(),
         )
     except ValidationError as e:
         raise APIError(400, one_line(e)) from None
@@ -174,10 +176,14 @@ class Reply:
         self.token_ids: list[list[int]] = [[] for _ in range(self.n)]
         self.finish: list[str | None] = [None] * self.n
         self.stats: list[dict | None] = [None] * self.n
+        self.logprobs: list[list] = [[] for _ in range(self.n)]
+        self.logprob_offsets = [0] * self.n  # characters of logprob tokens streamed so far (completions)
+        self.format = LogprobFormatter(state.llm.tokenizer)
 
     def _record(self, ev: Event) -> None:
         self.texts[ev.index] += ev.text
         self.token_ids[ev.index] += ev.token_ids
+        self.logprobs[ev.index] += ev.logprobs or []
         if ev.finished:
             self.finish[ev.index], self.stats[ev.index] = ev.finish_reason, ev.stats
 
@@ -205,12 +211,23 @@ class Reply:
             if total["output_tokens"] else 0.0
         return out
 
-    def _choice(self, i: int) -> dict:
+    def _logprobs(self, i: int, items: list | None) -> dict | None:
+        """The logprobs object of choice i's `items` (None when the request did not ask)."""
+        if self.body.logprob_count() is None or items is None:
+            return None
         if self.chat:
-            choice = {"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": None,
+            return self.format.chat(items)
+        out = self.format.completion(items, self.logprob_offsets[i])
+        self.logprob_offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
+
+    def _choice(self, i: int) -> dict:
+        logprobs = self._logprobs(i, self.logprobs[i])
+        if self.chat:
+            choice = {"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": logprobs,
                       "finish_reason": self.finish[i]}
         else:
-            choice = {"index": i, "text": self.texts[i], "logprobs": None, "finish_reason": self.finish[i]}
+            choice = {"index": i, "text": self.texts[i], "logprobs": logprobs, "finish_reason": self.finish[i]}
         if self.body.return_token_ids:
             choice["prompt_token_ids"], choice["token_ids"] = self.prompts[i], self.token_ids[i]
         return choice
@@ -245,15 +262,17 @@ class Reply:
         data.update(extra)
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    def _delta(self, i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def _delta(self, i: int, text: str | None, finish: str | None, role: bool = False,
+               logprobs: list | None = None) -> dict:
+        lp = self._logprobs(i, logprobs)
         if not self.chat:
-            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
         delta: dict = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     @property
     def include_usage(self) -> bool:
@@ -287,9 +306,10 @@ class Reply:
         extra = {}
         if self.body.return_token_ids:
             extra = {"token_ids": ev.token_ids}
+        wants_logprobs = self.body.logprob_count() is not None and bool(ev.logprobs)
         if self.chat:
-            if not started or ev.text or (extra and ev.token_ids):
-                choice = self._delta(i, ev.text, None, role=not started)
+            if not started or ev.text or (extra and ev.token_ids) or wants_logprobs:
+                choice = self._delta(i, ev.text, None, role=not started, logprobs=ev.logprobs)
                 choice.update(extra)
                 out.append(self._chunk([choice]))
             if ev.finished:
@@ -297,12 +317,12 @@ class Reply:
                                        draftwise={"index": i, "method": self.state.spec_method, **(ev.stats or {})}))
             return out
         if ev.finished:
-            choice = self._delta(i, ev.text, ev.finish_reason)
+            choice = self._delta(i, ev.text, ev.finish_reason, logprobs=ev.logprobs)
             choice.update(extra)
             out.append(self._chunk([choice], draftwise={"index": i, "method": self.state.spec_method,
                                                         **(ev.stats or {})}))
-        elif ev.text or not started or (extra and ev.token_ids):
-            choice = self._delta(i, ev.text, None)
+        elif ev.text or not started or (extra and ev.token_ids) or wants_logprobs:
+            choice = self._delta(i, ev.text, None, logprobs=ev.logprobs)
             choice.update(extra)
             out.append(self._chunk([choice]))
         return out

@@ -2,8 +2,8 @@
 
 Unknown fields are refused (400 "unrecognized request argument") rather than silently
 ignored; a few harmless OpenAI fields (`user`, `store`, `metadata`, ...) are accepted and
-ignored. Options this server cannot honour exactly (logprobs, echo, tools, logit_bias, ...)
-are accepted by the schema and refused by `unsupported()` with a clear 400.
+ignored. Options this server cannot honour exactly (echo, tools, logit_bias, ...) are
+accepted by the schema and refused by `unsupported()` with a clear 400.
 Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
 return_token_ids.
 """
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_N = 64
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 
 
 class StreamOptions(BaseModel):
@@ -68,6 +69,10 @@ class SamplingFields(BaseModel):
             return "stop", "at most 16 stop strings"
         return None
 
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to return with log-probabilities; None = no logprobs."""
+        return None
+
 
 def _is_ids(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
@@ -75,7 +80,7 @@ def _is_ids(v: object) -> bool:
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
@@ -90,8 +95,6 @@ class CompletionRequest(SamplingFields):
         raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of such lists")
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported by this server"
         if self.echo:
             return "echo", "echo is not supported by this server"
         if self.suffix:
@@ -99,6 +102,9 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", "best_of is not supported by this server (use n)"
         return super().unsupported()
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: text, or token ids."""
@@ -136,7 +142,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -148,8 +154,8 @@ class ChatCompletionRequest(SamplingFields):
     service_tier: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs is not None:
-            return "logprobs", "logprobs are not supported by this server"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs set to true"
         if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call is not None:
             return "tools", "tools / function calling are not supported by this server"
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -158,6 +164,9 @@ class ChatCompletionRequest(SamplingFields):
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "give max_completion_tokens or max_tokens, not both"
         return super().unsupported()
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
