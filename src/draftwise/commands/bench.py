@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("--roofline", action="store_true",
                    help="instead: print the roofline of the loaded model on this machine (weight bytes, memory "
                         "bandwidth, floor per token, measured pass time over 1-16 tokens, best draft length)")
+    p.add_argument("--quality", action="store_true",
+                   help="instead: measure what quantization costs: perplexity on a fixed text and next-token "
+                        "agreement with the unquantized model, for --quantization (default: every setting)")
+    p.add_argument("--text", metavar="FILE", default=None,
+                   help="text scored by --quality (default: a short Python module with prose, shipped)")
     p.add_argument("--speculator", action="append", default=[], metavar="SPEC",
                    help='method name or JSON config, repeatable: ngram, suffix, '
                         '\'{"method": "draft_model", "model": "qwen2.5-coder-0.5b"}\'')
@@ -55,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
         model, _ = load_model(args.model, args.dtype, args.device, not args.quiet, args.quantization)
         print(report(measure(model), args.model, args.dtype, args.quantization))
         return 0
+    if args.quality:
+        return run_quality(args)
     if not args.speculator or not args.dataset:
-        raise BadInput("bench needs --dataset and at least one --speculator (or --roofline)")
+        raise BadInput("bench needs --dataset and at least one --speculator (or --roofline, or --quality)")
     if args.max_tokens < 1:
         raise BadInput("--max-tokens must be at least 1")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
@@ -75,3 +82,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {args.out}/results.json, {args.out}/results.md", file=sys.stderr)
     lossless = data["lossless"]
     return 1 if lossless["greedy"] and not lossless["ok"] else 0
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from draftwise.api import load_model
+    from draftwise.bench.quality import measure, read_text, report
+    from draftwise.models.quantize import QUANTIZATIONS
+
+    text = read_text(args.text)
+    methods = list(QUANTIZATIONS) if args.quantization == "none" else [args.quantization]
+    reference, tokenizer = load_model(args.model, args.dtype, args.device, not args.quiet)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise BadInput("the text must be at least two tokens long")
+
+    def load(method: str):
+        return reference if method == "none" else load_model(args.model, args.dtype, args.device, False, method)[0]
+
+    print(report(measure(load, methods, ids), args.model, args.dtype, len(ids)))
+    return 0
