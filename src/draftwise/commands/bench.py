@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def run_quality(args: argparse.Namespace) -> int:
     from draftwise.api import load_model
     from draftwise.bench.quality import measure, read_text, report
+    from draftwise.errors import BadInput
     from draftwise.models.quantize import QUANTIZATIONS
 
     text = read_text(args.text)
