@@ -1,10 +1,12 @@
-"""Plain decoding speed: draftwise's native model against transformers `generate`.
+"""Plain decoding speed: draftwise's native model against transformers `generate`
+(and llama.cpp on the same GGUF file, when llama-cpp-python is installed).
 
 Same weights (the transformers model is built around the very tensors draftwise loaded),
-same dtype, prompt, token count and machine, measured in one run, alternating the two
-engines so that background load hits both alike. Also times a cached model load.
+same dtype, prompt, token count and machine, measured in one run, alternating the
+engines so that background load hits all alike. Also times a cached model load.
+llama.cpp runs the GGUF file's own quantized weights with all cores.
 
-    python benchmarks/plain_decode.py --model qwen2.5-coder-1.5b --tokens 64 --repeats 3
+    python benchmarks/plain_decode.py --model qwen2.5-coder-1.5b --tokens 64 --repeats 3 --quantization int4-all
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 import torch
 
 from draftwise.api import LLM, load_model
-from draftwise.bench.peers import hf_model
+from draftwise.bench.peers import LlamaCppPeer, PeerUnavailable, gguf_path, hf_model
+from draftwise.models.quantize import QUANTIZATIONS
 from draftwise.sampling import SamplingParams
 
 PROMPT = [{"role": "user", "content": "Write a Python class for a bounded LRU cache with get and put, with comments."}]
@@ -39,7 +42,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all"],
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                     help="quantize draftwise's projections (transformers stays unquantized in --dtype)")
     args = ap.parse_args()
 
@@ -72,19 +75,37 @@ def main() -> None:
                               min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
         return (out.shape[1] - len(ids)) / (time.perf_counter() - t)
 
-    ours(), theirs()  # warm-up
-    a, b = [], []
+    engines = {"draftwise plain": ours, "transformers plain": theirs}
+    try:
+        import llama_cpp  # noqa: F401
+
+        peer = LlamaCppPeer(gguf_path(args.model), list(model.config.eos_token_ids), tok, None)
+        greedy_long = SamplingParams(max_tokens=args.tokens)  # llama.cpp peer stops only at EOS or max_tokens
+
+        def llamacpp() -> float:
+            gen = peer.generate(ids, PROMPT, greedy_long)
+            return len(gen.token_ids) / gen.seconds
+
+        engines["llama.cpp plain"] = llamacpp
+    except (ImportError, PeerUnavailable) as e:
+        print(f"llama.cpp skipped: {e}")
+    for fn in engines.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.repeats):
-        a.append(ours())
-        b.append(theirs())
-    ra, rb = statistics.median(a), statistics.median(b)
+        for name, fn in engines.items():
+            rates[name].append(fn())
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    ra, rb = medians["draftwise plain"], medians["transformers plain"]
     print(f"machine: {machine()}")
     print(f"model: {args.model}, dtype {args.dtype}, draftwise quantization {args.quantization}, prompt {len(ids)} tokens, {args.tokens} new tokens, "
           f"median of {args.repeats}")
     print(f"cached load: {load_seconds:.1f} s")
-    print(f"draftwise plain:     {ra:6.2f} tokens/s")
-    print(f"transformers plain:  {rb:6.2f} tokens/s")
+    for name, rate in medians.items():
+        print(f"{name + ':':20} {rate:6.2f} tokens/s")
     print(f"ratio draftwise / transformers: {ra / rb:.2f}")
+    if "llama.cpp plain" in medians:
+        print(f"ratio draftwise / llama.cpp:    {ra / medians['llama.cpp plain']:.2f}")
 
 
 if __name__ == "__main__":

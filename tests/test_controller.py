@@ -21,7 +21,7 @@ def controller(cost_per_token: float, base: float = 1.0, draft: float = 0.0, k_m
     c = AdaptiveController(k_max)
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         c.costs.observe_pass(n, base + cost_per_token * n)
-    c.costs.draft_per_pass = draft
+    c.costs.drafts.observe(1, draft)
     return c
 
 
@@ -92,5 +92,30 @@ def test_tree_methods_default_to_a_fixed_budget():
 def test_draft_cost_counts_the_catch_up_pass():
     c = AdaptiveController(8)
     c.observe(1, 3, 1.0, draft_positions=2, draft_seconds=0.3)  # catch-up + 2 positions
-    assert c.costs.draft_per_pass == pytest.approx(0.1)
+    assert c.costs.drafts.at(1) == pytest.approx(0.1)
     assert c.rate([0.5], 0) == pytest.approx(1.0)  # no draft, no drafting cost
+
+
+def test_draft_cost_is_measured_per_batch_size():
+    c = AdaptiveController(4)
+    for _ in range(3):
+        c.observe(1, 2, 1.0, draft_positions=1, draft_seconds=0.2)
+        c.observe(8, 2, 1.0, draft_positions=1, draft_seconds=1.0)
+    assert c.costs.draft_cost(1, 1) == pytest.approx(0.2) and c.costs.draft_cost(8, 1) == pytest.approx(1.0)
+    assert c.costs.draft_cost(4, 3) == pytest.approx((0.1 + 3 / 7 * 0.4) * 4)
+
+
+def test_no_exploring_on_a_batch_where_no_draft_could_pay():
+    """Speculation off: exploring k = 1 happens now and then for a small batch, where a well
+    accepted draft would pay, and never for a batch whose doubled pass costs too much."""
+    small, large = [req(100, 5)], [req(100, 5)] * 16
+    c = AdaptiveController(4, explore_every=2)
+    for n in (1, 2, 4, 5):
+        c.costs.observe_pass(n, 1.0)
+    c.costs.observe_pass(16, 1.0)
+    c.costs.observe_pass(32, 2.0)
+    c.costs.drafts.observe(1, 0.1)
+    picks_small = [c.choose(small)[0] for _ in range(4)]
+    picks_large = [c.choose(large)[0] for _ in range(4)]
+    assert 0 in picks_small and 1 in picks_small
+    assert picks_large == [0, 0, 0, 0]

@@ -9,17 +9,19 @@ for the running batch. Two things are measured, not assumed:
   that fades as evidence comes in. With i.i.d. acceptance a step that drafts k tokens
   commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
 - cost: the wall time of target passes by number of tokens in the pass (batch x (k+1)),
-  and of drafting: k + 1 draft passes for k tokens (catching up on the tokens committed
-  last step is one more pass), so short drafts are not charged as if they cost more per
-  token. Both are running averages of what the engine timed
-  (the first pass of a new size is a warm-up: kernels are set up for the shape, so the
-  second measurement replaces it). Until a pass size has been seen, its cost is
+  and of one draft pass by batch size; a draft of k tokens makes k + 1 draft passes
+  (catching up on the tokens committed last step is one more), so short drafts are not
+  charged as if they cost more per token. Both are running averages of what the engine
+  timed (the first measurement of a new size is a warm-up: kernels are set up for the
+  shape, so the second replaces it). Until a size has been seen, its cost is
   interpolated from the sizes that have, or extended along the slope of the two largest,
   so that longer drafts get tried (and measured) when passes are memory bound.
 
 k = 0 (plain decoding) is always a candidate, so speculation is switched off when it
 does not pay: low acceptance, or a batch so large that verification costs more than it
-saves.
+saves. While it is off, a step with k = 1 now and then keeps acceptance measured, but
+only when drafting could pay at a high acceptance (`OPTIMISTIC_ALPHA`): on a batch too
+large for any draft to pay, exploring would only cost throughput.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Sequence
 from draftwise.config import SpeculativeConfig
 from draftwise.request import RequestState
 
+OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Mean tokens committed by a step that drafts k tokens (bonus included)."""
@@ -38,49 +42,67 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-class CostModel:
-    """Running averages of measured step costs (seconds)."""
+class Curve:
+    """Running averages of a cost by size, read between and beyond the sizes measured."""
 
     def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
-        self.passes: dict[int, float] = {}  # tokens in the target pass -> seconds
-        self.seen: dict[int, int] = {}  # tokens in the target pass -> times measured
-        # drafting seconds per draft pass; a step that drafts k tokens makes k + 1 passes
-        # (first catching the draft up on the tokens committed last step, then k positions)
-        self.draft_per_pass: float | None = None
+        self.values: dict[int, float] = {}  # size -> seconds
+        self.seen: dict[int, int] = {}  # size -> times measured
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+    def observe(self, size: int, seconds: float) -> None:
+        n = self.seen.get(size, 0)
+        self.seen[size] = n + 1
+        old = self.values.get(size)
+        self.values[size] = seconds if n < 2 else (1 - self.smoothing) * old + self.smoothing * seconds
 
-    def observe_pass(self, tokens: int, seconds: float) -> None:
-        n = self.seen.get(tokens, 0)
-        self.seen[tokens] = n + 1
-        self.passes[tokens] = seconds if n < 2 else self._ema(self.passes[tokens], seconds)
-
-    def observe_draft(self, positions: int, seconds: float) -> None:
-        if positions > 0:
-            self.draft_per_pass = self._ema(self.draft_per_pass, seconds / (positions + 1))
-
-    def pass_cost(self, tokens: int) -> float | None:
-        """Seconds of a target pass over `tokens` tokens; None before any measurement."""
-        if not self.passes:
+    def at(self, size: int) -> float | None:
+        """Seconds at `size`; None before any measurement."""
+        v = self.values
+        if not v:
             return None
-        if tokens in self.passes:
-            return self.passes[tokens]
-        sizes = sorted(self.passes)
-        i = bisect.bisect_left(sizes, tokens)
+        if size in v:
+            return v[size]
+        sizes = sorted(v)
+        i = bisect.bisect_left(sizes, size)
         if i == 0:
-            return self.passes[sizes[0]]
+            return v[sizes[0]]
         if i == len(sizes):  # beyond what was seen: the slope of the two largest sizes
             big = sizes[-1]
             if len(sizes) == 1:
-                return self.passes[big]
+                return v[big]
             prev = sizes[-2]
-            slope = max(0.0, (self.passes[big] - self.passes[prev]) / (big - prev))
-            return self.passes[big] + slope * (tokens - big)
+            slope = max(0.0, (v[big] - v[prev]) / (big - prev))
+            return v[big] + slope * (size - big)
         lo, hi = sizes[i - 1], sizes[i]
-        w = (tokens - lo) / (hi - lo)
-        return (1 - w) * self.passes[lo] + w * self.passes[hi]
+        w = (size - lo) / (hi - lo)
+        return (1 - w) * v[lo] + w * v[hi]
+
+
+class CostModel:
+    """Measured step costs (seconds): target passes by tokens in the pass, draft passes by batch."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.passes = Curve(smoothing)
+        # drafting seconds per draft pass; a step that drafts k tokens makes k + 1 passes
+        # (first catching the draft up on the tokens committed last step, then k positions)
+        self.drafts = Curve(smoothing)
+
+    def observe_pass(self, tokens: int, seconds: float) -> None:
+        self.passes.observe(tokens, seconds)
+
+    def observe_draft(self, batch: int, positions: int, seconds: float) -> None:
+        if positions > 0:
+            self.drafts.observe(batch, seconds / (positions + 1))
+
+    def pass_cost(self, tokens: int) -> float | None:
+        """Seconds of a target pass over `tokens` tokens; None before any measurement."""
+        return self.passes.at(tokens)
+
+    def draft_cost(self, batch: int, k: int) -> float:
+        """Seconds of drafting k tokens for `batch` requests (0 before any measurement)."""
+        per_pass = self.drafts.at(batch)
+        return (per_pass or 0.0) * (k + 1) if k else 0.0
 
 
 class AdaptiveController:
@@ -103,8 +125,7 @@ class AdaptiveController:
         cost = self.costs.pass_cost(len(alphas) * (k + 1))
         if cost is None:
             return None
-        draft = (self.costs.draft_per_pass or 0.0) * (k + 1) if k else 0.0
-        return sum(expected_tokens(a, k) for a in alphas) / (cost + draft)
+        return sum(expected_tokens(a, k) for a in alphas) / (cost + self.costs.draft_cost(len(alphas), k))
 
     def choose(self, requests: Sequence[RequestState]) -> list[int]:
         self.steps += 1
@@ -114,14 +135,19 @@ class AdaptiveController:
         if not known:  # nothing measured yet: start at the configured length
             return [self.k_max] * len(requests)
         best = max(known, key=known.__getitem__)
-        if best == 0 and self.steps % self.explore_every == 0:
+        if best == 0 and self.steps % self.explore_every == 0 and self._could_pay(len(requests), known[0]):
             best = 1  # keep measuring acceptance now and then, or alpha could never recover
         return [best] * len(requests)
+
+    def _could_pay(self, batch: int, plain_rate: float) -> bool:
+        """Would drafting beat plain decoding for this batch if acceptance were high?"""
+        optimistic = self.rate([OPTIMISTIC_ALPHA] * batch, 1)
+        return optimistic is not None and optimistic > plain_rate
 
     def observe(self, batch: int, tokens_per_row: int, pass_seconds: float, draft_positions: int,
                 draft_seconds: float) -> None:
         self.costs.observe_pass(batch * tokens_per_row, pass_seconds)
-        self.costs.observe_draft(draft_positions, draft_seconds)
+        self.costs.observe_draft(batch, draft_positions, draft_seconds)
 
 
 class FixedController:

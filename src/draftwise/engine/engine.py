@@ -122,7 +122,7 @@ class Engine:
         t2 = time.perf_counter()
         if self.controller is not None:
             width = 1 + max(len(t) for t in draft.tokens)
-            self.controller.observe(len(reqs), width, t2 - t1, width - 1, t1 - t0)
+            self.controller.observe(len(reqs), width, t2 - t1, width - 1, t1 - t0 - draft.prefill_seconds)
         outputs = []
         for i, (req, res) in enumerate(zip(reqs, results)):
             n_draft = len(draft.tokens[i])

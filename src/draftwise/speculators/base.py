@@ -30,11 +30,15 @@ class Draft:
     probs[i]:   None for a point-mass draft (lookup methods: q = 1 on the proposed token);
                 else [len(tokens[i]), vocab]: the draft distribution each token was
                 sampled from (row j is the distribution at node j's parent).
+    prefill_seconds: time this call spent prefilling prompts into a draft model's cache
+                (once per request, not per draft); the controller leaves it out of the
+                cost of drafting.
     """
 
     tokens: list[list[int]]
     parents: list[list[int] | None]
     probs: list[torch.Tensor | None]
+    prefill_seconds: float = 0.0
 
     @classmethod
     def empty(cls, n: int) -> "Draft":

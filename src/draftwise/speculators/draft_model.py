@@ -3,13 +3,16 @@
 The draft keeps its own KV cache, one row per engine row, in step with the committed
 tokens: before drafting it catches up on whatever it has not seen (the bonus token, and
 the last accepted draft token, which it proposed but never ran), then runs k single-token
-passes for all requests at once. On acceptance it rolls its cache back to the tokens it
+passes for all requests at once. A request's prompt is prefilled into the draft the first
+time it drafts, not at admission: while the controller keeps speculation off (a large
+batch), requests never pay for the draft model at all. On acceptance it rolls its cache back to the tokens it
 drafted that the target kept. With temperature > 0 it samples from its own distribution
 under the request's sampling settings and hands those probabilities to rejection sampling.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -58,11 +61,8 @@ class DraftModelProposer(Proposer):
                    config.num_speculative_tokens)
 
     def begin(self, request: RequestState) -> None:
-        """Prefill the prompt now (with the target's prefill), so that drafting time,
-        which the controller weighs, counts draft passes only."""
         self.seen[request.request_id] = 0
         self.cache.set_length(request.row, 0)
-        self._catch_up([request])
 
     def end(self, request: RequestState) -> None:
         self.seen.pop(request.request_id, None)
@@ -83,6 +83,11 @@ class DraftModelProposer(Proposer):
         if not active:
             return draft
         reqs = [requests[i] for i in active]
+        start = time.perf_counter()
+        fresh = [r for r in reqs if self.seen[r.request_id] == 0]
+        if fresh:  # first draft of these requests: prefill their prompts (timed apart)
+            self._catch_up(fresh, upto=lambda r: len(r.prompt_ids))
+            draft.prefill_seconds = time.perf_counter() - start
         logits = self._catch_up(reqs)  # [n, vocab] after each request's last committed token
         probs_rows: list[list[torch.Tensor]] = [[] for _ in reqs]
         live = list(range(len(reqs)))
@@ -114,11 +119,12 @@ class DraftModelProposer(Proposer):
             logits = fixed
         return target_distribution(logits[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
 
-    def _catch_up(self, reqs: list[RequestState]) -> torch.Tensor:
-        """Run each request's unseen committed tokens; logits after the last one `[n, vocab]`.
-        Requests with the same number of unseen tokens share a pass (no padding, so a
-        row near the end of its cache never gets slots written past it)."""
-        pending = [r.all_ids[self.seen[r.request_id]:] for r in reqs]
+    def _catch_up(self, reqs: list[RequestState], upto=None) -> torch.Tensor:
+        """Run each request's unseen committed tokens (up to `upto(request)` of them when
+        given); logits after the last one `[n, vocab]`. Requests with the same number of
+        unseen tokens share a pass (no padding, so a row near the end of its cache never
+        gets slots written past it)."""
+        pending = [r.all_ids[self.seen[r.request_id]: upto(r) if upto else None] for r in reqs]
         logits: list[torch.Tensor | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for j, p in enumerate(pending):
