@@ -165,14 +165,16 @@ def gguf_path(ref: str) -> Path:
 class LlamaCppPeer:
     """llama-cpp-python on the same GGUF file, fed the same prompt token ids."""
 
-    def __init__(self, path: Path, eos_ids: list[int], tokenizer, lookup: int | None) -> None:
+    def __init__(self, path: Path, eos_ids: list[int], tokenizer, lookup: int | None, n_ctx: int = 8192) -> None:
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
         gpu_layers = -1 if torch.cuda.is_available() else 0
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count(), n_gpu_layers=gpu_layers,
-                                   draft_model=draft, verbose=False)
+        # with a draft, llama-cpp-python keeps logits of every position but sizes its score
+        # buffer by `logits_all` (0.3.36): without it, prompts over n_batch tokens crash
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), n_gpu_layers=gpu_layers,
+                                   draft_model=draft, logits_all=draft is not None, verbose=False)
         self.eos_ids = set(eos_ids) | {self.llm.token_eos()}
         self.tokenizer = tokenizer
 
@@ -214,7 +216,7 @@ def make_peer(name: str, llm, methods: Sequence[Method], settings: BenchSettings
         raise PeerUnavailable("llama-cpp-python is not installed (pip install 'draftwise[llamacpp]')") from None
     ngram = first_config(methods, "ngram")
     lookup = (ngram.num_speculative_tokens if ngram else 4) if name == "llamacpp-lookup" else None
-    return LlamaCppPeer(gguf_path(settings.model), eos_ids, llm.tokenizer, lookup)
+    return LlamaCppPeer(gguf_path(settings.model), eos_ids, llm.tokenizer, lookup, llm.engine.max_model_len)
 
 
 def standing_notes(methods: Sequence[Method]) -> list[str]:

@@ -126,7 +126,8 @@ def markdown(data: dict[str, Any]) -> str:
     s, mc = data["settings"], data["machine"]
     hw = mc["gpu"] or f"{mc['cpu']} ({mc['cores']} cores)"
     lines = [
-        f"## Benchmark: {s['model']} ({s['dtype']})", "",
+        f"## Benchmark: {s['model']} ({s['dtype']}"
+        f"{', ' + s['quantization'] + ' weights' if s.get('quantization', 'none') != 'none' else ''})", "",
         f"Machine: {hw}; torch {mc['torch']}, transformers {mc['transformers']}; {data['date']}.  ",
         f"Dataset: {Path(s['dataset']).name or '-'}"
         f"{' (categories: ' + ', '.join(s['categories']) + ')' if s['categories'] else ''}"
