@@ -12,8 +12,8 @@ from draftwise.sampling import SamplingParams
 def req(drafted: int, accepted: int) -> RequestState:
     """A request whose `drafted` draft tokens were verified one per draft (k = 1)."""
     r = RequestState("r", [1], SamplingParams())
-    r.stats.draft_tokens, r.stats.accepted_tokens = drafted, accepted
-    r.stats.rejections = drafted - accepted
+    for i in range(drafted):
+        r.stats.observe_draft(1, int(i < accepted))
     return r
 
 
@@ -29,6 +29,8 @@ def test_expected_tokens():
     assert expected_tokens(0.0, 5) == 1.0
     assert expected_tokens(1.0, 4) == 5.0
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1.75)
+    assert expected_tokens([0.5, 1.0, 1.0], 3) == pytest.approx(2.5)  # a run: all or nothing
 
 
 def test_flat_pass_cost_and_high_acceptance_drafts_the_maximum():
@@ -69,14 +71,28 @@ def test_first_pass_of_a_size_is_a_warm_up():
     assert 1.0 < m.pass_cost(5) < 2.0
 
 
-def test_acceptance_estimate_does_not_depend_on_draft_length():
-    """Drafts of 4 at alpha 0.5: tokens after a rejection were never tested."""
+def test_acceptance_per_position_does_not_depend_on_draft_length():
+    """Drafts of 4: tokens after a rejection were never tested."""
     r = RequestState("r", [1], SamplingParams())
-    for accepted in [0, 1, 2, 4, 0, 1, 3, 0, 1, 0] * 20:  # mean accepted ~1.2 of 4
+    for accepted in [0, 1, 2, 4, 0, 1, 3, 0, 1, 0] * 20:
         r.stats.observe_draft(4, accepted)
-    c = AdaptiveController(8, prior_weight=0.0)
-    assert c.alpha(r) == pytest.approx(240 / (240 + 180))
-    assert c.alpha(r) > r.stats.accepted_tokens / r.stats.draft_tokens
+    c = AdaptiveController(4, prior_weight=0.0)
+    # position 1: 6 of 10 accepted; 2: 3 of 6; 3: 2 of 3; 4: 1 of 2
+    assert c.acceptance(r) == pytest.approx([0.6, 0.5, 2 / 3, 0.5])
+    assert r.stats.rejected_per_position == [80, 60, 20, 20]
+
+
+def test_runs_of_acceptance_draft_longer_than_iid():
+    """Copying methods are right in runs: half the drafts fail at once, the rest are taken
+    whole. Per position that is worth long drafts; an i.i.d. rate at the same first-token
+    acceptance is not."""
+    runs, iid = RequestState("a", [1], SamplingParams()), RequestState("b", [1], SamplingParams())
+    for i in range(40):
+        runs.stats.observe_draft(4, 4 if i % 2 else 0)
+        iid.stats.observe_draft(4, [0, 1, 0, 2][i % 4])  # a_1 = 0.5, a_2 = 0.5, a_3 = 0
+    c = controller(0.15, k_max=4)
+    assert c.choose([runs]) == [4]
+    assert c.choose([iid])[0] <= 2
 
 
 def test_tree_methods_default_to_a_fixed_budget():

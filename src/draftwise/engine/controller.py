@@ -3,11 +3,15 @@
 The controller picks the draft length k that maximises expected output tokens per second
 for the running batch. Two things are measured, not assumed:
 
-- acceptance: per request, the chance alpha that a draft token is accepted given the ones
-  before it were: accepted / (accepted + rejections), the estimate that does not depend
-  on the draft lengths tried (tokens after a rejection were never tested), with a prior
-  that fades as evidence comes in. With i.i.d. acceptance a step that drafts k tokens
-  commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, bonus included;
+- acceptance: per request and draft position j, the chance a_j that the token at j is
+  accepted given the ones before it were: accepted at j / (accepted at j + rejected at j),
+  an estimate that does not depend on the draft lengths tried (tokens after a rejection
+  were never tested). Each position's prior is the estimate of the position before (the
+  first: 0.5), fading as evidence comes in, so unmeasured positions are read as i.i.d.
+  A step that drafts k tokens commits 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens on
+  average, bonus included. Per position matters for copying methods (prompt lookup,
+  suffix): their drafts are accepted in runs, so once the first token is right the rest
+  usually are, which an i.i.d. rate would miss, drafting too short;
 - cost: the wall time of target passes by number of tokens in the pass (batch x (k+1)),
   and of one draft pass by batch size; a draft of k tokens makes k + 1 draft passes
   (catching up on the tokens committed last step is one more), so short drafts are not
@@ -21,7 +25,8 @@ k = 0 (plain decoding) is always a candidate, so speculation is switched off whe
 does not pay: low acceptance, or a batch so large that verification costs more than it
 saves. While it is off, a step with k = 1 now and then keeps acceptance measured, but
 only when drafting could pay at a high acceptance (`OPTIMISTIC_ALPHA`): on a batch too
-large for any draft to pay, exploring would only cost throughput.
+large for any draft to pay, exploring would only cost throughput. While it is on, a step
+one token longer than the best now and then measures the next position.
 """
 
 from __future__ import annotations
@@ -35,8 +40,15 @@ from draftwise.request import RequestState
 OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Mean tokens committed by a step that drafts k tokens (bonus included)."""
+def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
+    """Mean tokens committed by a step that drafts k tokens (bonus included), for an
+    acceptance rate alpha at every position, or per position (a_1, a_2, ...)."""
+    if not isinstance(alpha, (int, float)):
+        total, reach = 1.0, 1.0
+        for a in alpha[:k]:
+            reach *= a
+            total += reach
+        return total
     if alpha >= 1.0:
         return k + 1.0
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
@@ -115,12 +127,18 @@ class AdaptiveController:
         self.explore_every = explore_every
         self.steps = 0
 
-    def alpha(self, req: RequestState) -> float:
+    def acceptance(self, req: RequestState) -> list[float]:
+        """Estimated a_1..a_kmax of the request (see the module docstring)."""
         s = req.stats
-        tested = s.accepted_tokens + s.rejections  # draft tokens verified with all before them accepted
-        return (s.accepted_tokens + self.prior * self.prior_weight) / (tested + self.prior_weight)
+        out, prior = [], self.prior
+        for j in range(self.k_max):
+            acc = s.accepted_per_position[j] if j < len(s.accepted_per_position) else 0
+            rej = s.rejected_per_position[j] if j < len(s.rejected_per_position) else 0
+            prior = (acc + prior * self.prior_weight) / (acc + rej + self.prior_weight)
+            out.append(prior)
+        return out
 
-    def rate(self, alphas: Sequence[float], k: int) -> float | None:
+    def rate(self, alphas: Sequence[float | Sequence[float]], k: int) -> float | None:
         """Expected committed tokens per second for the batch at draft length k."""
         cost = self.costs.pass_cost(len(alphas) * (k + 1))
         if cost is None:
@@ -129,14 +147,17 @@ class AdaptiveController:
 
     def choose(self, requests: Sequence[RequestState]) -> list[int]:
         self.steps += 1
-        alphas = [self.alpha(r) for r in requests]
+        alphas = [self.acceptance(r) for r in requests]
         rates = {k: self.rate(alphas, k) for k in range(self.k_max + 1)}
         known = {k: r for k, r in rates.items() if r is not None}
         if not known:  # nothing measured yet: start at the configured length
             return [self.k_max] * len(requests)
         best = max(known, key=known.__getitem__)
-        if best == 0 and self.steps % self.explore_every == 0 and self._could_pay(len(requests), known[0]):
-            best = 1  # keep measuring acceptance now and then, or alpha could never recover
+        if self.steps % self.explore_every == 0:  # measure what the estimates cannot see yet
+            if best == 0 and self._could_pay(len(requests), known[0]):
+                best = 1  # or acceptance could never recover
+            elif 0 < best < self.k_max:
+                best += 1  # the next position
         return [best] * len(requests)
 
     def _could_pay(self, batch: int, plain_rate: float) -> bool:

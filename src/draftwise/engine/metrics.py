@@ -19,6 +19,7 @@ class SpecStats:
     rejections: int = 0  # drafts cut short by a rejected token (the rest were accepted whole)
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at depth j
     drafted_per_position: list[int] = field(default_factory=list)  # [k]: drafts that reached depth j
+    rejected_per_position: list[int] = field(default_factory=list)  # [k]: drafts cut short at depth j
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     num_speculative_tokens: list[int] = field(default_factory=list)  # draft length chosen per step
@@ -35,6 +36,10 @@ class SpecStats:
                 store.extend([0] * (n - len(store)))
             for j in range(n):
                 store[j] += 1
+        if num_accepted < num_draft:
+            rejected = self.rejected_per_position
+            rejected.extend([0] * (num_accepted + 1 - len(rejected)))
+            rejected[num_accepted] += 1
 
     def merge(self, other: "SpecStats") -> None:
         for name in ("target_passes", "output_tokens", "drafts", "draft_tokens", "accepted_tokens", "rejections"):
@@ -42,7 +47,8 @@ class SpecStats:
         self.draft_seconds += other.draft_seconds
         self.verify_seconds += other.verify_seconds
         for mine, theirs in ((self.accepted_per_position, other.accepted_per_position),
-                             (self.drafted_per_position, other.drafted_per_position)):
+                             (self.drafted_per_position, other.drafted_per_position),
+                             (self.rejected_per_position, other.rejected_per_position)):
             if len(mine) < len(theirs):
                 mine.extend([0] * (len(theirs) - len(mine)))
             for j, n in enumerate(theirs):
