@@ -25,8 +25,7 @@ k = 0 (plain decoding) is always a candidate, so speculation is switched off whe
 does not pay: low acceptance, or a batch so large that verification costs more than it
 saves. While it is off, a step with k = 1 now and then keeps acceptance measured, but
 only when drafting could pay at a high acceptance (`OPTIMISTIC_ALPHA`): on a batch too
-large for any draft to pay, exploring would only cost throughput. While it is on, a step
-one token longer than the best now and then measures the next position.
+large for any draft to pay, exploring would only cost throughput.
 """
 
 from __future__ import annotations
@@ -153,11 +152,8 @@ class AdaptiveController:
         if not known:  # nothing measured yet: start at the configured length
             return [self.k_max] * len(requests)
         best = max(known, key=known.__getitem__)
-        if self.steps % self.explore_every == 0:  # measure what the estimates cannot see yet
-            if best == 0 and self._could_pay(len(requests), known[0]):
-                best = 1  # or acceptance could never recover
-            elif 0 < best < self.k_max:
-                best += 1  # the next position
+        if best == 0 and self.steps % self.explore_every == 0 and self._could_pay(len(requests), known[0]):
+            best = 1  # keep measuring acceptance now and then, or it could never recover
         return [best] * len(requests)
 
     def _could_pay(self, batch: int, plain_rate: float) -> bool:
