@@ -59,7 +59,20 @@ def test_cost_model_interpolates_and_extrapolates_along_the_last_slope():
     m.observe_pass(6, 2.0)
     assert m.pass_cost(4) == pytest.approx(1.5)
     assert m.pass_cost(12) == pytest.approx(3.5)
-    assert m.pass_cost(1) == 1.0
+    assert m.pass_cost(1) == 0.5  # below: in proportion, so that the shorter pass gets tried
+
+
+def test_plain_decoding_gets_measured_on_a_large_batch():
+    """Having only seen drafting passes of a batch of 16 (64 tokens), the controller must
+    try k = 0 (16 tokens) rather than take it to cost as much as the 64-token pass."""
+    c = AdaptiveController(3)
+    batch = [req(100, 75)] * 16
+    for _ in range(2):
+        c.observe(16, 4, 0.375, draft_positions=3, draft_seconds=4 * 0.088)
+    assert c.choose(batch) == [0] * 16
+    for _ in range(2):
+        c.observe(16, 1, 0.18, draft_positions=0, draft_seconds=0.0)
+    assert c.choose(batch) == [0] * 16  # measured: plain pays on this batch
 
 
 def test_first_pass_of_a_size_is_a_warm_up():
@@ -109,6 +122,7 @@ def test_draft_cost_counts_the_catch_up_pass():
     c = AdaptiveController(8)
     c.observe(1, 3, 1.0, draft_positions=2, draft_seconds=0.3)  # catch-up + 2 positions
     assert c.costs.drafts.at(1) == pytest.approx(0.1)
+    c.observe(1, 1, 1.0, draft_positions=0, draft_seconds=0.0)
     assert c.rate([0.5], 0) == pytest.approx(1.0)  # no draft, no drafting cost
 
 

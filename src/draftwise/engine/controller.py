@@ -19,8 +19,11 @@ for the running batch. Two things are measured, not assumed:
   charged as if they cost more per token. Both are running averages of what the engine
   timed (the first measurement of a new size is a warm-up: kernels are set up for the
   shape, so the second replaces it). Until a size has been seen, its cost is
-  interpolated from the sizes that have, or extended along the slope of the two largest,
-  so that longer drafts get tried (and measured) when passes are memory bound.
+  interpolated from the sizes that have, extended along the slope of the two largest
+  above them (so that longer drafts get tried, and measured, when passes are memory
+  bound), and scaled down in proportion below the smallest (so that a shorter pass, k = 0
+  on a large batch above all, gets tried and measured rather than assumed to cost as much
+  as the shortest one seen).
 
 k = 0 (plain decoding) is always a candidate, so speculation is switched off when it
 does not pay: low acceptance, or a batch so large that verification costs more than it
@@ -77,8 +80,8 @@ class Curve:
             return v[size]
         sizes = sorted(v)
         i = bisect.bisect_left(sizes, size)
-        if i == 0:
-            return v[sizes[0]]
+        if i == 0:  # below what was seen: optimistic, so it gets measured
+            return v[sizes[0]] * size / sizes[0]
         if i == len(sizes):  # beyond what was seen: the slope of the two largest sizes
             big = sizes[-1]
             if len(sizes) == 1:
