@@ -149,3 +149,13 @@ def test_no_exploring_on_a_batch_where_no_draft_could_pay():
     picks_large = [c.choose(large)[0] for _ in range(4)]
     assert 0 in picks_small and 1 in picks_small
     assert picks_large == [0, 0, 0, 0]
+
+
+def test_explorations_back_off_while_speculation_stays_off():
+    c = AdaptiveController(4, explore_every=2)
+    for n in (1, 2, 4, 5):
+        c.costs.observe_pass(n, 1.0)
+    c.costs.drafts.observe(1, 0.1)
+    poor = [req(100, 5)]
+    explored = [step for step in range(1, 41) if c.choose(poor)[0] > 0]
+    assert explored == [2, 4, 8, 16, 32]

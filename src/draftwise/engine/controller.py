@@ -29,7 +29,9 @@ k = 0 (plain decoding) is always a candidate, so speculation is switched off whe
 does not pay: low acceptance, or a batch so large that verification costs more than it
 saves. While it is off, a step with k = 1 now and then keeps acceptance measured, but
 only when drafting could pay at a high acceptance (`OPTIMISTIC_ALPHA`): on a batch too
-large for any draft to pay, exploring would only cost throughput.
+large for any draft to pay, exploring would only cost throughput. Each exploration that
+leaves speculation off doubles the wait before the next (from `explore_every` steps up
+to `MAX_EXPLORE_GAP`), so a settled "off" costs little.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from draftwise.config import SpeculativeConfig
 from draftwise.request import RequestState
 
 OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
+MAX_EXPLORE_GAP = 256  # steps between explorations at most
 
 
 def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
@@ -128,6 +131,8 @@ class AdaptiveController:
         self.prior, self.prior_weight = prior, prior_weight
         self.costs = CostModel()
         self.explore_every = explore_every
+        self.explore_gap = explore_every  # steps to the next exploration while speculation is off
+        self.next_explore = explore_every
         self.steps = 0
 
     def acceptance(self, req: RequestState) -> list[float]:
@@ -156,8 +161,13 @@ class AdaptiveController:
         if not known:  # nothing measured yet: start at the configured length
             return [self.k_max] * len(requests)
         best = max(known, key=known.__getitem__)
-        if best == 0 and self.steps % self.explore_every == 0 and self._could_pay(len(requests), known[0]):
-            best = 1  # keep measuring acceptance now and then, or it could never recover
+        if best > 0:
+            self.explore_gap = self.explore_every
+        elif self.steps >= self.next_explore:
+            self.next_explore = self.steps + self.explore_gap
+            if self._could_pay(len(requests), known[0]):
+                best = 1  # keep measuring acceptance now and then, or it could never recover
+                self.explore_gap = min(2 * self.explore_gap, MAX_EXPLORE_GAP)
         return [best] * len(requests)
 
     def _could_pay(self, batch: int, plain_rate: float) -> bool:
