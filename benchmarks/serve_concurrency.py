@@ -1,12 +1,13 @@
 """Serving throughput and latency at several concurrencies, speculation on and off, in one run.
 
 Loads the target once, serves it over loopback with `draftwise serve`'s app (continuous
-batching), and drives it with `draftwise loadtest` at each concurrency: first plain
-decoding, then the same with speculation (switched with `LLM.set_speculation`, same
-weights, same prompts). Prints output tokens/s, mean TTFT and TPOT, and the ratio
-speculative / plain per concurrency, with the machine named.
+batching), and drives it with `draftwise loadtest` at each concurrency, plain decoding and
+speculation alternating (switched with `LLM.set_speculation`: same weights, same prompts,
+a fresh controller each time) `--repeats` times, so that the machine's drift hits both
+alike. Prints output tokens/s, mean TTFT and TPOT (medians over the repeats) and the
+median of the paired ratios speculative / plain per concurrency, with the machine named.
 
-    python benchmarks/serve_concurrency.py --model qwen2.5-coder-1.5b \
+    python benchmarks/serve_concurrency.py --model qwen2.5-coder-1.5b --requests 16 --repeats 3 \
         --speculative-config '{"method": "draft_model", "model": "qwen2.5-coder-0.5b"}'
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 
 from draftwise.api import LLM
 from draftwise.bench.report import machine_info
@@ -30,13 +32,10 @@ PROMPTS = [
 ]
 
 
-def measure(llm: LLM, concurrencies: list[int], requests_per_level: int, max_tokens: int) -> dict[int, dict]:
-    out = {}
+def measure(llm: LLM, concurrency: int, requests: int, max_tokens: int) -> dict:
     with ServerThread(create_app(llm)) as server:
-        for c in concurrencies:
-            out[c] = asyncio.run(run_loadtest(server.url, concurrency=c, requests=max(requests_per_level, c),
-                                              max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
-    return out
+        return asyncio.run(run_loadtest(server.url, concurrency=concurrency, requests=max(requests, concurrency),
+                                        max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
 
 
 def main() -> None:
@@ -47,26 +46,36 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least the level)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--repeats", type=int, default=2, help="plain / speculative pairs per concurrency")
     args = ap.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=max(args.concurrency))
-    results = {}
-    for label, spec in (("plain", None), ("speculative", args.speculative_config)):
-        llm.set_speculation(spec)
-        results[label] = measure(llm, args.concurrency, args.requests, args.max_tokens)
+    runs: dict[int, dict[str, list[dict]]] = {c: {"plain": [], "speculative": []} for c in args.concurrency}
+    for c in args.concurrency:
+        for _ in range(args.repeats):
+            for label, spec in (("plain", None), ("speculative", args.speculative_config)):
+                llm.set_speculation(spec)
+                runs[c][label].append(measure(llm, c, args.requests, args.max_tokens))
 
     info = machine_info(args.dtype, "")
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     print(f"model: {args.model} ({args.dtype}), speculation: {json.loads(args.speculative_config)}, "
-          f"{args.max_tokens} tokens per request")
+          f"{args.max_tokens} tokens per request, {args.repeats} alternating pairs per level (medians)")
     print(f"{'concurrency':>11} | {'plain tok/s':>11} | {'spec tok/s':>10} | {'ratio':>5} | "
           f"{'plain TTFT ms':>13} | {'spec TTFT ms':>12} | {'plain TPOT ms':>13} | {'spec TPOT ms':>12}")
     for c in args.concurrency:
-        p, s = results["plain"][c], results["speculative"][c]
-        ratio = s["output_throughput"] / p["output_throughput"] if p["output_throughput"] else 0.0
+        pairs = list(zip(runs[c]["plain"], runs[c]["speculative"]))
+        ratio = statistics.median(b["output_throughput"] / a["output_throughput"] for a, b in pairs
+                                  if a["output_throughput"])
+        p, s = ({k: statistics.median(r[k] for r in runs[c][label]) for k in
+                 ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")} for label in ("plain", "speculative"))
         print(f"{c:>11} | {p['output_throughput']:>11.2f} | {s['output_throughput']:>10.2f} | {ratio:>5.2f} | "
               f"{p['mean_ttft_ms']:>13.0f} | {s['mean_ttft_ms']:>12.0f} | {p['mean_tpot_ms']:>13.1f} | "
               f"{s['mean_tpot_ms']:>12.1f}")
+    for c in args.concurrency:
+        pairs = zip(runs[c]["plain"], runs[c]["speculative"])
+        print(f"concurrency {c}: paired ratios " + ", ".join(
+            f"{b['output_throughput'] / a['output_throughput']:.2f}" for a, b in pairs if a["output_throughput"]))
 
 
 if __name__ == "__main__":
