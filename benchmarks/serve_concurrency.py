@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 
@@ -34,8 +35,10 @@ PROMPTS = [
 
 def measure(llm: LLM, concurrency: int, requests: int, max_tokens: int) -> dict:
     with ServerThread(create_app(llm)) as server:
-        return asyncio.run(run_loadtest(server.url, concurrency=concurrency, requests=max(requests, concurrency),
-                                        max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
+        result = asyncio.run(run_loadtest(server.url, concurrency=concurrency, requests=max(requests, concurrency),
+                                          max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
+    gc.collect()  # the app and its engine loop hold the engine: free it before the next one is built
+    return result
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -100,6 +101,9 @@ class LLM:
         max_batch_size, max_model_len, dtype, progress = self._settings
         model, tokenizer = self.model, self.tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
+        if getattr(self, "engine", None) is not None:  # free the old KV caches and draft before allocating anew
+            self.engine = None
+            gc.collect()
         spec = self.speculative_config
         max_len = context_window(model, max_model_len)
         target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None))
