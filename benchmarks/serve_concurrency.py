@@ -1,10 +1,10 @@
 """Serving throughput and latency at several concurrencies, speculation on and off, in one run.
 
-Loads the target once, serves it over loopback with `draftwise serve`'s app (continuous
-batching), and drives it with `draftwise loadtest` at each concurrency, plain decoding and
-speculation alternating (switched with `LLM.set_speculation`: same weights, same prompts,
-a fresh controller each time) `--repeats` times, so that the machine's drift hits both
-alike. Prints output tokens/s, mean TTFT and TPOT (medians over the repeats) and the
+Loads the target once and serves it over loopback twice with `draftwise serve`'s app
+(continuous batching): one server plain, one with speculation (same weights, same
+prompts). `draftwise loadtest` drives them at each concurrency, alternating between the
+two `--repeats` times, so that the machine's drift hits both alike; the speculative
+server's controller keeps what it learned across runs, as a long-running server would. Prints output tokens/s, mean TTFT and TPOT (medians over the repeats) and the
 median of the paired ratios speculative / plain per concurrency, with the machine named.
 
     python benchmarks/serve_concurrency.py --model qwen2.5-coder-1.5b --requests 16 --repeats 3 \
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import statistics
 
@@ -33,12 +32,9 @@ PROMPTS = [
 ]
 
 
-def measure(llm: LLM, concurrency: int, requests: int, max_tokens: int) -> dict:
-    with ServerThread(create_app(llm)) as server:
-        result = asyncio.run(run_loadtest(server.url, concurrency=concurrency, requests=max(requests, concurrency),
-                                          max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
-    gc.collect()  # the app and its engine loop hold the engine: free it before the next one is built
-    return result
+def measure(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    return asyncio.run(run_loadtest(url, concurrency=concurrency, requests=max(requests, concurrency),
+                                    max_tokens=max_tokens, prompts=PROMPTS, ignore_eos=True))
 
 
 def main() -> None:
@@ -52,13 +48,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="plain / speculative pairs per concurrency")
     args = ap.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, max_batch_size=max(args.concurrency))
+    batch = max(args.concurrency)
+    plain = LLM(args.model, dtype=args.dtype, max_batch_size=batch)
+    spec = LLM.from_model(plain.model, plain.tokenizer, speculative_config=args.speculative_config,
+                          max_batch_size=batch)
     runs: dict[int, dict[str, list[dict]]] = {c: {"plain": [], "speculative": []} for c in args.concurrency}
-    for c in args.concurrency:
-        for _ in range(args.repeats):
-            for label, spec in (("plain", None), ("speculative", args.speculative_config)):
-                llm.set_speculation(spec)
-                runs[c][label].append(measure(llm, c, args.requests, args.max_tokens))
+    with ServerThread(create_app(plain)) as plain_server, ServerThread(create_app(spec)) as spec_server:
+        for c in args.concurrency:
+            for _ in range(args.repeats):
+                for label, server in (("plain", plain_server), ("speculative", spec_server)):
+                    runs[c][label].append(measure(server.url, c, args.requests, args.max_tokens))
 
     info = machine_info(args.dtype, "")
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
