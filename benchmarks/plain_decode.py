@@ -79,7 +79,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        peer = LlamaCppPeer(gguf_path(args.model), list(model.config.eos_token_ids), tok, None)
+        peer = LlamaCppPeer(gguf_path(args.model), list(model.config.eos_token_ids), tok, None, llm.engine.max_model_len)
         greedy_long = SamplingParams(max_tokens=args.tokens)  # llama.cpp peer stops only at EOS or max_tokens
 
         def llamacpp() -> float:

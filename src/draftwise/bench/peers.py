@@ -165,7 +165,7 @@ def gguf_path(ref: str) -> Path:
 class LlamaCppPeer:
     """llama-cpp-python on the same GGUF file, fed the same prompt token ids."""
 
-    def __init__(self, path: Path, eos_ids: list[int], tokenizer, lookup: int | None, n_ctx: int = 8192) -> None:
+    def __init__(self, path: Path, eos_ids: list[int], tokenizer, lookup: int | None, n_ctx: int) -> None:
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from draftwise.models.quantize import QUANTIZATIONS
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -44,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (default bf16)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's, at most 8192)")
-    g.add_argument("--quantization", default="none", choices=["none", "int8", "int8-all", "int4", "int4-all"],
+    g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="weight-only quantization (default none): int8 = the decoder projections in int8, "
                         "reading half the bytes; int4 = in 4 bits (groups of 32), a quarter; -all = the LM head "
                         "in int8 too")

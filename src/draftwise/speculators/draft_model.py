@@ -5,8 +5,8 @@ tokens: before drafting it catches up on whatever it has not seen (the bonus tok
 the last accepted draft token, which it proposed but never ran), then runs k single-token
 passes for all requests at once. A request's prompt is prefilled into the draft the first
 time it drafts, not at admission: while the controller keeps speculation off (a large
-batch), requests never pay for the draft model at all. On acceptance it rolls its cache back to the tokens it
-drafted that the target kept. With temperature > 0 it samples from its own distribution
+batch), requests never pay for the draft model at all. On acceptance it rolls its cache
+back to the tokens it drafted that the target kept. With temperature > 0 it samples from its own distribution
 under the request's sampling settings and hands those probabilities to rejection sampling.
 """
 
@@ -83,10 +83,10 @@ class DraftModelProposer(Proposer):
         if not active:
             return draft
         reqs = [requests[i] for i in active]
-        start = time.perf_counter()
         fresh = [r for r in reqs if self.seen[r.request_id] == 0]
         if fresh:  # first draft of these requests: prefill their prompts (timed apart)
-            self._catch_up(fresh, upto=lambda r: len(r.prompt_ids))
+            start = time.perf_counter()
+            self._catch_up(fresh, prompt_only=True)
             draft.prefill_seconds = time.perf_counter() - start
         logits = self._catch_up(reqs)  # [n, vocab] after each request's last committed token
         probs_rows: list[list[torch.Tensor]] = [[] for _ in reqs]
@@ -119,12 +119,12 @@ class DraftModelProposer(Proposer):
             logits = fixed
         return target_distribution(logits[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
 
-    def _catch_up(self, reqs: list[RequestState], upto=None) -> torch.Tensor:
-        """Run each request's unseen committed tokens (up to `upto(request)` of them when
-        given); logits after the last one `[n, vocab]`. Requests with the same number of
-        unseen tokens share a pass (no padding, so a row near the end of its cache never
-        gets slots written past it)."""
-        pending = [r.all_ids[self.seen[r.request_id]: upto(r) if upto else None] for r in reqs]
+    def _catch_up(self, reqs: list[RequestState], prompt_only: bool = False) -> torch.Tensor:
+        """Run each request's unseen committed tokens (of its prompt only, with
+        `prompt_only`); logits after the last one `[n, vocab]`. Requests with the same
+        number of unseen tokens share a pass (no padding, so a row near the end of its
+        cache never gets slots written past it)."""
+        pending = [r.all_ids[self.seen[r.request_id]: len(r.prompt_ids) if prompt_only else None] for r in reqs]
         logits: list[torch.Tensor | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for j, p in enumerate(pending):
