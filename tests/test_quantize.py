@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from draftwise.api import LLM
-from draftwise.models.quantize import PROJECTIONS, Int4Linear, Int8Linear, quantize
+from draftwise.models.quantize import PROJECTIONS, Int4Linear, Int8Linear, W8A8Linear, quantize
 from draftwise.sampling import SamplingParams
 
 
@@ -21,6 +21,28 @@ def test_int8_linear_is_close_and_row_invariant():
     all_rows = lin.rows(x)
     for i in range(9):
         assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_w8a8_linear_sums_exactly_and_is_row_invariant(kernel):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 64), torch.randn(9, 64, dtype=torch.bfloat16) * 3
+    lin = W8A8Linear(w, torch.randn(96), torch.bfloat16)
+    if kernel == "int_mm":
+        lin.packed = None
+    elif lin.packed is None:
+        pytest.skip("no fbgemm in this torch build")
+    all_rows = lin.rows(x)
+    # the kernel's result is the exact integer sum, scaled: compare with float64
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(xf / s).double()
+    exact = (xq @ lin.qweight.double().T) * lin.scales.double() * s.double() + lin.bias.double()
+    assert torch.allclose(all_rows.double(), exact, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    assert (all_rows.float() - x.float() @ w.T - lin.bias.float()).abs().max() < 0.05 * exact.abs().max()
+    for i in range(9):
+        assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
+    assert torch.equal(lin.rows(x[:4]), all_rows[:4])
 
 
 def test_int4_linear_is_close_and_row_invariant():
@@ -43,13 +65,14 @@ def test_int4_refuses_shapes_it_cannot_group():
         Int4Linear(torch.randn(16, 40), None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["int8", "int8-all", "int4", "int4-all"])
+@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all"])
 def test_quantized_model_tracks_the_original(method):
     model = tiny_model("qwen2", torch.bfloat16)
     q = quantize(copy.deepcopy(model), method)
-    kind = Int4Linear if method.startswith("int4") else Int8Linear
+    kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[method.split("-")[0]]
     assert q.quantization == method and isinstance(q.model.layers[0].mlp.up_proj, kind)
-    assert isinstance(q.quantized_head, Int8Linear) == method.endswith("-all")
+    head = W8A8Linear if kind is W8A8Linear else Int8Linear
+    assert isinstance(q.quantized_head, head) == method.endswith("-all")
     ids = torch.randint(0, 260, (1, 40))
     a = model(ids, torch.arange(40)[None], model.new_cache(1, 64)).logits
     b = q(ids, torch.arange(40)[None], q.new_cache(1, 64)).logits
@@ -64,12 +87,12 @@ def test_quantized_model_tracks_the_original(method):
         fake.lm_head.weight.data = q.quantized_head.dequantized().to(torch.bfloat16)
     c = fake(ids, torch.arange(40)[None], fake.new_cache(1, 64)).logits
     assert (b.float() - c.float()).norm() <= 0.05 * c.float().norm()
-    if kind is Int8Linear:  # 4 bits on random weights move the logits too much for argmax agreement
+    if kind is not Int4Linear:  # 4 bits on random weights move the logits too much for argmax agreement
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
         assert agree >= 0.8, agree
 
 
-@pytest.mark.parametrize("method", ["int8", "int8-all", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4"])
 def test_greedy_speculation_is_exact_within_quantization(tokenizer, method):
     q = quantize(tiny_model("qwen2", torch.bfloat16, std=0.1), method)  # peaked: repetitive text
     prompts = ["abcabcabcabc", "one two one two one"]

@@ -47,9 +47,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's, at most 8192)")
     g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                   help="weight-only quantization (default none): int8 = the decoder projections in int8, "
-                        "reading half the bytes; int4 = in 4 bits (groups of 32), a quarter; -all = the LM head "
-                        "in int8 too")
+                   help="quantization (default none): int8 = the decoder projections' weights in int8, "
+                        "reading half the bytes; w8a8 = int8 weights and int8 activations, whose pass over 8 "
+                        "tokens costs about one token's (best with speculation on CPU); int4 = 4-bit weights "
+                        "(groups of 32), a quarter; -all = the LM head in int8 too")
 
 
 def add_speculation_args(p: argparse.ArgumentParser) -> None:

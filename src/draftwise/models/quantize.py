@@ -1,9 +1,15 @@
-"""Weight-only quantization of the native model's projections: int8 and int4.
+"""Quantization of the native model's projections: int8 weights (with or without int8
+activations) and int4 weights.
 
 - `int8`: each projection's weight becomes int8 with one scale per output channel
   (symmetric, round to nearest); the matmul runs in `torch.ops.aten._weight_int8pack_mm`,
   which reads half the bytes of bf16. Decoding is bound by memory bandwidth, so it runs
-  faster.
+  faster. Its cost grows with the rows of a pass (8 rows: about 2x one row).
+- `w8a8`: the same int8 weights, and each input row quantized to int8 with its own scale
+  when it arrives; the products are summed exactly in int32 by fbgemm's int8 kernel (VNNI
+  on x86), which reads the weights once for up to 8-16 rows, so a pass verifying 8 tokens
+  costs little more than one. Rounding the activations costs a little accuracy (measured
+  by `draftwise bench --quality`).
 - `int4`: 4-bit weights in groups of `INT4_GROUP` input channels, each group with its own
   scale and offset (asymmetric, min to max); the matmul runs in
   `torch.ops.aten._weight_int4pack_mm_for_cpu`, a quarter of the bytes of bf16 plus the
@@ -11,23 +17,34 @@
   Q4_K_M file is requantized almost without loss.
 - The embeddings, norms and the LM head keep the model's dtype (the head decides the
   argmax; keeping it exact keeps greedy agreement with the unquantized model high).
-  `int8-all` and `int4-all` also give the forward pass an int8 copy of the LM head (the
-  original stays for embedding lookups and for draft heads that borrow it): on a large
-  vocabulary the head is a quarter of the bytes a bf16 decode step reads.
+  `int8-all`, `w8a8-all` and `int4-all` also give the forward pass an int8 copy of the LM
+  head (int8 with int8 activations for `w8a8-all`; the original stays for embedding
+  lookups and for draft heads that borrow it): on a large vocabulary the head is a
+  quarter of the bytes a bf16 decode step reads.
 
 Quantization changes the model, so it is opt-in (`--quantization int8`) and named in
-every report. Within one setting the lossless promise holds exactly as without it: the
-int8 kernel gives each row the same result whatever the number of rows (checked in
-tests/test_quantize.py), so greedy speculative output equals plain decoding.
+every report. Within one setting the lossless promise holds exactly as without it: each
+kernel gives each row the same result whatever the number of rows (integer sums are
+exact; checked in tests/test_quantize.py), so greedy speculative output equals plain
+decoding.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int8-all", "int4", "int4-all")
+QUANTIZATIONS = ("none", "int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all")
 INT4_GROUP = 32
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight `[out, in]`, float32 scale per output channel): symmetric, round to nearest."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
 class Int8Linear(nn.Module):
@@ -35,13 +52,11 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # [out, in]
+        q, scales = int8_per_channel(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x `[n, in]` -> `[n, out]`."""
@@ -53,6 +68,58 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
+
+
+class W8A8Linear(nn.Module):
+    """y = (x quantized to int8 per row) @ (int8 weight).T * scales + bias, summed exactly in int32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        q, scales = int8_per_channel(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.packed = _fbgemm_pack(q, scales) if weight.device.type == "cpu" else None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[n, in]` -> `[n, out]`."""
+        xf = x.float()
+        s = (xf.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-12)  # one scale per row
+        xq = torch.round(xf / s).clamp(-127, 127)  # integers, as float
+        if self.packed is not None and x.device.type == "cpu":
+            y = _fbgemm_int8_mm(xq, self.packed)  # = (xq @ qweight.T) * scales
+        elif x.device.type == "cpu":  # no fbgemm: the same exact int32 sums, slower
+            y = torch._int_mm(xq.to(torch.int8), self.qweight.T).float() * self.scales
+        else:  # no int8 kernel assumed
+            y = (xq @ self.qweight.float().T) * self.scales
+        y = (y * s).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+
+def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
+    """The int8 weight prepacked for fbgemm's dynamic int8 linear (None where it is missing)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    with warnings.catch_warnings():  # quantized tensors are deprecated, the kernel is not replaced yet
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _fbgemm_int8_mm(xq: torch.Tensor, packed) -> torch.Tensor:
+    """(xq @ q.T) * scales for integer-valued xq in [-127, 127], exactly.
+
+    fbgemm's dynamic linear quantizes its whole input with one scale and offset from the
+    input's min and max; an extra row holding -128 and 127 makes that scale exactly 1 and
+    the offset 128, so every row's integers pass through unchanged, the products are summed
+    in int32 and each row's result is independent of the other rows."""
+    calibration = xq.new_zeros(1, xq.shape[1])
+    calibration[0, 0], calibration[0, -1] = -128, 127
+    return torch.ops.quantized.linear_dynamic(torch.cat([xq, calibration]), packed, False)[:-1]
 
 
 class Int4Linear(nn.Module):
@@ -117,7 +184,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if method == "none":
         return model
     dtype = model.dtype
-    kind = Int4Linear if method.startswith("int4") else Int8Linear
+    kind = Int4Linear if method.startswith("int4") else W8A8Linear if method.startswith("w8a8") else Int8Linear
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJECTIONS:
@@ -125,6 +192,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
                 if isinstance(lin, nn.Linear):
                     setattr(parent, name, kind(lin.weight.data, lin.bias, dtype))
     if method.endswith("-all"):
-        model.quantized_head = Int8Linear(model.head_weight.data, None, dtype)  # forward reads only this
+        head = W8A8Linear if kind is W8A8Linear else Int8Linear
+        model.quantized_head = head(model.head_weight.data, None, dtype)  # forward reads only this
     model.quantization = method
     return model

@@ -227,7 +227,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
-        self.quantized_head: nn.Module | None = None  # set by models/quantize.py ("int8-all", "int4-all")
+        self.quantized_head: nn.Module | None = None  # set by models/quantize.py (the "-all" settings)
 
     @property
     def head_weight(self) -> torch.Tensor:
