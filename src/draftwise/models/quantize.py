@@ -73,6 +73,8 @@ class Int8Linear(nn.Module):
 class W8A8Linear(nn.Module):
     """y = (x quantized to int8 per row) @ (int8 weight).T * scales + bias, summed exactly in int32."""
 
+    pad_rows = False  # integer sums are exact: a row's result never depends on the other rows
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         q, scales = int8_per_channel(weight)
@@ -80,15 +82,16 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self.packed = _fbgemm_pack(q, scales) if weight.device.type == "cpu" else None
+        self.fbgemm = FbgemmInt8(q, scales) if weight.device.type == "cpu" and FbgemmInt8.available() else None
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x `[n, in]` -> `[n, out]`."""
         xf = x.float()
-        s = (xf.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-12)  # one scale per row
-        xq = torch.round(xf / s).clamp(-127, 127)  # integers, as float
-        if self.packed is not None and x.device.type == "cpu":
-            y = _fbgemm_int8_mm(xq, self.packed)  # = (xq @ qweight.T) * scales
+        top = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-12)  # each row's own scale: top / 127
+        xq = torch.round(xf * (127.0 / top))  # integers in [-127, 127], as float
+        s = top / 127.0
+        if self.fbgemm is not None and x.device.type == "cpu":
+            y = self.fbgemm(xq)  # = (xq @ qweight.T) * scales
         elif x.device.type == "cpu":  # no fbgemm: the same exact int32 sums, slower
             y = torch._int_mm(xq.to(torch.int8), self.qweight.T).float() * self.scales
         else:  # no int8 kernel assumed
@@ -100,26 +103,35 @@ class W8A8Linear(nn.Module):
         return self.qweight.float() * self.scales[:, None]
 
 
-def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
-    """The int8 weight prepacked for fbgemm's dynamic int8 linear (None where it is missing)."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    with warnings.catch_warnings():  # quantized tensors are deprecated, the kernel is not replaced yet
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, None)
+class FbgemmInt8:
+    """fbgemm's dynamic int8 linear (VNNI on x86) used as an exact int8 x int8 -> int32 product.
 
+    The kernel quantizes its whole input with one scale and offset taken from the input's
+    min and max. Two extra input columns, with zero weights, hold -128 and 127 in the first
+    row: that makes the scale exactly 1 and the offset 128, so integer-valued inputs in
+    [-127, 127] pass through unchanged, the products are summed in int32, and each row's
+    result depends on nothing but that row."""
 
-def _fbgemm_int8_mm(xq: torch.Tensor, packed) -> torch.Tensor:
-    """(xq @ q.T) * scales for integer-valued xq in [-127, 127], exactly.
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        q = torch.cat([q, q.new_zeros(q.shape[0], 2)], 1)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; the kernel has no successor yet
+            warnings.simplefilter("ignore")
+            zero = torch.zeros_like(scales, dtype=torch.long)
+            self.packed = torch.ops.quantized.linear_prepack(
+                torch._make_per_channel_quantized_tensor(q, scales.double(), zero, 0), None)
+        self.pins = torch.zeros(0, 2)
 
-    fbgemm's dynamic linear quantizes its whole input with one scale and offset from the
-    input's min and max; an extra row holding -128 and 127 makes that scale exactly 1 and
-    the offset 128, so every row's integers pass through unchanged, the products are summed
-    in int32 and each row's result is independent of the other rows."""
-    calibration = xq.new_zeros(1, xq.shape[1])
-    calibration[0, 0], calibration[0, -1] = -128, 127
-    return torch.ops.quantized.linear_dynamic(torch.cat([xq, calibration]), packed, False)[:-1]
+    @staticmethod
+    def available() -> bool:
+        return "fbgemm" in torch.backends.quantized.supported_engines
+
+    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
+        """xq `[n, in]` (float, integer values in [-127, 127]) -> (xq @ q.T) * scales `[n, out]`, float32."""
+        n = xq.shape[0]
+        if self.pins.shape[0] < n:
+            self.pins = torch.zeros(max(n, 64), 2)
+            self.pins[0, 0], self.pins[0, 1] = -128, 127
+        return torch.ops.quantized.linear_dynamic(torch.cat([xq, self.pins[:n]], 1), self.packed, False)
 
 
 class Int4Linear(nn.Module):

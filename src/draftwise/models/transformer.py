@@ -72,10 +72,14 @@ def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A projection: nn.Linear, or a quantized module with `rows(x)` (models/quantize.py)."""
+    """A projection: nn.Linear, or a quantized module with `rows(x)` (models/quantize.py);
+    rows are padded unless the module says its rows never depend on each other."""
     if isinstance(layer, nn.Linear):
         return padded_linear(x, layer.weight, layer.bias)
-    return on_padded_rows(x, layer.rows)
+    if getattr(layer, "pad_rows", True):
+        return on_padded_rows(x, layer.rows)
+    out = layer.rows(x.reshape(-1, x.shape[-1]))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # --- rotary embeddings ----------------------------------------------------------------
@@ -236,7 +240,7 @@ class Transformer(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: final-norm states `[..., hidden]` -> logits `[..., vocab]`."""
         if self.quantized_head is not None:
-            return on_padded_rows(x, self.quantized_head.rows)
+            return proj(self.quantized_head, x)
         return padded_linear(x, self.head_weight, None)
 
     @property
