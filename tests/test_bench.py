@@ -130,6 +130,12 @@ def test_malformed_dataset_line_names_the_line(tmp_path):
         load_questions(path)
 
 
+def test_draft_model_without_its_model_is_refused_before_running():
+    with pytest.raises(BadInput, match="draft_model needs its draft model"):
+        parse_methods(["ngram", "draft_model"])
+    assert parse_methods(['{"method": "draft_model", "model": "m"}'])[1].label == "draft_model:m"
+
+
 def test_categories_and_limit(dataset):
     assert [q.question_id for q in load_questions(dataset, ["mt_bench", "qa"])] == [81, 321]
     assert [q.question_id for q in load_questions(dataset, ["writing"], limit=1)] == [81]

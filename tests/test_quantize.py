@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from draftwise.api import LLM
-from draftwise.models.quantize import PROJECTIONS, Int4Linear, Int8Linear, W8A8Linear, quantize
+from draftwise.models.quantize import ALONE, FUSED, Int4Linear, Int8Linear, W8A8Linear, quantize
 from draftwise.sampling import SamplingParams
 
 
@@ -61,6 +61,15 @@ def test_int4_linear_is_close_and_row_invariant():
         assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
 
 
+@pytest.mark.parametrize("kind", [Int8Linear, W8A8Linear, Int4Linear])
+def test_fused_projections_give_what_each_gives_alone(kind):
+    torch.manual_seed(0)
+    ws, x = [torch.randn(n, 64) for n in (48, 16, 16)], torch.randn(5, 64, dtype=torch.bfloat16)
+    fused = kind(torch.cat(ws), None, torch.bfloat16).rows(x)
+    alone = torch.cat([kind(w, None, torch.bfloat16).rows(x) for w in ws], -1)
+    assert torch.equal(fused, alone)
+
+
 def test_int4_refuses_shapes_it_cannot_group():
     with pytest.raises(ValueError, match="divisible"):
         Int4Linear(torch.randn(16, 40), None, torch.bfloat16)
@@ -71,7 +80,7 @@ def test_quantized_model_tracks_the_original(method):
     model = tiny_model("qwen2", torch.bfloat16)
     q = quantize(copy.deepcopy(model), method)
     kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[method.split("-")[0]]
-    assert q.quantization == method and isinstance(q.model.layers[0].mlp.up_proj, kind)
+    assert q.quantization == method and isinstance(q.model.layers[0].mlp.gate_up_proj, kind)
     head = W8A8Linear if kind is W8A8Linear else Int8Linear
     assert isinstance(q.quantized_head, head) == method.endswith("-all")
     ids = torch.randint(0, 260, (1, 40))
@@ -81,7 +90,12 @@ def test_quantized_model_tracks_the_original(method):
     fake = copy.deepcopy(model)
     for layer, qlayer in zip(fake.model.layers, q.model.layers):
         for part, qpart in ((layer.self_attn, qlayer.self_attn), (layer.mlp, qlayer.mlp)):
-            for name in PROJECTIONS:
+            for fused, names in FUSED.items():
+                if hasattr(qpart, fused):  # one matrix, the projections' weights one above the other
+                    weights = getattr(qpart, fused).dequantized().split([getattr(part, n).out_features for n in names])
+                    for name, w in zip(names, weights):
+                        getattr(part, name).weight.data = w.to(torch.bfloat16)
+            for name in ALONE:
                 if hasattr(part, name):
                     getattr(part, name).weight.data = getattr(qpart, name).dequantized().to(torch.bfloat16)
     if q.quantized_head is not None:

@@ -41,6 +41,9 @@ def parse_method(spec: str) -> Method:
     raw = text if text.startswith("{") else {"method": text}
     config = parse_speculative_config(raw)
     assert config is not None
+    if config.method == "draft_model" and not config.model:  # caught here, not after the methods before it ran
+        raise BadInput('speculator draft_model needs its draft model: --speculator '
+                       '\'{"method": "draft_model", "model": "NAME|PATH"}\'')
     return Method(label_of(config), config)
 
 

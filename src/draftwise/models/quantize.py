@@ -186,11 +186,14 @@ def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
 
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # same input
+ALONE = ("o_proj", "down_proj")
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
-    """Replace the decoder layers' projections in place; returns the model."""
+    """Replace the decoder layers' projections in place; returns the model. Projections
+    that read the same input are fused into one matrix (fewer, larger kernel calls; the
+    per-output-channel scales make each output the same as unfused)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if method == "none":
@@ -199,7 +202,13 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     kind = Int4Linear if method.startswith("int4") else W8A8Linear if method.startswith("w8a8") else Int8Linear
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
-            for name in PROJECTIONS:
+            for fused, names in FUSED.items():
+                if hasattr(parent, fused):
+                    parent_linears = [getattr(parent, name) for name in names]
+                    setattr(parent, fused, kind(*_stacked(parent_linears), dtype))
+                    for name in names:
+                        delattr(parent, name)
+            for name in ALONE:
                 lin = getattr(parent, name, None)
                 if isinstance(lin, nn.Linear):
                     setattr(parent, name, kind(lin.weight.data, lin.bias, dtype))
@@ -208,3 +217,12 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         model.quantized_head = head(model.head_weight.data, None, dtype)  # forward reads only this
     model.quantization = method
     return model
+
+
+def _stacked(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of projections reading the same input, one above the other, and their biases."""
+    weight = torch.cat([lin.weight.data for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.data
+                              for lin in linears])

@@ -126,6 +126,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.heads * hd, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (models/quantize.py fuses them)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -133,9 +134,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         b, t, _ = x.shape
-        q = proj(self.q_proj, x).view(b, t, self.heads, self.head_dim)
-        k = proj(self.k_proj, x).view(b, t, self.kv_heads, self.head_dim)
-        v = proj(self.v_proj, x).view(b, t, self.kv_heads, self.head_dim)
+        if self.qkv_proj is None:
+            q, k, v = proj(self.q_proj, x), proj(self.k_proj, x), proj(self.v_proj, x)
+        else:
+            q, k, v = proj(self.qkv_proj, x).split([self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2], -1)
+        q = q.reshape(b, t, self.heads, self.head_dim)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
@@ -157,9 +162,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (models/quantize.py fuses them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return proj(self.down_proj, F.silu(proj(self.gate_proj, x)) * proj(self.up_proj, x))
+        if self.gate_up_proj is None:
+            gate, up = proj(self.gate_proj, x), proj(self.up_proj, x)
+        else:
+            gate, up = proj(self.gate_up_proj, x).chunk(2, -1)
+        return proj(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
