@@ -7,6 +7,8 @@
 # section (machine named, date) is written to $OUT/README_RESULTS.md with its plots, and
 # replaces the README's results section (between the results:start / results:end markers;
 # set README= to skip that).
+# Methods alternate question by question (`--interleave`), so a drift in the machine's
+# speed during the run hits all of them alike.
 # Reruns resume from $OUT/records.jsonl; delete $OUT to measure afresh.
 #
 # Settings (environment variables):
@@ -40,7 +42,7 @@ peer_args=()
 if [ -n "$PEERS" ]; then read -r -a peers <<< "$PEERS"; peer_args=(--peers "${peers[@]}"); fi
 
 $DRAFTWISE bench --model "$MODEL" --dtype "$DTYPE" --dataset "$DATASET" "${limit_args[@]}" \
-  --max-tokens "$MAX_TOKENS" --out "$OUT" \
+  --max-tokens "$MAX_TOKENS" --out "$OUT" --interleave \
   --speculator ngram \
   --speculator suffix \
   --speculator "{\"method\": \"draft_model\", \"model\": \"$DRAFT\"}" \

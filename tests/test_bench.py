@@ -80,6 +80,16 @@ def test_bench_end_to_end(tmp_path, dataset):
     assert two_turn[1]["prompt_tokens"] > two_turn[0]["prompt_tokens"] + len(two_turn[0]["token_ids"])
 
 
+def test_interleaved_run_alternates_methods_question_by_question(tmp_path, dataset):
+    questions = load_questions(dataset)
+    order = []
+    data = run_bench(small_llm(), questions, parse_methods(["ngram"]), tmp_path, settings(dataset), progress=False,
+                     plots=False, interleave=True, on_record=lambda r: order.append((r["question_id"], r["method"])))
+    assert order == [(81, "plain"), (81, "plain"), (81, "ngram"), (81, "ngram"),
+                     (161, "plain"), (161, "ngram"), (321, "plain"), (321, "ngram")]
+    assert data["lossless"]["ok"] and data["results"]["ngram"]["overall"]["generations"] == 4
+
+
 def test_interrupted_run_resumes_without_redoing(tmp_path, dataset):
     out = tmp_path / "out"
     questions = load_questions(dataset)

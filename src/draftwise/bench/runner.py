@@ -6,6 +6,8 @@ same run on the same loaded target (speculators are switched with `llm.set_specu
 A multi-turn question runs as a conversation: each method's own answer to turn 1 is in
 the history of turn 2. Every finished generation is appended to `records.jsonl` at once,
 and finished (question_id, turn, method) triples are skipped when the run is restarted.
+By default one method runs over all questions, then the next; `interleave` alternates
+the methods question by question.
 """
 
 from __future__ import annotations
@@ -153,13 +155,16 @@ def base_record(q: Question, turn: int, method: Method) -> dict[str, Any]:
 def run_bench(
     llm, questions: Sequence[Question], methods: Sequence[Method], out_dir: str | Path,
     settings: BenchSettings, *, progress: bool = True, plots: bool = True,
-    on_record: Callable[[dict], None] | None = None,
+    on_record: Callable[[dict], None] | None = None, interleave: bool = False,
 ) -> dict[str, Any]:
     """Measure every method (plain first), then write results.json, results.md and plots.
 
     `llm` is a `draftwise.LLM` (built by name, or `LLM.from_model` in tests). Returns the
     results dictionary written to results.json. `on_record` is called after each record is
-    saved (progress hooks; tests use it to simulate an interruption).
+    saved (progress hooks; tests use it to simulate an interruption). `interleave` runs
+    every method on one question before going to the next, instead of one method over all
+    questions, so a drift in the machine's speed during the run hits all methods alike
+    (each method then warms up, and each peer loads, once per question).
     """
     from draftwise.bench import peers as peer_engines
     from draftwise.bench.report import write_reports
@@ -172,27 +177,31 @@ def run_bench(
     notes: list[str] = []
     todo = {m.label: pending(store, questions, m.label) for m in methods}
     started = time.time()
+    rounds = [[q] for q in questions] if interleave else [list(questions)]
+    skipped: set[str] = set()
     with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
-        for m in methods:
-            if todo[m.label] == 0:
-                continue
-            bar.set_description(m.label)
-            if m.peer:
-                try:
-                    peer = peer_engines.make_peer(m.peer, llm, methods, settings)
-                except peer_engines.PeerUnavailable as e:
-                    notes.append(f"{m.label}: skipped ({e})")
-                    print(f"note: peer {m.label} skipped: {e}", file=sys.stderr)
-                    bar.total -= todo[m.label]
-                    bar.refresh()
+        for part in rounds:
+            for m in methods:
+                if m.label in skipped or pending(store, part, m.label) == 0:
                     continue
-                try:
-                    run_method(llm, peer.generate, m, questions, settings, store, bar, on_record)
-                finally:
-                    peer.close()
-            else:
-                llm.set_speculation(m.config)
-                run_method(llm, draftwise_generate(llm), m, questions, settings, store, bar, on_record)
+                bar.set_description(m.label)
+                if m.peer:
+                    try:
+                        peer = peer_engines.make_peer(m.peer, llm, methods, settings)
+                    except peer_engines.PeerUnavailable as e:
+                        notes.append(f"{m.label}: skipped ({e})")
+                        print(f"note: peer {m.label} skipped: {e}", file=sys.stderr)
+                        skipped.add(m.label)
+                        bar.total -= pending(store, questions, m.label)
+                        bar.refresh()
+                        continue
+                    try:
+                        run_method(llm, peer.generate, m, part, settings, store, bar, on_record)
+                    finally:
+                        peer.close()
+                else:
+                    llm.set_speculation(m.config)
+                    run_method(llm, draftwise_generate(llm), m, part, settings, store, bar, on_record)
     llm.set_speculation(None)
     notes += peer_engines.standing_notes(methods)
     return write_reports(store.all(), methods, questions, settings, Path(out_dir), notes=notes,

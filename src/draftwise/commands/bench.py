@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--peers", nargs="+", default=[], metavar="PEER",
                    help="also run other engines on the same model: hf, hf-assisted, hf-lookup, llamacpp, "
                         "llamacpp-lookup (comma or space separated)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run every method on one question before the next (default: one method over all "
+                        "questions, then the next); on a machine whose speed drifts, all methods see the same drift")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     )
     llm = LLM(args.model, dtype=args.dtype, device=settings.device, max_batch_size=1,
               max_model_len=args.max_model_len, progress=not args.quiet, quantization=args.quantization)
-    data = run_bench(llm, questions, methods, args.out, settings, progress=not args.quiet, plots=not args.no_plots)
+    data = run_bench(llm, questions, methods, args.out, settings, progress=not args.quiet, plots=not args.no_plots,
+                     interleave=args.interleave)
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md", file=sys.stderr)
     lossless = data["lossless"]
