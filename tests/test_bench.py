@@ -90,6 +90,24 @@ def test_interleaved_run_alternates_methods_question_by_question(tmp_path, datas
     assert data["lossless"]["ok"] and data["results"]["ngram"]["overall"]["generations"] == 4
 
 
+def test_warmup_does_not_see_the_questions(tmp_path, dataset, monkeypatch):
+    from draftwise.bench import runner
+
+    prompts = []
+    real = runner.draftwise_generate
+
+    def recording(llm):
+        generate = real(llm)
+        return lambda ids, messages, params: prompts.append(messages[-1]["content"]) or generate(ids, messages, params)
+
+    monkeypatch.setattr(runner, "draftwise_generate", recording)
+    questions = load_questions(dataset)
+    run_bench(small_llm(), questions, parse_methods(["ngram"]), tmp_path, settings(dataset), progress=False, plots=False)
+    warmups = [p for p in prompts if p == runner.WARMUP_MESSAGES[0]["content"]]
+    assert len(warmups) == 2 and len(prompts) == 2 + 8  # one warm-up per method, then the 8 measured turns
+    assert not {p for p in prompts} - {t for q in questions for t in q.turns} - set(warmups)
+
+
 def test_interrupted_run_resumes_without_redoing(tmp_path, dataset):
     out = tmp_path / "out"
     questions = load_questions(dataset)

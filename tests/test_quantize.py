@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from draftwise.api import LLM
-from draftwise.models.quantize import ALONE, FUSED, Int4Linear, Int8Linear, W8A8Linear, quantize
+from draftwise.models.quantize import ALONE, FUSED, Int4Linear, Int8Linear, W8A8Linear, int8_per_channel, quantize
 from draftwise.sampling import SamplingParams
 
 
@@ -28,8 +28,10 @@ def test_w8a8_linear_sums_exactly_and_is_row_invariant(kernel):
     torch.manual_seed(0)
     w, x = torch.randn(96, 64), torch.randn(9, 64, dtype=torch.bfloat16) * 3
     lin = W8A8Linear(w, torch.randn(96), torch.bfloat16)
+    assert (lin.qweight is None) == (lin.fbgemm is not None)  # one int8 copy, not two
+    assert torch.equal(lin.int8_weight(), int8_per_channel(w)[0])
     if kernel == "int_mm":
-        lin.fbgemm = None
+        lin.qweight, lin.fbgemm = lin.int8_weight(), None
     elif lin.fbgemm is None:
         pytest.skip("no fbgemm in this torch build")
     all_rows = lin.rows(x)
@@ -37,7 +39,7 @@ def test_w8a8_linear_sums_exactly_and_is_row_invariant(kernel):
     xf = x.float()
     s = xf.abs().amax(-1, keepdim=True) / 127
     xq = torch.round(xf / s).double()
-    exact = (xq @ lin.qweight.double().T) * lin.scales.double() * s.double() + lin.bias.double()
+    exact = (xq @ lin.int8_weight().double().T) * lin.scales.double() * s.double() + lin.bias.double()
     assert torch.allclose(all_rows.double(), exact, rtol=1e-2, atol=1e-2)  # bf16 output rounding
     assert (all_rows.float() - x.float() @ w.T - lin.bias.float()).abs().max() < 0.05 * exact.abs().max()
     for i in range(9):

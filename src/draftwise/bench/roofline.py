@@ -40,8 +40,10 @@ class Roofline:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers, plus weights that kernels keep packed outside them."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
 
 
 def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:

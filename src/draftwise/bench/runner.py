@@ -1,7 +1,7 @@
 """Run a benchmark: every method over every question, one generation at a time.
 
 Spec-Bench protocol by default: greedy, batch 1, the model's chat template, a warm-up
-generation before each method's first measured one, and plain decoding measured in the
+generation (on a prompt of its own) before each method's first measured one, and plain decoding measured in the
 same run on the same loaded target (speculators are switched with `llm.set_speculation`).
 A multi-turn question runs as a conversation: each method's own answer to turn 1 is in
 the history of turn 2. Every finished generation is appended to `records.jsonl` at once,
@@ -28,6 +28,10 @@ from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 
 WARMUP_TOKENS = 16
+# The warm-up runs on a prompt of its own: warmed up on the question itself, an engine that
+# remembers (llama.cpp's prompt cache, a suffix cache of served requests) would answer the
+# measured run partly from the warm-up.
+WARMUP_MESSAGES = [{"role": "user", "content": "Name the days of the week, one per line."}]
 
 
 @dataclass
@@ -126,7 +130,8 @@ def run_method(
                 try:
                     prompt = build_prompt(llm, messages, settings.chat_template)
                     if not warm:
-                        generate(prompt, list(messages), sampling_for(settings, q, turn, WARMUP_TOKENS))
+                        generate(build_prompt(llm, WARMUP_MESSAGES, settings.chat_template), list(WARMUP_MESSAGES),
+                                 sampling_for(settings, q, turn, WARMUP_TOKENS))
                         warm = True
                     gen = generate(prompt, list(messages), sampling_for(settings, q, turn))
                 except BadInput as e:  # e.g. the conversation outgrew the context window

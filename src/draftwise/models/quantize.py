@@ -78,11 +78,20 @@ class W8A8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         q, scales = int8_per_channel(weight)
-        self.register_buffer("qweight", q)
+        self.fbgemm = FbgemmInt8(q, scales) if weight.device.type == "cpu" and FbgemmInt8.available() else None
+        self.register_buffer("qweight", q if self.fbgemm is None else None)  # fbgemm keeps its own packed copy
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self.fbgemm = FbgemmInt8(q, scales) if weight.device.type == "cpu" and FbgemmInt8.available() else None
+
+    @property
+    def packed_bytes(self) -> int:
+        """Weight bytes held outside the module's buffers (fbgemm's packed copy)."""
+        return 0 if self.fbgemm is None else self.out_features * self.in_features
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight `[out, in]`."""
+        return self.qweight if self.fbgemm is None else self.fbgemm.unpacked()[:, : self.in_features]
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x `[n, in]` -> `[n, out]`."""
@@ -100,7 +109,7 @@ class W8A8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales[:, None]
+        return self.int8_weight().float() * self.scales[:, None]
 
 
 class FbgemmInt8:
@@ -124,6 +133,10 @@ class FbgemmInt8:
     @staticmethod
     def available() -> bool:
         return "fbgemm" in torch.backends.quantized.supported_engines
+
+    def unpacked(self) -> torch.Tensor:
+        """The packed int8 weight `[out, in + 2]`, back in plain layout."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         """xq `[n, in]` (float, integer values in [-127, 127]) -> (xq @ q.T) * scales `[n, out]`, float32."""
