@@ -1,8 +1,9 @@
 """Run a benchmark: every method over every question, one generation at a time.
 
 Spec-Bench protocol by default: greedy, batch 1, the model's chat template, a warm-up
-generation (on a prompt of its own) before each method's first measured one, and plain decoding measured in the
-same run on the same loaded target (speculators are switched with `llm.set_speculation`).
+generation (on a prompt of its own) before each method's first measured one, and plain
+decoding measured in the same run on the same loaded target (speculators are switched
+with `llm.set_speculation`).
 A multi-turn question runs as a conversation: each method's own answer to turn 1 is in
 the history of turn 2. Every finished generation is appended to `records.jsonl` at once,
 and finished (question_id, turn, method) triples are skipped when the run is restarted.

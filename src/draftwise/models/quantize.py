@@ -217,8 +217,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         for parent in (layer.self_attn, layer.mlp):
             for fused, names in FUSED.items():
                 if hasattr(parent, fused):
-                    parent_linears = [getattr(parent, name) for name in names]
-                    setattr(parent, fused, kind(*_stacked(parent_linears), dtype))
+                    setattr(parent, fused, kind(*_stacked([getattr(parent, name) for name in names]), dtype))
                     for name in names:
                         delattr(parent, name)
             for name in ALONE:

@@ -137,7 +137,8 @@ class Attention(nn.Module):
         if self.qkv_proj is None:
             q, k, v = proj(self.q_proj, x), proj(self.k_proj, x), proj(self.v_proj, x)
         else:
-            q, k, v = proj(self.qkv_proj, x).split([self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2], -1)
+            kv = self.kv_heads * self.head_dim
+            q, k, v = proj(self.qkv_proj, x).split([self.heads * self.head_dim, kv, kv], -1)
         q = q.reshape(b, t, self.heads, self.head_dim)
         k = k.reshape(b, t, self.kv_heads, self.head_dim)
         v = v.reshape(b, t, self.kv_heads, self.head_dim)
