@@ -4,8 +4,9 @@ Loads the target once and serves it over loopback twice with `draftwise serve`'s
 (continuous batching): one server plain, one with speculation (same weights, same
 prompts). `draftwise loadtest` drives them at each concurrency, alternating between the
 two `--repeats` times, so that the machine's drift hits both alike; the speculative
-server's controller keeps what it learned across runs, as a long-running server would. Prints output tokens/s, mean TTFT and TPOT (medians over the repeats) and the
-median of the paired ratios speculative / plain per concurrency, with the machine named.
+server's controller keeps what it learned across runs, as a long-running server would.
+Prints output tokens/s, mean TTFT and TPOT (medians over the repeats) and the median of
+the paired ratios speculative / plain per concurrency, with the machine named.
 
     python benchmarks/serve_concurrency.py --model qwen2.5-coder-1.5b --requests 16 --repeats 3 \
         --speculative-config '{"method": "draft_model", "model": "qwen2.5-coder-0.5b"}'

@@ -15,6 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+MAX_LOGPROBS = 20  # alternatives per token at most, as vLLM's default max_logprobs
+
 
 class SamplingParams(BaseModel):
     """Options of one request, in the shape vLLM users know."""
@@ -33,7 +35,7 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20,
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="return each output token's log-probability and the N most likely "
                                              "alternatives (None = off)")
 

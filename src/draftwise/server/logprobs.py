@@ -41,4 +41,3 @@ class LogprobFormatter:
     def _entry(self, token: int, logprob: float) -> dict:
         text = self.text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from draftwise.sampling import MAX_LOGPROBS
+
 MAX_N = 64
-MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 
 
 class StreamOptions(BaseModel):

@@ -6,8 +6,9 @@ the last accepted draft token, which it proposed but never ran), then runs k sin
 passes for all requests at once. A request's prompt is prefilled into the draft the first
 time it drafts, not at admission: while the controller keeps speculation off (a large
 batch), requests never pay for the draft model at all. On acceptance it rolls its cache
-back to the tokens it drafted that the target kept. With temperature > 0 it samples from its own distribution
-under the request's sampling settings and hands those probabilities to rejection sampling.
+back to the tokens it drafted that the target kept. With temperature > 0 it samples from
+its own distribution under the request's sampling settings and hands those probabilities
+to rejection sampling.
 """
 
 from __future__ import annotations
