@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from draftwise.models.config import ModelConfig
+from draftwise.models.packed import pack
 from draftwise.models.transformer import Transformer
 from draftwise.speculators.base import Draft, Proposer
 
@@ -53,15 +54,17 @@ def tiny_config(arch: str = "llama", **overrides) -> ModelConfig:
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.2,
-               **overrides) -> Transformer:
-    """A random model whose logits are peaked enough to make greedy text repetitive."""
+               packed: bool = False, **overrides) -> Transformer:
+    """A random model whose logits are peaked enough to make greedy text repetitive
+    (`packed`: with oneDNN-packed projections, as `load_model` gives on the CPU)."""
     torch.manual_seed(seed)
     model = Transformer(tiny_config(arch, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, std)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    return pack(model) if packed else model
 
 
 @pytest.fixture(scope="module")

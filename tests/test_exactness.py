@@ -18,10 +18,14 @@ from draftwise.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch, context", [("llama", 37), ("qwen2", 37), ("qwen3", 37), ("qwen2", 700)])
-def test_chunked_passes_equal_one_token_passes(arch, dtype, context):
-    model = tiny_model(arch, dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=2048)
+@pytest.mark.parametrize("arch, context, heads, kv_heads", [
+    ("llama", 37, 6, 2), ("qwen2", 37, 6, 2), ("qwen3", 37, 6, 2), ("qwen2", 700, 6, 2),
+    ("qwen2", 37, 4, 4), ("qwen2", 130, 12, 2),  # 1 and 6 query heads per KV head
+])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_chunked_passes_equal_one_token_passes(arch, dtype, context, heads, kv_heads, packed):
+    model = tiny_model(arch, dtype, hidden_size=96, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=2048, packed=packed)
     torch.manual_seed(1)
     prompt, seq = torch.randint(0, 260, (1, context)), torch.randint(0, 260, (1, 30))
     ref = decode_alone(model, prompt, seq)
@@ -40,11 +44,12 @@ def test_chunked_passes_equal_one_token_passes(arch, dtype, context):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_nodes_equal_their_path_decoded_alone(dtype):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_tree_nodes_equal_their_path_decoded_alone(dtype, packed):
     """Two rows verified together as trees whose paths cross key blocks (64 slots): each
     node on the path gives the logits of decoding that path one token at a time."""
     model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=2048)
+                       max_position_embeddings=2048, packed=packed)
     torch.manual_seed(3)
     prompts = [torch.randint(0, 260, (1, n)) for n in (58, 250)]
     paths = [torch.randint(0, 260, (1, 7)) for _ in prompts]
@@ -52,12 +57,13 @@ def test_tree_nodes_equal_their_path_decoded_alone(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_speculation_equals_plain_decoding(dtype, tokenizer):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_tree_speculation_equals_plain_decoding(dtype, packed, tokenizer):
     """Through the engine: mixed prompt lengths (one past the fused-prefill threshold),
     more prompts than rows, contexts crossing key blocks; the oracle's trees are accepted
     deep, at scattered slots. Output must be plain decoding's, token for token."""
     model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=2048)
+                       max_position_embeddings=2048, packed=packed)
     torch.manual_seed(4)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61, 20, 300, 90)]
     params = SamplingParams(max_tokens=70, ignore_eos=True)

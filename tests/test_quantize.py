@@ -84,7 +84,7 @@ def test_quantized_model_tracks_the_original(method):
     kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[method.split("-")[0]]
     assert q.quantization == method and isinstance(q.model.layers[0].mlp.gate_up_proj, kind)
     head = W8A8Linear if kind is W8A8Linear else Int8Linear
-    assert isinstance(q.quantized_head, head) == method.endswith("-all")
+    assert isinstance(q.head_proj, head) == method.endswith("-all")
     ids = torch.randint(0, 260, (1, 40))
     a = model(ids, torch.arange(40)[None], model.new_cache(1, 64)).logits
     b = q(ids, torch.arange(40)[None], q.new_cache(1, 64)).logits
@@ -100,8 +100,8 @@ def test_quantized_model_tracks_the_original(method):
             for name in ALONE:
                 if hasattr(part, name):
                     getattr(part, name).weight.data = getattr(qpart, name).dequantized().to(torch.bfloat16)
-    if q.quantized_head is not None:
-        fake.lm_head.weight.data = q.quantized_head.dequantized().to(torch.bfloat16)
+    if q.head_proj is not None:
+        fake.lm_head.weight.data = q.head_proj.dequantized().to(torch.bfloat16)
     c = fake(ids, torch.arange(40)[None], fake.new_cache(1, 64)).logits
     assert (b.float() - c.float()).norm() <= 0.05 * c.float().norm()
     if kind is not Int4Linear:  # 4 bits on random weights move the logits too much for argmax agreement

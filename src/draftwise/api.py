@@ -37,6 +37,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
                quantization: str = "none"):
     """A bundled name, GGUF file or HF folder -> (native model, tokenizer)."""
     from draftwise.models.loading import load_weights
+    from draftwise.models.packed import pack
     from draftwise.models.quantize import QUANTIZATIONS, quantize
 
     if quantization not in QUANTIZATIONS:
@@ -47,7 +48,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
         model = Transformer(weights.config)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)
     model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
-    return quantize(model.eval(), quantization), weights.tokenizer
+    return pack(quantize(model.eval(), quantization)), weights.tokenizer
 
 
 @dataclass

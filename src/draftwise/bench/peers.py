@@ -51,13 +51,16 @@ def hf_config(cfg, dtype: torch.dtype):
 
 
 def hf_model(native) -> Any:
-    """A transformers causal LM sharing the native model's weight tensors."""
+    """A transformers causal LM sharing the native model's weight tensors (copies of those
+    the native model holds packed)."""
     from transformers import AutoModelForCausalLM
+
+    from draftwise.models.packed import plain_state_dict
 
     config = hf_config(native.config, native.dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=native.dtype)
-    state = {k: v for k, v in native.state_dict().items() if k != "inv_freq"}
+    state = {k: v for k, v in plain_state_dict(native).items() if k != "inv_freq"}
     expected = model.state_dict()
     for name, t in expected.items():  # e.g. Qwen2 always has q/k/v biases: zeros when the model has none
         if name not in state and name.endswith(".bias"):

@@ -211,24 +211,30 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if method == "none":
         return model
-    dtype = model.dtype
     kind = Int4Linear if method.startswith("int4") else W8A8Linear if method.startswith("w8a8") else Int8Linear
+    replace_projections(model, kind)
+    if method.endswith("-all"):
+        head = W8A8Linear if kind is W8A8Linear else Int8Linear
+        model.head_proj = head(model.head_weight.data, None, model.dtype)  # forward reads only this
+    model.quantization = method
+    return model
+
+
+def replace_projections(model: nn.Module, make) -> None:
+    """Swap each decoder layer's remaining `nn.Linear` projections for `make(weight, bias,
+    dtype)` (a module with `rows`), fusing q/k/v and gate/up into one matrix each."""
+    dtype = model.dtype
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for fused, names in FUSED.items():
-                if hasattr(parent, fused):
-                    setattr(parent, fused, kind(*_stacked([getattr(parent, name) for name in names]), dtype))
+                if all(isinstance(getattr(parent, name, None), nn.Linear) for name in names):
+                    setattr(parent, fused, make(*_stacked([getattr(parent, name) for name in names]), dtype))
                     for name in names:
                         delattr(parent, name)
             for name in ALONE:
                 lin = getattr(parent, name, None)
                 if isinstance(lin, nn.Linear):
-                    setattr(parent, name, kind(lin.weight.data, lin.bias, dtype))
-    if method.endswith("-all"):
-        head = W8A8Linear if kind is W8A8Linear else Int8Linear
-        model.quantized_head = head(model.head_weight.data, None, dtype)  # forward reads only this
-    model.quantization = method
-    return model
+                    setattr(parent, name, make(lin.weight.data, lin.bias, dtype))
 
 
 def _stacked(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

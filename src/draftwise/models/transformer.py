@@ -242,7 +242,9 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # a plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
-        self.quantized_head: nn.Module | None = None  # set by models/quantize.py (the "-all" settings)
+        # the LM head as the forward pass runs it, when not `head_weight` as is: a quantized
+        # copy (models/quantize.py, the "-all" settings) or a packed one (models/packed.py)
+        self.head_proj: nn.Module | None = None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -250,8 +252,8 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: final-norm states `[..., hidden]` -> logits `[..., vocab]`."""
-        if self.quantized_head is not None:
-            return proj(self.quantized_head, x)
+        if self.head_proj is not None:
+            return proj(self.head_proj, x)
         return padded_linear(x, self.head_weight, None)
 
     @property
