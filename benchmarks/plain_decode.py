@@ -1,7 +1,7 @@
 """Plain decoding speed: draftwise's native model against transformers `generate`
 (and llama.cpp on the same GGUF file, when llama-cpp-python is installed).
 
-Same weights (the transformers model is built around the very tensors draftwise loaded),
+Same weights (the transformers model is built from the tensors draftwise loaded),
 same dtype, prompt, token count and machine, measured in one run, alternating the
 engines so that background load hits all alike. Also times a cached model load.
 llama.cpp runs the GGUF file's own quantized weights with all cores.
@@ -48,15 +48,10 @@ def main() -> None:
 
     load_model(args.model, args.dtype, "cpu", progress=True)  # make sure the cache exists
     start = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, "cpu", progress=False)
+    model, tok = load_model(args.model, args.dtype, "cpu", progress=False, quantization=args.quantization)
     load_seconds = time.perf_counter() - start
-    hf = hf_model(model)  # built before quantizing: it shares the unquantized tensors
-    if args.quantization != "none":
-        import copy
-
-        from draftwise.models.quantize import quantize
-
-        model = quantize(copy.deepcopy(model), args.quantization)
+    # transformers gets the unquantized weights in plain layout
+    hf = hf_model(model if args.quantization == "none" else load_model(args.model, args.dtype, "cpu", False)[0])
 
     llm = LLM.from_model(model, tok, max_batch_size=1, max_model_len=2048)
     ids = llm.chat_prompt(PROMPT)

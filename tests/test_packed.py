@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_model
 from draftwise.models.packed import PackedLinear, available, pack, plain_state_dict
+from draftwise.models.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not available(torch.float32), reason="oneDNN is not available")
 
@@ -46,3 +47,8 @@ def test_packed_model_can_change_dtype():
     assert moved.model.layers[1].mlp.gate_up_proj.packed.dtype == torch.bfloat16
     ids = torch.randint(0, 260, (1, 20))
     assert torch.equal(logits(moved, ids), logits(direct, ids))
+
+
+def test_quantizing_a_packed_model_is_refused():
+    with pytest.raises(ValueError, match="quantize the model as loaded"):
+        quantize(pack(tiny_model("llama", torch.float32)), "int8")

@@ -25,14 +25,15 @@ ALPHAS = (0.5, 0.7, 0.9)
 
 @dataclass
 class Roofline:
-    weight_bytes: int
+    weight_bytes: int  # held in memory
     bandwidth: float  # bytes/s, measured
     pass_seconds: dict[int, float]  # tokens in the pass -> median seconds
     machine: str
+    pass_bytes: int | None = None  # read by one pass (None: all of weight_bytes)
 
     @property
     def floor_seconds(self) -> float:
-        return self.weight_bytes / self.bandwidth
+        return (self.weight_bytes if self.pass_bytes is None else self.pass_bytes) / self.bandwidth
 
     def best_k(self, alpha: float) -> int:
         sizes = sorted(self.pass_seconds)
@@ -44,6 +45,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())
     return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
+
+
+def pass_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode pass reads: `weight_bytes` less the embedding table (a pass
+    reads only its tokens' rows) unless it is the LM head the pass runs, and less the LM
+    head weight when the pass runs its own copy of it (`head_proj`: quantized or packed)."""
+    table, head = model.model.embed_tokens.weight, model.head_weight
+    unread = [] if head is table and model.head_proj is None else [table]
+    if model.head_proj is not None and head is not table:
+        unread.append(head)
+    return weight_bytes(model) - sum(t.numel() * t.element_size() for t in unread)
 
 
 def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
@@ -81,14 +93,16 @@ def measure(model, context: int = 128, repeats: int = 5) -> Roofline:
             times.append(_timed(lambda: model(ids, pos, cache)))
         seconds[n] = statistics.median(times)
     info = machine_info(str(model.dtype).replace("torch.", ""), "")
-    return Roofline(weight_bytes(model), memory_bandwidth(), seconds, f"{info.get('cpu')}, {info.get('cores')} cores")
+    return Roofline(weight_bytes(model), memory_bandwidth(), seconds, f"{info.get('cpu')}, {info.get('cores')} cores",
+                    pass_bytes(model))
 
 
 def report(r: Roofline, model_name: str, dtype: str, quantization: str) -> str:
     one = r.pass_seconds[1]
     lines = [
         f"roofline: {model_name} ({dtype}, quantization {quantization}) on {r.machine}",
-        f"weights:              {r.weight_bytes / 2**20:,.0f} MiB",
+        f"weights:              {r.weight_bytes / 2**20:,.0f} MiB held"
+        + ("" if r.pass_bytes is None else f", {r.pass_bytes / 2**20:,.0f} MiB read per pass"),
         f"memory bandwidth:     {r.bandwidth / 1e9:.1f} GB/s (measured, streaming read)",
         f"floor per token:      {r.floor_seconds * 1e3:.1f} ms ({1 / r.floor_seconds:.1f} tokens/s at best)",
         "pass over n tokens:   " + ", ".join(

@@ -211,6 +211,8 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if method == "none":
         return model
+    if model.head_proj is not None:
+        raise ValueError("this model's projections are already quantized or packed; quantize the model as loaded")
     kind = Int4Linear if method.startswith("int4") else W8A8Linear if method.startswith("w8a8") else Int8Linear
     replace_projections(model, kind)
     if method.endswith("-all"):
