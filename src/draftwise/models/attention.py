@@ -74,9 +74,9 @@ def key_layout(lengths: torch.Tensor, attend: torch.Tensor, key_len: int) -> Key
 
 def _bias(visible: torch.Tensor) -> torch.Tensor:
     """[b, T, S] bool -> additive fp32 bias [b, 1, n, 1, T, BLOCK] (block-major keys)."""
-    b, tp, s = visible.shape
+    b, t, s = visible.shape
     bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
-    return bias.view(b, tp, s // BLOCK, BLOCK).transpose(1, 2).contiguous()[:, None, :, None]
+    return bias.view(b, t, s // BLOCK, BLOCK).transpose(1, 2).contiguous()[:, None, :, None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
@@ -123,12 +123,12 @@ def _tail_blocks(e: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Tail key blocks, gathered per query: e [b, kvh, g, T, W] weights, v [b, kvh, T, W,
     hd] -> weighted sums [b, kvh, n, g, T, hd] and weight sums [b, kvh, n, g, T]. The g
     heads of a query are padded to ROW_MULTIPLE rows, so each row rounds as in-place blocks do."""
-    b, kvh, g, tp, w = e.shape
+    b, kvh, g, t, w = e.shape
     n, hd, gp = w // BLOCK, v.shape[-1], padded_rows(g)
-    blocks = e.reshape(b, kvh, g, tp, n, BLOCK)
+    blocks = e.reshape(b, kvh, g, t, n, BLOCK)
     den = blocks.sum(-1).permute(0, 1, 4, 2, 3)
     x = blocks.permute(0, 1, 3, 4, 2, 5)  # [b, kvh, T, n, g, BLOCK]
     if gp > g:
-        x = torch.cat([x, x.new_zeros(b, kvh, tp, n, gp - g, BLOCK)], dim=4)
-    num = (x @ v.reshape(b, kvh, tp, n, BLOCK, hd))[:, :, :, :, :g]  # [b, kvh, T, n, g, hd]
+        x = torch.cat([x, x.new_zeros(b, kvh, t, n, gp - g, BLOCK)], dim=4)
+    num = (x @ v.reshape(b, kvh, t, n, BLOCK, hd))[:, :, :, :, :g]  # [b, kvh, T, n, g, hd]
     return num.permute(0, 1, 3, 4, 2, 5), den

@@ -5,9 +5,10 @@ instead read a copy of the weight reordered once, at load, into the blocked layo
 kernel walks. Decoding is bound by how fast the weights stream, and the reordered copy
 streams faster: measured on this 2-core AVX-512 machine over the projections of the
 1.5B's 28 layers, bf16 57 ms against 84 ms per pass (1 row), fp32 99 against 239 ms
-(`docs/benchmarks.md`). The numbers are the same as `F.linear`'s; rows are padded to a
-multiple of 4 like every matmul of the native model, so a row's result does not depend
-on how many rows share the pass (tests/test_exactness.py checks packed models too).
+(`docs/benchmarks.md`). bf16 results are bit-identical to `F.linear`'s (fp32 ones are
+summed in another order, ~1e-5 apart). Rows are padded to a multiple of 4 like every
+matmul of the native model, so a row's result does not depend on how many rows share
+the pass (tests/test_exactness.py checks packed models too).
 
 `pack(model)` is the last step of loading a model onto the CPU: it swaps the decoder
 layers' remaining `nn.Linear` projections (those quantization left; q/k/v and gate/up
@@ -81,10 +82,9 @@ def pack(model: nn.Module) -> nn.Module:
     """Pack the unquantized projections and the LM head of a CPU model in place; returns it."""
     if model.device.type != "cpu" or not available(model.dtype):
         return model
-    with torch.inference_mode(False), torch.no_grad():
-        replace_projections(model, PackedLinear)
-        if model.head_proj is None:
-            model.head_proj = PackedLinear(model.head_weight.data, None, model.dtype)
+    replace_projections(model, PackedLinear)
+    if model.head_proj is None:
+        model.head_proj = PackedLinear(model.head_weight.data, None, model.dtype)
     return model
 
 
