@@ -22,8 +22,8 @@ def test_measure_and_report_on_a_tiny_model():
 
 
 def test_best_k_follows_the_measured_costs():
-    flat = Roofline(1, 1.0, {n: 1.0 for n in PASS_SIZES}, "m")
-    linear = Roofline(1, 1.0, {n: float(n) for n in PASS_SIZES}, "m")
+    flat = Roofline(1, 1, 1.0, {n: 1.0 for n in PASS_SIZES}, "m")
+    linear = Roofline(1, 1, 1.0, {n: float(n) for n in PASS_SIZES}, "m")
     assert flat.best_k(0.9) == 15
     assert linear.best_k(0.9) == 0
 

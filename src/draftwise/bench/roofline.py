@@ -26,14 +26,14 @@ ALPHAS = (0.5, 0.7, 0.9)
 @dataclass
 class Roofline:
     weight_bytes: int  # held in memory
+    pass_bytes: int  # read by one decode pass
     bandwidth: float  # bytes/s, measured
     pass_seconds: dict[int, float]  # tokens in the pass -> median seconds
     machine: str
-    pass_bytes: int | None = None  # read by one pass (None: all of weight_bytes)
 
     @property
     def floor_seconds(self) -> float:
-        return (self.weight_bytes if self.pass_bytes is None else self.pass_bytes) / self.bandwidth
+        return self.pass_bytes / self.bandwidth
 
     def best_k(self, alpha: float) -> int:
         sizes = sorted(self.pass_seconds)
@@ -52,10 +52,12 @@ def pass_bytes(model: torch.nn.Module) -> int:
     reads only its tokens' rows) unless it is the LM head the pass runs, and less the LM
     head weight when the pass runs its own copy of it (`head_proj`: quantized or packed)."""
     table, head = model.model.embed_tokens.weight, model.head_weight
-    unread = [] if head is table and model.head_proj is None else [table]
-    if model.head_proj is not None and head is not table:
-        unread.append(head)
-    return weight_bytes(model) - sum(t.numel() * t.element_size() for t in unread)
+    unread = {id(table): table}
+    if model.head_proj is None:
+        unread.pop(id(head), None)  # a tied table is the head this pass runs
+    else:
+        unread[id(head)] = head
+    return weight_bytes(model) - sum(t.numel() * t.element_size() for t in unread.values())
 
 
 def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
@@ -93,16 +95,15 @@ def measure(model, context: int = 128, repeats: int = 5) -> Roofline:
             times.append(_timed(lambda: model(ids, pos, cache)))
         seconds[n] = statistics.median(times)
     info = machine_info(str(model.dtype).replace("torch.", ""), "")
-    return Roofline(weight_bytes(model), memory_bandwidth(), seconds, f"{info.get('cpu')}, {info.get('cores')} cores",
-                    pass_bytes(model))
+    return Roofline(weight_bytes(model), pass_bytes(model), memory_bandwidth(), seconds,
+                    f"{info.get('cpu')}, {info.get('cores')} cores")
 
 
 def report(r: Roofline, model_name: str, dtype: str, quantization: str) -> str:
     one = r.pass_seconds[1]
     lines = [
         f"roofline: {model_name} ({dtype}, quantization {quantization}) on {r.machine}",
-        f"weights:              {r.weight_bytes / 2**20:,.0f} MiB held"
-        + ("" if r.pass_bytes is None else f", {r.pass_bytes / 2**20:,.0f} MiB read per pass"),
+        f"weights:              {r.weight_bytes / 2**20:,.0f} MiB held, {r.pass_bytes / 2**20:,.0f} MiB read per pass",
         f"memory bandwidth:     {r.bandwidth / 1e9:.1f} GB/s (measured, streaming read)",
         f"floor per token:      {r.floor_seconds * 1e3:.1f} ms ({1 / r.floor_seconds:.1f} tokens/s at best)",
         "pass over n tokens:   " + ", ".join(

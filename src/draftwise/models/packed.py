@@ -92,10 +92,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each packed projection back in plain layout under its
     Hugging Face name (fused q/k/v and gate/up split again): what transformers expects.
     Unpacking copies the weights (oneDNN's reorder back to plain layout, exact)."""
-    cfg = model.config
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    sizes = {"qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv],
-             "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
     state = dict(model.state_dict())
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear) or name == "head_proj":
@@ -103,7 +99,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state.pop(f"{name}.bias", None)
         parent, attr = name.rsplit(".", 1)
         names = FUSED.get(attr, (attr,))
-        split = sizes.get(attr, [module.out_features])
+        # the sizes the forward pass splits by: q/k/v as the attention says, gate/up in halves
+        split = model.get_submodule(parent).qkv_sizes if attr == "qkv_proj" else module.out_features // len(names)
         biases = [None] * len(names) if module.bias is None else module.bias.split(split)
         for sub, w, b in zip(names, module.weight().split(split), biases):
             state[f"{parent}.{sub}.weight"] = w

@@ -72,8 +72,9 @@ def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A projection: nn.Linear, or a quantized module with `rows(x)` (models/quantize.py);
-    rows are padded unless the module says its rows never depend on each other."""
+    """A projection: nn.Linear, or a module with `rows(x)` (quantized: models/quantize.py;
+    packed: models/packed.py); rows are padded unless the module says its rows never
+    depend on each other."""
     if isinstance(layer, nn.Linear):
         return padded_linear(x, layer.weight, layer.bias)
     if getattr(layer, "pad_rows", True):
@@ -126,7 +127,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.heads * hd, cfg.hidden_size, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (models/quantize.py fuses them)
+        # q, k and v in one matrix (fused by models/quantize.py and models/packed.py), split by these sizes
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -137,8 +140,7 @@ class Attention(nn.Module):
         if self.qkv_proj is None:
             q, k, v = proj(self.q_proj, x), proj(self.k_proj, x), proj(self.v_proj, x)
         else:
-            kv = self.kv_heads * self.head_dim
-            q, k, v = proj(self.qkv_proj, x).split([self.heads * self.head_dim, kv, kv], -1)
+            q, k, v = proj(self.qkv_proj, x).split(self.qkv_sizes, -1)
         q = q.reshape(b, t, self.heads, self.head_dim)
         k = k.reshape(b, t, self.kv_heads, self.head_dim)
         v = v.reshape(b, t, self.kv_heads, self.head_dim)
@@ -163,7 +165,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (models/quantize.py fuses them)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (fused like qkv_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
