@@ -190,3 +190,13 @@ def check_tree_pass(model, prompts: list[torch.Tensor], paths: list[torch.Tensor
         for d, node in enumerate(on_path[row]):
             assert torch.equal(logits[row, node], ref[d]), f"row {row}, depth {d}"
 
+
+
+def needs_w4a8():
+    """Skip where the w4a8 kernel cannot be built (no C compiler), except in CI, where it must run."""
+    import os
+
+    from draftwise.kernels import w4a8
+
+    why = w4a8.available()
+    return pytest.mark.skipif(why is not None and not os.environ.get("CI"), reason=f"w4a8 kernel: {why}")

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import needs_w4a8, tiny_model
 from draftwise.api import LLM
-from draftwise.models.quantize import ALONE, FUSED, Int4Linear, Int8Linear, W8A8Linear, int8_per_channel, quantize
+from draftwise.models.quantize import (ALONE, FUSED, Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, int8_per_channel,
+                                       quantize)
 from draftwise.sampling import SamplingParams
 
 
@@ -63,7 +64,11 @@ def test_int4_linear_is_close_and_row_invariant():
         assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
 
 
-@pytest.mark.parametrize("kind", [Int8Linear, W8A8Linear, Int4Linear])
+W4A8 = pytest.param("w4a8", marks=needs_w4a8())
+W4A8_ALL = pytest.param("w4a8-all", marks=needs_w4a8())
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, W8A8Linear, Int4Linear, pytest.param(W4A8Linear, marks=needs_w4a8())])
 def test_fused_projections_give_what_each_gives_alone(kind):
     torch.manual_seed(0)
     ws, x = [torch.randn(n, 64) for n in (48, 16, 16)], torch.randn(5, 64, dtype=torch.bfloat16)
@@ -77,13 +82,13 @@ def test_int4_refuses_shapes_it_cannot_group():
         Int4Linear(torch.randn(16, 40), None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all"])
+@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all", W4A8, W4A8_ALL])
 def test_quantized_model_tracks_the_original(method):
     model = tiny_model("qwen2", torch.bfloat16)
     q = quantize(copy.deepcopy(model), method)
-    kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[method.split("-")[0]]
+    kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "w4a8": W4A8Linear}[method.split("-")[0]]
     assert q.quantization == method and isinstance(q.model.layers[0].mlp.gate_up_proj, kind)
-    head = W8A8Linear if kind is W8A8Linear else Int8Linear
+    head = W8A8Linear if kind in (W8A8Linear, W4A8Linear) else Int8Linear
     assert isinstance(q.head_proj, head) == method.endswith("-all")
     ids = torch.randint(0, 260, (1, 40))
     a = model(ids, torch.arange(40)[None], model.new_cache(1, 64)).logits
@@ -104,12 +109,12 @@ def test_quantized_model_tracks_the_original(method):
         fake.lm_head.weight.data = q.head_proj.dequantized().to(torch.bfloat16)
     c = fake(ids, torch.arange(40)[None], fake.new_cache(1, 64)).logits
     assert (b.float() - c.float()).norm() <= 0.05 * c.float().norm()
-    if kind is not Int4Linear:  # 4 bits on random weights move the logits too much for argmax agreement
+    if kind not in (Int4Linear, W4A8Linear):  # 4 bits on random weights move the logits too much for argmax agreement
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
         assert agree >= 0.8, agree
 
 
-@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int8-all", "w8a8", "w8a8-all", "int4", W4A8, W4A8_ALL])
 def test_greedy_speculation_is_exact_within_quantization(tokenizer, method):
     q = quantize(tiny_model("qwen2", torch.bfloat16, std=0.1), method)  # peaked: repetitive text
     prompts = ["abcabcabcabc", "one two one two one"]

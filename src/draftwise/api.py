@@ -48,7 +48,11 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
         model = Transformer(weights.config)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)
     model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
-    return pack(quantize(model.eval(), quantization)), weights.tokenizer
+    try:
+        model = quantize(model.eval(), quantization)
+    except ValueError as e:  # a setting this model or machine cannot take, with its reason
+        raise BadInput(f"--quantization {quantization}: {e}") from None
+    return pack(model), weights.tokenizer
 
 
 @dataclass

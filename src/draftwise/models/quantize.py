@@ -15,10 +15,15 @@ activations) and int4 weights.
   `torch.ops.aten._weight_int4pack_mm_for_cpu`, a quarter of the bytes of bf16 plus the
   scales. Groups of 32 match the sub-blocks of GGUF's Q4_K, so a model read from a
   Q4_K_M file is requantized almost without loss.
+- `w4a8`: the same 4-bit groups (fp16 scale and low per group of 32 inputs), and each
+  input row rounded to int8 as in `w8a8`; draftwise's own kernel (`kernels/w4a8.c`,
+  AVX-512 VNNI, built with the system C compiler on first use) sums each group exactly in
+  int32 and reads the weights once for any number of rows: the fewest bytes per pass of
+  these settings, and a pass over a few tokens costs little more than one.
 - The embeddings, norms and the LM head keep the model's dtype (the head decides the
   argmax; keeping it exact keeps greedy agreement with the unquantized model high).
-  `int8-all`, `w8a8-all` and `int4-all` also give the forward pass an int8 copy of the LM
-  head (int8 with int8 activations for `w8a8-all`; the original stays for embedding
+  The `-all` settings also give the forward pass an int8 copy of the LM
+  head (int8 with int8 activations for `w8a8-all` and `w4a8-all`; the original stays for embedding
   lookups and for draft heads that borrow it): on a large vocabulary the head is a
   quarter of the bytes a bf16 decode step reads.
 
@@ -36,7 +41,9 @@ import warnings
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all")
+from draftwise.kernels import w4a8
+
+QUANTIZATIONS = ("none", "int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all", "w4a8", "w4a8-all")
 INT4_GROUP = 32
 
 
@@ -195,6 +202,33 @@ class Int4Linear(nn.Module):
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(sz.shape[0], -1)[: self.out_features]
 
 
+class W4A8Linear(nn.Module):
+    """y = (x quantized to int8 per row) @ (4-bit weight in groups of 32).T + bias, each
+    group summed exactly in int32 (kernels/w4a8.py)."""
+
+    pad_rows = False  # the kernel gives each row the same result whatever rows share the call
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        if weight.device.type != "cpu":
+            raise ValueError("w4a8 is a CPU kernel; on a GPU use --quantization none")
+        if (why := w4a8.available()) is not None:
+            raise ValueError(f"w4a8 is unavailable here ({why}); use --quantization w8a8 instead")
+        self.register_buffer("qweight", w4a8.pack(weight))
+        padded = self.qweight.shape[0] * w4a8.BLOCK
+        self.register_buffer("bias", None if bias is None else torch.cat(
+            [bias.detach().float(), bias.new_zeros(padded - bias.shape[0], dtype=torch.float32)]))
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[n, in]` -> `[n, out]`."""
+        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return w4a8.matmul(x.to(dtype), self.qweight, self.out_features, self.bias).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return w4a8.unpack(self.qweight, self.out_features)
+
+
 def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
 
@@ -213,10 +247,11 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         return model
     if model.head_proj is not None:
         raise ValueError("this model's projections are already quantized or packed; quantize the model as loaded")
-    kind = Int4Linear if method.startswith("int4") else W8A8Linear if method.startswith("w8a8") else Int8Linear
+    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "w4a8": W4A8Linear}
+    kind = kinds[method.removesuffix("-all")]
     replace_projections(model, kind)
     if method.endswith("-all"):
-        head = W8A8Linear if kind is W8A8Linear else Int8Linear
+        head = W8A8Linear if kind in (W8A8Linear, W4A8Linear) else Int8Linear
         model.head_proj = head(model.head_weight.data, None, model.dtype)  # forward reads only this
     model.quantization = method
     return model

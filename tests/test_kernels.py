@@ -1,0 +1,91 @@
+"""The C kernels (kernels/): w4a8's packing, its exact sums, row invariance, and its two builds agreeing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import needs_w4a8
+from draftwise.kernels import build, w4a8
+
+pytestmark = needs_w4a8()
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes, in float64: rows rounded to int8 with their own scale, times the weight."""
+    xf = x.float()
+    top = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    a = torch.round(xf * (127.0 / top)).double()
+    y = (a @ weight.double().T) * (top.double() / 127)
+    return y if bias is None else y + bias.double()
+
+
+def test_pack_keeps_weights_on_its_grid_exactly_and_others_within_half_a_step():
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (40, 64)).float()
+    scale = torch.rand(40, 2).half().float() + 0.01
+    low = torch.randn(40, 2).half().float()
+    q[:, 0], q[:, 32], q[:, 1], q[:, 33] = 0, 0, 15, 15  # each group spans 0..15, so its scale is recovered
+    on_grid = (q.reshape(40, 2, 32) * scale[..., None] + low[..., None]).reshape(40, 64)
+    packed = w4a8.pack(on_grid)
+    assert packed.shape == (3, 2, 320) and packed.dtype == torch.uint8  # 40 channels padded to 48
+    assert torch.allclose(w4a8.unpack(packed, 40), on_grid, rtol=1e-3, atol=1e-3)  # fp16 scale of (max - min) / 15
+    w = torch.randn(40, 64)
+    step = (w.reshape(40, 2, 32).amax(-1) - w.reshape(40, 2, 32).amin(-1)) / 15
+    err = (w4a8.unpack(w4a8.pack(w), 40) - w).abs().reshape(40, 2, 32).amax(-1)
+    assert (err <= step * 0.5 + 2e-3).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_is_the_exact_group_sums_and_each_row_stands_alone(dtype):
+    torch.manual_seed(0)
+    w, bias = torch.randn(72, 96), torch.randn(72)
+    packed = w4a8.pack(w)
+    padded_bias = torch.cat([bias, bias.new_zeros(8)])
+    x = (torch.randn(20, 96) * 3).to(dtype)  # 20 rows: the kernel's row tiles of 8, and a remainder
+    y = w4a8.matmul(x, packed, 72, padded_bias)
+    assert y.shape == (20, 72) and y.dtype == dtype
+    ref = reference(x, w4a8.unpack(packed, 72), bias)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # float sums over groups / bf16 output rounding
+    assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    for n in (1, 2, 3, 7, 8, 9, 16):
+        assert torch.equal(w4a8.matmul(x[:n], packed, 72, padded_bias), y[:n])
+    for i in (0, 5, 13, 19):
+        assert torch.equal(w4a8.matmul(x[i : i + 1], packed, 72, padded_bias)[0], y[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_and_portable_kernels_agree_bit_for_bit(dtype):
+    if not w4a8.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: only the portable kernel runs")
+    torch.manual_seed(1)
+    packed = w4a8.pack(torch.randn(48, 320) * 0.1)
+    x = torch.randn(11, 320).to(dtype)
+    bias = torch.randn(48)
+    assert torch.equal(w4a8.matmul(x, packed, 48, bias, vnni=True), w4a8.matmul(x, packed, 48, bias, vnni=False))
+
+
+def test_bad_shapes_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        w4a8.pack(torch.randn(16, 40))
+    packed = w4a8.pack(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="64"):
+        w4a8.matmul(torch.randn(2, 32), packed, 16)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        w4a8.matmul(torch.randn(2, 64, dtype=torch.float16), packed, 16)
+
+
+def test_a_missing_compiler_is_reported_not_raised_as_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path))
+    with pytest.raises(build.KernelUnavailable, match="no C compiler"):
+        build.load.__wrapped__("w4a8")
+
+
+def test_a_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path))
+    lib = build.load.__wrapped__("w4a8")
+    built = list((tmp_path / "kernels").glob("w4a8-*.so"))
+    assert len(built) == 1 and lib.w4a8_has_vnni() in (0, 1)
+    build.load.__wrapped__("w4a8")  # found, not rebuilt
+    assert list((tmp_path / "kernels").glob("w4a8-*")) == built
