@@ -1,12 +1,13 @@
 /* 4-bit weights x int8 activations, summed exactly in int32 per group of 32 inputs.
 
-   y[r][n] = sa[r] * sum_g (scale[n][g] * dot_g(q[n], a[r]) + low[n][g] * asum_g(a[r])) + bias[n]
+   y[r][n] = sum_g (scale[n][g] * sa[r][g] * dot_g(q[n], a[r]) + low[n][g] * (sa[r][g] * asum_g(a[r]))) + bias[n]
 
-   where a[r] = round(x[r] * 127 / max|x[r]|) is row r quantized to int8 with its own
-   scale sa[r] = max|x[r]| / 127, q[n] holds 4-bit values 0..15 (w = scale * q + low per
-   group of 32), dot_g and asum_g are the exact integer dot product and activation sum
-   over group g. The float sum over groups runs in the same order for every row and every
-   number of rows, so a row's result never depends on the rows beside it.
+   where each group g of 32 inputs of row r is rounded to int8 with its own scale:
+   a = round(x * 127 / max|x over the group|), sa[r][g] = max / 127; q[n] holds 4-bit values
+   0..15 (w = scale * q + low per group); dot_g and asum_g are the exact integer dot product
+   and sum of the int8 values over group g. The float sum over groups runs in the same
+   order for every row and every number of rows, so a row's result never depends on the
+   rows beside it.
 
    Weight layout, per block of 16 output channels, group after group, 320 bytes each:
    256 bytes of 4-bit values, then 16 fp16 scales and 16 fp16 lows. Within the 256 bytes,
@@ -19,6 +20,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -63,26 +65,25 @@ static uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
-/* Row r of x (fp32 or bf16) -> int8 values, their sum per group, and the row's scale. */
-static void quantize_row(const void *x, int bf16, int k, int8_t *a, int32_t *asum, float *sa) {
-    float top = 0.0f;
-    for (int i = 0; i < k; i++) {
-        float v = bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-        top = fmaxf(top, fabsf(v));
-    }
-    top = fmaxf(top, 1e-12f);
-    float inv = 127.0f / top;
+/* One row of x (fp32 or bf16) -> int8 values; per group, the scale and the scaled sum. */
+static void quantize_row(const void *x, int bf16, int k, int8_t *a, float *gscale, float *gsum) {
     for (int g = 0; g < k / GROUP; g++) {
+        float v[GROUP], top = 0.0f;
+        for (int i = 0; i < GROUP; i++) {
+            int64_t at = (int64_t)g * GROUP + i;
+            v[i] = bf16 ? bf16_to_float(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+            top = fmaxf(top, fabsf(v[i]));
+        }
+        float inv = top > 0.0f ? 127.0f / top : 0.0f;
         int32_t s = 0;
-        for (int i = g * GROUP; i < (g + 1) * GROUP; i++) {
-            float v = bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-            int q = (int)nearbyintf(v * inv);
-            a[i] = (int8_t)q;
+        for (int i = 0; i < GROUP; i++) {
+            int q = (int)nearbyintf(v[i] * inv);
+            a[g * GROUP + i] = (int8_t)q;
             s += q;
         }
-        asum[g] = s;
+        gscale[g] = top / 127.0f;
+        gsum[g] = gscale[g] * (float)s;
     }
-    *sa = top / 127.0f;
 }
 
 static void store(void *y, int bf16, int64_t index, float v) {
@@ -92,14 +93,15 @@ static void store(void *y, int bf16, int64_t index, float v) {
 
 /* ---- portable kernel: one block of 16 channels, rows r0..r0+m ---- */
 
-static void block_portable(const uint8_t *w, int groups, const int8_t *a, const int32_t *asum,
-                           const float *sa, int k, int m, float out[][BLOCK]) {
+static void block_portable(const uint8_t *w, int groups, const int8_t *a, const float *gscale,
+                           const float *gsum, int k, int m, float out[][BLOCK]) {
     for (int r = 0; r < m; r++) {
         float acc[BLOCK] = {0};
         const int8_t *ar = a + (int64_t)r * k;
         for (int g = 0; g < groups; g++) {
             const uint8_t *gw = w + (int64_t)g * GROUP_BYTES;
             const uint16_t *scales = (const uint16_t *)(gw + GROUP * BLOCK / 2), *lows = scales + BLOCK;
+            float gs = gscale[(int64_t)r * groups + g], sum = gsum[(int64_t)r * groups + g];
             for (int c = 0; c < BLOCK; c++) {
                 int32_t dot = 0;
                 for (int j = 0; j < 4; j++) {
@@ -108,11 +110,11 @@ static void block_portable(const uint8_t *w, int groups, const int8_t *a, const 
                         dot += (byte & 15) * ar[g * GROUP + 8 * j + i] + (byte >> 4) * ar[g * GROUP + 8 * j + 4 + i];
                     }
                 }
-                acc[c] = fmaf(fp16_to_float(scales[c]), (float)dot, acc[c]);
-                acc[c] = fmaf(fp16_to_float(lows[c]), (float)asum[(int64_t)r * (k / GROUP) + g], acc[c]);
+                acc[c] = fmaf(fp16_to_float(scales[c]) * gs, (float)dot, acc[c]);
+                acc[c] = fmaf(fp16_to_float(lows[c]), sum, acc[c]);
             }
         }
-        for (int c = 0; c < BLOCK; c++) out[r][c] = acc[c] * sa[r];
+        for (int c = 0; c < BLOCK; c++) out[r][c] = acc[c];
     }
 }
 
@@ -123,13 +125,12 @@ static void block_portable(const uint8_t *w, int groups, const int8_t *a, const 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c"))) static inline
 #define ALWAYS __attribute__((always_inline))
 
-VNNI ALWAYS void block_vnni_rows(const uint8_t *w, int groups, const int8_t *a, const int32_t *asum,
-                                 const float *sa, int k, const int m, float out[][BLOCK]) {
+VNNI ALWAYS void block_vnni_rows(const uint8_t *w, int groups, const int8_t *a, const float *gscale,
+                                 const float *gsum, int k, const int m, float out[][BLOCK]) {
     __m512 acc[MAX_ROWS];
     #pragma GCC unroll 8
     for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(15);
-    const int ng = k / GROUP;
     for (int g = 0; g < groups; g++) {
         const uint8_t *gw = w + (int64_t)g * GROUP_BYTES;
         __m512i lo[4], hi[4];
@@ -152,25 +153,26 @@ VNNI ALWAYS void block_vnni_rows(const uint8_t *w, int groups, const int8_t *a, 
                 d[j] = _mm512_dpbusd_epi32(d[j], hi[j], _mm512_set1_epi32(a1));
             }
             __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]));
-            acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[r]);
-            acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps((float)asum[(int64_t)r * ng + g]), acc[r]);
+            __m512 gs = _mm512_mul_ps(scale, _mm512_set1_ps(gscale[(int64_t)r * groups + g]));
+            acc[r] = _mm512_fmadd_ps(gs, _mm512_cvtepi32_ps(dot), acc[r]);
+            acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[(int64_t)r * groups + g]), acc[r]);
         }
     }
     #pragma GCC unroll 8
-    for (int r = 0; r < m; r++) _mm512_storeu_ps(out[r], _mm512_mul_ps(acc[r], _mm512_set1_ps(sa[r])));
+    for (int r = 0; r < m; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
 
-VNNI void block_vnni(const uint8_t *w, int groups, const int8_t *a, const int32_t *asum,
-                     const float *sa, int k, int m, float out[][BLOCK]) {
+VNNI void block_vnni(const uint8_t *w, int groups, const int8_t *a, const float *gscale, const float *gsum,
+                     int k, int m, float out[][BLOCK]) {
     switch (m) { /* a constant row count lets the compiler keep every accumulator in a register */
-    case 1: block_vnni_rows(w, groups, a, asum, sa, k, 1, out); break;
-    case 2: block_vnni_rows(w, groups, a, asum, sa, k, 2, out); break;
-    case 3: block_vnni_rows(w, groups, a, asum, sa, k, 3, out); break;
-    case 4: block_vnni_rows(w, groups, a, asum, sa, k, 4, out); break;
-    case 5: block_vnni_rows(w, groups, a, asum, sa, k, 5, out); break;
-    case 6: block_vnni_rows(w, groups, a, asum, sa, k, 6, out); break;
-    case 7: block_vnni_rows(w, groups, a, asum, sa, k, 7, out); break;
-    default: block_vnni_rows(w, groups, a, asum, sa, k, 8, out); break;
+    case 1: block_vnni_rows(w, groups, a, gscale, gsum, k, 1, out); break;
+    case 2: block_vnni_rows(w, groups, a, gscale, gsum, k, 2, out); break;
+    case 3: block_vnni_rows(w, groups, a, gscale, gsum, k, 3, out); break;
+    case 4: block_vnni_rows(w, groups, a, gscale, gsum, k, 4, out); break;
+    case 5: block_vnni_rows(w, groups, a, gscale, gsum, k, 5, out); break;
+    case 6: block_vnni_rows(w, groups, a, gscale, gsum, k, 6, out); break;
+    case 7: block_vnni_rows(w, groups, a, gscale, gsum, k, 7, out); break;
+    default: block_vnni_rows(w, groups, a, gscale, gsum, k, 8, out); break;
     }
 }
 
@@ -181,44 +183,52 @@ int w4a8_has_vnni(void) {
 }
 #else
 int w4a8_has_vnni(void) { return 0; }
-static void block_vnni(const uint8_t *w, int groups, const int8_t *a, const int32_t *asum,
-                       const float *sa, int k, int m, float out[][BLOCK]) {
-    block_portable(w, groups, a, asum, sa, k, m, out);
+static void block_vnni(const uint8_t *w, int groups, const int8_t *a, const float *gscale, const float *gsum,
+                       int k, int m, float out[][BLOCK]) {
+    block_portable(w, groups, a, gscale, gsum, k, m, out);
 }
 #endif
 
-/* ---- entry points ---- */
+/* ---- entry point ---- */
 
-/* Quantize m rows of x [m, k] (fp32, or bf16 when x_bf16) into a [m, k], asum [m, k/32], sa [m]. */
-void w4a8_quantize(const void *x, int x_bf16, int m, int k, int8_t *a, int32_t *asum, float *sa, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (m > 1)
-    for (int r = 0; r < m; r++)
-        quantize_row((const char *)x + (int64_t)r * k * (x_bf16 ? 2 : 4), x_bf16, k, a + (int64_t)r * k,
-                     asum + (int64_t)r * (k / GROUP), sa + r);
-}
-
-/* y [m, n] = the product described above, for quantized rows (a, asum, sa) and packed
-   weights w of n channels (n a multiple of 16) by k inputs (a multiple of 32); bias (fp32,
-   or NULL) added; y fp32, or bf16 when y_bf16; on `threads` threads. */
-void w4a8_matmul(const uint8_t *w, int n, int k, const int8_t *a, const int32_t *asum, const float *sa,
-                 int m, const float *bias, void *y, int y_bf16, int vnni, int threads) {
+/* y [m, n] = the product described above for x [m, k] (fp32, or bf16 when x_bf16) and
+   packed weights w of n channels (n a multiple of 16) by k inputs (a multiple of 32);
+   bias (fp32, or NULL) added; y fp32, or bf16 when y_bf16; on `threads` threads.
+   Returns 0, or -1 when out of memory. */
+int w4a8_linear(const uint8_t *w, int n, int k, const void *x, int x_bf16, int m, const float *bias,
+                void *y, int y_bf16, int vnni, int threads) {
     const int blocks = n / BLOCK, groups = k / GROUP;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        const uint8_t *wb = w + (int64_t)b * groups * GROUP_BYTES;
-        float out[MAX_ROWS][BLOCK];
-        for (int r0 = 0; r0 < m; r0 += MAX_ROWS) {
-            int rows = m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS;
-            const int8_t *ar = a + (int64_t)r0 * k;
-            const int32_t *sr = asum + (int64_t)r0 * groups;
-            if (vnni) block_vnni(wb, groups, ar, sr, sa + r0, k, rows, out);
-            else block_portable(wb, groups, ar, sr, sa + r0, k, rows, out);
-            for (int r = 0; r < rows; r++)
-                for (int c = 0; c < BLOCK; c++) {
-                    float v = out[r][c];
-                    if (bias) v += bias[b * BLOCK + c];
-                    store(y, y_bf16, (int64_t)(r0 + r) * n + b * BLOCK + c, v);
-                }
+    int8_t *a = malloc((size_t)m * k);
+    float *gscale = malloc((size_t)m * groups * sizeof(float)), *gsum = malloc((size_t)m * groups * sizeof(float));
+    if (!a || !gscale || !gsum) {
+        free(a); free(gscale); free(gsum);
+        return -1;
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < m; r++)
+            quantize_row((const char *)x + (int64_t)r * k * (x_bf16 ? 2 : 4), x_bf16, k, a + (int64_t)r * k,
+                         gscale + (int64_t)r * groups, gsum + (int64_t)r * groups);
+        #pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *wb = w + (int64_t)b * groups * GROUP_BYTES;
+            float out[MAX_ROWS][BLOCK];
+            for (int r0 = 0; r0 < m; r0 += MAX_ROWS) {
+                int rows = m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS;
+                const int8_t *ar = a + (int64_t)r0 * k;
+                const float *gs = gscale + (int64_t)r0 * groups, *su = gsum + (int64_t)r0 * groups;
+                if (vnni) block_vnni(wb, groups, ar, gs, su, k, rows, out);
+                else block_portable(wb, groups, ar, gs, su, k, rows, out);
+                for (int r = 0; r < rows; r++)
+                    for (int c = 0; c < BLOCK; c++) {
+                        float v = out[r][c];
+                        if (bias) v += bias[b * BLOCK + c];
+                        store(y, y_bf16, (int64_t)(r0 + r) * n + b * BLOCK + c, v);
+                    }
+            }
         }
     }
+    free(a); free(gscale); free(gsum);
+    return 0;
 }

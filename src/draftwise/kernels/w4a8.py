@@ -2,8 +2,9 @@
 
 A weight `[out, in]` is cut into groups of 32 inputs; each group of each output channel
 keeps 4-bit values 0..15 and its own fp16 scale and low end (w = scale * q + low, min to
-max, as GGUF's Q4_K sub-blocks are), 5 bits per weight in all. Each input row is rounded
-to int8 with its own scale as it arrives; the kernel sums the products of each group
+max, as GGUF's Q4_K sub-blocks are), 5 bits per weight in all. Each group of 32 inputs
+of a row is rounded to int8 with its own scale as it arrives (as llama.cpp's Q8_0
+blocks); the kernel sums the products of each group
 exactly in int32 (AVX-512 VNNI where the CPU has it), then the groups in float in one
 fixed order, so a row's result is the same whatever rows share the call. It reads the
 weights once per call for any number of rows: a pass over a few tokens costs little
@@ -31,8 +32,8 @@ def library() -> ctypes.CDLL:
     lib = load("w4a8")
     if not getattr(lib, "declared", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.w4a8_quantize.argtypes = [p, i, i, i, p, p, p, i]
-        lib.w4a8_matmul.argtypes = [p, i, i, p, p, p, i, p, p, i, i, i]
+        lib.w4a8_linear.argtypes = [p, i, i, p, i, i, p, p, i, i, i]
+        lib.w4a8_linear.restype = i
         lib.w4a8_has_vnni.restype = i
         lib.declared = True
     return lib
@@ -106,14 +107,10 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
         bias = bias.float().contiguous()
         if bias.shape[0] != blocks * BLOCK:
             raise ValueError(f"bias has {bias.shape[0]} entries, the packed weight {blocks * BLOCK} channels")
-    bf16 = x.dtype == torch.bfloat16
-    threads = torch.get_num_threads()
-    a = torch.empty(m, k, dtype=torch.int8)
-    asum = torch.empty(m, groups, dtype=torch.int32)
-    sa = torch.empty(m)
-    lib.w4a8_quantize(x.data_ptr(), bf16, m, k, a.data_ptr(), asum.data_ptr(), sa.data_ptr(), threads)
     y = torch.empty(m, blocks * BLOCK, dtype=x.dtype)
     use_vnni = has_vnni() if vnni is None else vnni and has_vnni()
-    lib.w4a8_matmul(packed.data_ptr(), blocks * BLOCK, k, a.data_ptr(), asum.data_ptr(), sa.data_ptr(), m,
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), bf16, use_vnni, threads)
+    if lib.w4a8_linear(packed.data_ptr(), blocks * BLOCK, k, x.data_ptr(), x.dtype == torch.bfloat16, m,
+                       None if bias is None else bias.data_ptr(), y.data_ptr(), x.dtype == torch.bfloat16, use_vnni,
+                       torch.get_num_threads()):
+        raise MemoryError(f"w4a8: no memory for the int8 copy of {m} x {k} inputs")
     return y if y.shape[1] == out_features else y[:, :out_features]

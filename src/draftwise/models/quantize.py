@@ -16,7 +16,7 @@ activations) and int4 weights.
   scales. Groups of 32 match the sub-blocks of GGUF's Q4_K, so a model read from a
   Q4_K_M file is requantized almost without loss.
 - `w4a8`: the same 4-bit groups (fp16 scale and low per group of 32 inputs), and each
-  input row rounded to int8 as in `w8a8`; draftwise's own kernel (`kernels/w4a8.c`,
+  group of 32 inputs of a row rounded to int8 with its own scale; draftwise's own kernel (`kernels/w4a8.c`,
   AVX-512 VNNI, built with the system C compiler on first use) sums each group exactly in
   int32 and reads the weights once for any number of rows: the fewest bytes per pass of
   these settings, and a pass over a few tokens costs little more than one.
