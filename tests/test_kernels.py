@@ -90,3 +90,10 @@ def test_a_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
     assert len(built) == 1 and lib.w4a8_has_vnni() in (0, 1)
     build.load.__wrapped__("w4a8")  # found, not rebuilt
     assert list((tmp_path / "kernels").glob("w4a8-*")) == built
+
+
+def test_w4a8_refuses_a_weight_off_the_cpu():
+    from draftwise.models.quantize import W4A8Linear
+
+    with pytest.raises(ValueError, match="CPU kernel"):
+        W4A8Linear(torch.empty(16, 32, device="meta"), None, torch.bfloat16)
