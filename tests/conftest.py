@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from draftwise.kernels import w4a8
 from draftwise.models.config import ModelConfig
 from draftwise.models.packed import pack
 from draftwise.models.transformer import Transformer
@@ -191,12 +194,7 @@ def check_tree_pass(model, prompts: list[torch.Tensor], paths: list[torch.Tensor
             assert torch.equal(logits[row, node], ref[d]), f"row {row}, depth {d}"
 
 
-
 def needs_w4a8():
     """Skip where the w4a8 kernel cannot be built (no C compiler), except in CI, where it must run."""
-    import os
-
-    from draftwise.kernels import w4a8
-
     why = w4a8.available()
     return pytest.mark.skipif(why is not None and not os.environ.get("CI"), reason=f"w4a8 kernel: {why}")

@@ -4,11 +4,11 @@ A weight `[out, in]` is cut into groups of 32 inputs; each group of each output 
 keeps 4-bit values 0..15 and its own fp16 scale and low end (w = scale * q + low, min to
 max, as GGUF's Q4_K sub-blocks are), 5 bits per weight in all. Each group of 32 inputs
 of a row is rounded to int8 with its own scale as it arrives (as llama.cpp's Q8_0
-blocks); the kernel sums the products of each group
-exactly in int32 (AVX-512 VNNI where the CPU has it), then the groups in float in one
-fixed order, so a row's result is the same whatever rows share the call. It reads the
-weights once per call for any number of rows: a pass over a few tokens costs little
-more than over one, which is what speculation spends.
+blocks are); the kernel sums the products of each group exactly in int32 (AVX-512 VNNI
+where the CPU has it), then the groups in float in one fixed order, so a row's result is
+the same whatever rows share the call. It reads the weights once per call for any number
+of rows: a pass over 2 tokens costs about one's, over 4 ~1.3x (integer work, not memory,
+bounds it from there), which is what speculation spends.
 
 `matmul(..., vnni=False)` runs the portable C kernel: the same arithmetic in the same
 order, bit for bit (tests/test_kernels.py), on any CPU with a C compiler.

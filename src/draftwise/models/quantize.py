@@ -16,14 +16,14 @@ activations) and int4 weights.
   scales. Groups of 32 match the sub-blocks of GGUF's Q4_K, so a model read from a
   Q4_K_M file is requantized almost without loss.
 - `w4a8`: the same 4-bit groups (fp16 scale and low per group of 32 inputs), and each
-  group of 32 inputs of a row rounded to int8 with its own scale; draftwise's own kernel (`kernels/w4a8.c`,
-  AVX-512 VNNI, built with the system C compiler on first use) sums each group exactly in
-  int32 and reads the weights once for any number of rows: the fewest bytes per pass of
-  these settings, and a pass over a few tokens costs little more than one.
+  group of 32 inputs of a row rounded to int8 with its own scale; draftwise's own kernel
+  (`kernels/w4a8.c`, AVX-512 VNNI, built with the system C compiler on first use) sums
+  each group exactly in int32 and reads the weights once for any number of rows: the
+  fewest bytes per pass of these settings, and a pass over 2 tokens costs about one's.
 - The embeddings, norms and the LM head keep the model's dtype (the head decides the
   argmax; keeping it exact keeps greedy agreement with the unquantized model high).
-  The `-all` settings also give the forward pass an int8 copy of the LM
-  head (int8 with int8 activations for `w8a8-all` and `w4a8-all`; the original stays for embedding
+  The `-all` settings also give the forward pass an int8 copy of the LM head (int8 with
+  int8 activations for `w8a8-all` and `w4a8-all`; the original stays for embedding
   lookups and for draft heads that borrow it): on a large vocabulary the head is a
   quarter of the bytes a bf16 decode step reads.
 
@@ -203,8 +203,8 @@ class Int4Linear(nn.Module):
 
 
 class W4A8Linear(nn.Module):
-    """y = (x quantized to int8 per row) @ (4-bit weight in groups of 32).T + bias, each
-    group summed exactly in int32 (kernels/w4a8.py)."""
+    """y = (x rounded to int8 per group of 32 inputs) @ (4-bit weight in groups of 32).T +
+    bias, each group summed exactly in int32 (kernels/w4a8.py)."""
 
     pad_rows = False  # the kernel gives each row the same result whatever rows share the call
 
