@@ -57,16 +57,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight `[out, in]` (in a multiple of 32) -> packed uint8 `[ceil(out/16), in/32, 320]`:
     per block of 16 channels and group of 32 inputs, 256 bytes of 4-bit values in the
     kernel's order, then 16 fp16 scales and 16 fp16 lows (layout in w4a8.c)."""
+    from draftwise.models.quantize import int4_groups  # here: quantize.py imports this module
+
     w = weight.detach().float().cpu()
     n, k = w.shape
     if k % GROUP:
         raise ValueError(f"w4a8 needs input features ({k}) divisible by {GROUP}")
     w = torch.cat([w, w.new_zeros(-n % BLOCK, k)])
     blocks, groups = w.shape[0] // BLOCK, k // GROUP
-    g = w.reshape(-1, groups, GROUP)
-    low = g.amin(-1).half()
-    scale = ((g.amax(-1) - low.float()) / 15).clamp(min=2**-14).half()  # fp16's smallest normal
-    q = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    q, scale, low = int4_groups(w, GROUP, torch.float16, smallest=2**-14)  # fp16's smallest normal
     # input 32g + 8j + 4h + i of channel 16b + c -> block b, group g, byte 64j + 4c + i, nibble h
     q = q.reshape(blocks, BLOCK, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
     nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(blocks, groups, GROUP * BLOCK // 2)

@@ -154,6 +154,18 @@ class FbgemmInt8:
         return torch.ops.quantized.linear_dynamic(torch.cat([xq, self.pins[:n]], 1), self.packed, False)
 
 
+def int4_groups(weight: torch.Tensor, group: int, dtype: torch.dtype = torch.float32,
+                smallest: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight `[n, k]` -> (4-bit values 0..15 uint8 `[n, k/group, group]`, scale and low
+    `[n, k/group]` in `dtype`): asymmetric, each group's min to max in 15 steps (scale at
+    least `smallest`), the values rounded against the scale and low as stored in `dtype`."""
+    g = weight.float().reshape(weight.shape[0], -1, group)
+    low = g.amin(-1).to(dtype)
+    scale = ((g.amax(-1) - low.float()) / 15).clamp(min=smallest).to(dtype)
+    q = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return q, scale, low
+
+
 class Int4Linear(nn.Module):
     """y = x @ dequant(4-bit weight).T + bias, dequant = (q - 8) * scale + zero per group."""
 
@@ -166,10 +178,8 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs input features ({k}) divisible by the group size {group}")
         w = torch.cat([w, w.new_zeros(-out_features % 16, k)])  # the packed kernel wants rows in 16s
         n = w.shape[0]
-        g = w.reshape(n, k // group, group)
-        low, high = g.amin(-1), g.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)  # [n, groups]
-        q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        q, scale, low = int4_groups(w, group)  # scale, low [n, groups]
+        q = q.to(torch.int32).reshape(n, k)
         zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
         self.packed_cpu = weight.device.type == "cpu"
