@@ -118,3 +118,33 @@ def test_batched_rows_equal_single_rows(dtype):
             for j in range(2):
                 assert torch.equal(logits[row, j], refs[row][step + j])
             cache.set_length(row, lens[row] + step + 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_shape_passes_are_exact_too(dtype, tokenizer):
+    """The CUDA path's static shapes (every cache row, STATIC_T tokens, keys over the whole
+    cache), forced on the CPU: chunked passes still equal one-token passes, tree nodes their
+    paths, and speculation through the engine gives plain decoding's output, equal to the
+    output of the same model run without static shapes."""
+    model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=2048)
+    model.static_shapes = True
+    torch.manual_seed(6)
+    prompt, seq = torch.randint(0, 260, (1, 70)), torch.randint(0, 260, (1, 12))
+    ref = decode_alone(model, prompt, seq)
+    cache = model.new_cache(1, 70 + 64)
+    model(prompt, torch.arange(70)[None], cache)
+    cache.set_length(0, 70)
+    got = list(model(seq[:, :5], (70 + torch.arange(5))[None], cache).logits[0])
+    cache.set_length(0, 75)
+    got += list(model(seq[:, 5:], (75 + torch.arange(7))[None], cache).logits[0])
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    check_tree_pass(model, [torch.randint(0, 260, (1, n)) for n in (58, 130)], [torch.randint(0, 260, (1, 6))] * 2)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)
+    reqs = oracle_tree_outputs(model, tokenizer, prompts, params, plain, max_batch_size=2)
+    assert [r.output_ids for r in reqs] == [o.token_ids for o in plain]
+    model.static_shapes = False
+    assert [o.token_ids for o in LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)] \
+        == [o.token_ids for o in plain]

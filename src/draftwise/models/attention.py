@@ -48,10 +48,11 @@ class KeyLayout:
     tail_bias: torch.Tensor | None  # [b, 1, 1, T, W] fp32, 0 or -inf
 
 
-def key_layout(lengths: torch.Tensor, attend: torch.Tensor, key_len: int) -> KeyLayout:
+def key_layout(lengths: torch.Tensor, attend: torch.Tensor, key_len: int, width: int | None = None) -> KeyLayout:
     """lengths [b] committed slots per row; attend [b, T, T] bool: new token i sees new
     token j (a causal chain, or a tree whose parents come before their children); key_len:
-    a multiple of BLOCK past every new slot."""
+    a multiple of BLOCK past every new slot; width: the tree tail's columns (default: the
+    fewest whole blocks that hold it; a fixed one keeps the pass's shapes fixed)."""
     b, t, _ = attend.shape
     device = attend.device
     seen = attend.sum(-1)  # [b, T] new tokens on the query's path, itself included
@@ -60,7 +61,7 @@ def key_layout(lengths: torch.Tensor, attend: torch.Tensor, key_len: int) -> Key
     if torch.equal(attend, in_order):  # plain decoding and chains: every key at its position
         return KeyLayout(_bias(cols < (lengths[:, None] + seen)[..., None]), None, None)
     starts = lengths // BLOCK * BLOCK  # [b] A
-    width = -(-int((lengths - starts).max() + t) // BLOCK) * BLOCK
+    width = width or -(-int((lengths - starts).max() + t) // BLOCK) * BLOCK
     path = torch.argsort((~attend).to(torch.int8), dim=-1, stable=True)  # path nodes first, in order
     col = starts[:, None, None] + torch.arange(width, device=device)  # [b, 1, W] absolute column
     rel = col - lengths[:, None, None]  # position among the new tokens

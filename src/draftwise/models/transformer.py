@@ -15,6 +15,11 @@ Notable features:
   per query (`attention.py`), so decoding one token, verifying eight in a chain or a
   tree, and running beside other rows give bit-identical results per token. That is
   what makes greedy speculation exact (tests/test_exactness.py keeps it true).
+- Static shapes on CUDA: there the library kernels choose their reduction order from the
+  whole shape (measured on an H200: fp32 matmuls for 1 row against more, the norms' mean
+  for 4-15 rows, batched matmuls for their batch count), so padding rows is not enough.
+  Every pass over at most STATIC_T tokens runs at one shape instead: all cache rows,
+  STATIC_T tokens each, keys over the whole cache (`Transformer.static_shapes`).
 
 Parameter names are Hugging Face's, so HF checkpoints load without renaming.
 """
@@ -35,6 +40,7 @@ from draftwise.models.config import ModelConfig
 
 KEY_BUCKET = BLOCK  # key length and cache capacity are multiples of this
 SDPA_FROM = 128  # passes over more tokens than this (prefill) use the fused SDPA kernel
+STATIC_T = KEY_BUCKET  # static-shape passes: tokens per row (the cache keeps this many spare slots)
 
 
 @dataclass
@@ -204,15 +210,16 @@ class StepInputs:
 
 def step_inputs(
     inv_freq: torch.Tensor, positions: torch.Tensor, cache: KVCache, lengths: torch.Tensor,
-    rows: torch.Tensor | None, tree_mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None, tree_mask: torch.Tensor | None = None, static: bool = False,
 ) -> StepInputs:
     """What the layers of one pass share: new tokens go to slots `lengths + 0..T-1` of
     cache `rows` and see the row's committed slots plus the new tokens `tree_mask` allows
-    (causal order when None). positions [b, T] are the RoPE positions."""
+    (causal order when None). positions [b, T] are the RoPE positions. `static`: keys over
+    the whole cache and a fixed tree tail, so the shapes do not depend on the lengths."""
     b, t = positions.shape
     device = positions.device
     slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
-    key_len = min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
+    key_len = cache.capacity if static else min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
     if tree_mask is None:
         tree_mask = torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
     freqs = positions[..., None].float() * inv_freq.to(device)  # [b, T, hd/2]
@@ -220,7 +227,7 @@ def step_inputs(
     if t > SDPA_FROM:
         layout, mask = None, build_mask(lengths, slots, key_len, tree_mask)
     else:
-        layout, mask = key_layout(lengths, tree_mask, key_len), None
+        layout, mask = key_layout(lengths, tree_mask, key_len, 2 * BLOCK if static else None), None
     return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), layout, mask)
 
 
@@ -247,6 +254,8 @@ class Transformer(nn.Module):
         # the LM head as the forward pass runs it, when not `head_weight` as is: a quantized
         # copy (models/quantize.py, the "-all" settings) or a packed one (models/packed.py)
         self.head_proj: nn.Module | None = None
+        # run passes over <= STATIC_T tokens at one shape (`_static_forward`); None: on CUDA
+        self.static_shapes: bool | None = None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -283,13 +292,18 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,  # [batch, n] indices into T; None = all
         hidden_layers: Sequence[int] = (),  # layer outputs to return (-1 = before final norm)
         compute_logits: bool = True,
+        _static: bool = False,  # set by `_static_forward`: this pass is at the static shape
     ) -> ModelOutput:
         b, t = ids.shape
         device = ids.device
         lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
+        static = self.static_shapes if self.static_shapes is not None else device.type == "cuda"
+        if static and not _static and t <= STATIC_T and int(cache.lengths.max()) + STATIC_T <= cache.capacity:
+            return self._static_forward(ids, positions, cache, tree_mask, rows, logits_at, hidden_layers,
+                                        compute_logits)
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask)
+        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static)
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -303,6 +317,38 @@ class Transformer(nn.Module):
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.norm(x)
         return ModelOutput(self.head(x), hidden)
+
+
+    def _static_forward(self, ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits):
+        """The pass at one shape whatever it holds: every cache row (rows the pass does not
+        name run filler tokens in their spare slots, which nothing reads), STATIC_T tokens
+        each (the padding continues each row's chain or hangs off its tree), keys over the
+        whole cache; logits for every position, then the ones asked for."""
+        b, t = ids.shape
+        n, device = cache.batch_size, ids.device
+        named = list(range(b)) if rows is None else rows.tolist()
+        spare = [r for r in range(n) if r not in set(named)]
+        all_rows = None if named + spare == list(range(n)) else torch.tensor(named + spare, device=device)
+        lengths = cache.lengths if all_rows is None else cache.lengths[all_rows]
+        steps = torch.arange(STATIC_T, device=device)
+        pad_ids = ids.new_zeros(n, STATIC_T)
+        pad_ids[:b, :t] = ids
+        pad_pos = lengths[:, None] + steps
+        pad_pos[:b, :t] = positions
+        pad_pos[:b, t:] = positions[:, -1:] + 1 + steps[: STATIC_T - t]
+        mask = None
+        if tree_mask is not None:
+            mask = torch.ones(STATIC_T, STATIC_T, dtype=torch.bool, device=device).tril().repeat(n, 1, 1)
+            mask[:b, :t, :t] = tree_mask
+        out = self.forward(pad_ids, pad_pos, cache, tree_mask=mask, rows=all_rows, hidden_layers=hidden_layers,
+                           compute_logits=compute_logits, _static=True)
+        hidden = {k: v[:b, :t] for k, v in out.hidden.items()}
+        if out.logits is None:
+            return ModelOutput(None, hidden)
+        logits = out.logits[:b]
+        if logits_at is not None:
+            return ModelOutput(torch.gather(logits, 1, logits_at[..., None].expand(-1, -1, logits.shape[-1])), hidden)
+        return ModelOutput(logits[:, :t], hidden)
 
 
 def build_mask(lengths: torch.Tensor, slots: torch.Tensor, key_len: int, tree_mask: torch.Tensor) -> torch.Tensor:
