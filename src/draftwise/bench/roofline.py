@@ -60,17 +60,22 @@ def pass_bytes(model: torch.nn.Module) -> int:
     return weight_bytes(model) - sum(t.numel() * t.element_size() for t in unread.values())
 
 
-def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read (a sum over a buffer much larger than the caches)."""
-    x = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16)
+def memory_bandwidth(size_mb: int = 512, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Bytes/s of a streaming read on `device` (a sum over a buffer much larger than the caches)."""
+    x = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16, device=device)
     x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    best = min(_timed(lambda: x.sum(), x.device) for _ in range(repeats))
     return x.numel() * x.element_size() / best
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
+    """Seconds `fn` takes, the device's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t
 
 
@@ -88,15 +93,10 @@ def measure(model, context: int = 128, repeats: int = 5) -> Roofline:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
         pos = (context + torch.arange(n, device=device))[None]
         model(ids, pos, cache)  # warm-up of this shape
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(_timed(lambda: model(ids, pos, cache)))
-        seconds[n] = statistics.median(times)
+        seconds[n] = statistics.median(_timed(lambda: model(ids, pos, cache), device) for _ in range(repeats))
     info = machine_info(str(model.dtype).replace("torch.", ""), "")
-    return Roofline(weight_bytes(model), pass_bytes(model), memory_bandwidth(), seconds,
-                    f"{info.get('cpu')}, {info.get('cores')} cores")
+    machine = info.get("gpu") if device.type == "cuda" else f"{info.get('cpu')}, {info.get('cores')} cores"
+    return Roofline(weight_bytes(model), pass_bytes(model), memory_bandwidth(device=device), seconds, machine)
 
 
 def report(r: Roofline, model_name: str, dtype: str, quantization: str) -> str:
