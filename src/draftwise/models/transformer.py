@@ -318,7 +318,6 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         return ModelOutput(self.head(x), hidden)
 
-
     def _static_forward(self, ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits):
         """The pass at one shape whatever it holds: every cache row (rows the pass does not
         name run filler tokens in their spare slots, which nothing reads), STATIC_T tokens
