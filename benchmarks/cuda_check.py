@@ -24,12 +24,11 @@ import argparse
 import json
 import platform
 import sys
-import time
 
 import torch
 
 from draftwise.api import LLM
-from draftwise.bench.roofline import measure, report
+from draftwise.bench.roofline import measure, report, timed
 from draftwise.errors import DraftwiseError
 from draftwise.models.config import ModelConfig
 from draftwise.models.transformer import Transformer
@@ -93,6 +92,24 @@ def linear_probe(device: str, dtype: torch.dtype, k: int = 1536, n: int = 8960) 
     return [m for m in range(2, 65) if not torch.equal(torch.nn.functional.linear(x[:m], w)[0], one)]
 
 
+def prefill(model: Transformer, cache, row: int, prompt: torch.Tensor) -> None:
+    """Prompt `[1, n]` into cache `row`, committed."""
+    n = prompt.shape[1]
+    model(prompt, torch.arange(n, device=model.device)[None], cache, rows=torch.tensor([row], device=model.device))
+    cache.set_length(row, n)
+
+
+def decode_alone(model: Transformer, cache, row: int, prompt: torch.Tensor, seq: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of each token of `seq` `[n]` decoded one at a time after `prompt` in cache `row`."""
+    prefill(model, cache, row, prompt)
+    n, one, out = prompt.shape[1], torch.tensor([row], device=model.device), []
+    for i in range(seq.shape[0]):
+        pos = torch.tensor([[n + i]], device=model.device)
+        out.append(model(seq[None, i : i + 1], pos, cache, rows=one).logits[0, 0])
+        cache.set_length(row, n + i + 1)
+    return out
+
+
 def invariance(model: Transformer, context: int) -> tuple[int, float]:
     """(tokens whose logits differ between chunked passes and one-token passes, max abs diff)."""
     dev = model.device
@@ -101,17 +118,9 @@ def invariance(model: Transformer, context: int) -> tuple[int, float]:
     prompt = torch.randint(0, vocab, (1, context), generator=g).to(dev)
     seq = torch.randint(0, vocab, (1, sum(PASSES)), generator=g).to(dev)
 
-    def prefilled():
-        cache = model.new_cache(1, context + 64)
-        model(prompt, torch.arange(context, device=dev)[None], cache)
-        cache.set_length(0, context)
-        return cache
-
-    cache, ref = prefilled(), []
-    for i in range(seq.shape[1]):
-        ref.append(model(seq[:, i : i + 1], torch.tensor([[context + i]], device=dev), cache).logits[0, 0])
-        cache.set_length(0, context + i + 1)
-    cache, got, done = prefilled(), [], 0
+    ref = decode_alone(model, model.new_cache(1, context + 64), 0, prompt, seq[0])
+    cache, got, done = model.new_cache(1, context + 64), [], 0
+    prefill(model, cache, 0, prompt)
     for t in PASSES:
         pos = (context + done + torch.arange(t, device=dev))[None]
         got += list(model(seq[:, done : done + t], pos, cache).logits[0])
@@ -127,21 +136,13 @@ def batched_invariance(model: Transformer, contexts=(37, 90, 150, 700)) -> tuple
     g = torch.Generator(device="cpu").manual_seed(2)
     prompts = [torch.randint(0, vocab, (1, n), generator=g).to(dev) for n in contexts]
     seqs = torch.randint(0, vocab, (len(contexts), 15), generator=g).to(dev)
-    refs = []
-    for row, p in enumerate(prompts):  # each row decoded alone, in a cache of the same size
-        cache, one = model.new_cache(len(prompts), max(contexts) + 16), torch.tensor([row], device=dev)
-        model(p, torch.arange(p.shape[1], device=dev)[None], cache, rows=one)
-        cache.set_length(row, p.shape[1])
-        ref = []
-        for i in range(seqs.shape[1]):
-            pos = torch.tensor([[p.shape[1] + i]], device=dev)
-            ref.append(model(seqs[row : row + 1, i : i + 1], pos, cache, rows=one).logits[0, 0])
-            cache.set_length(row, p.shape[1] + i + 1)
-        refs.append(ref)
-    cache = model.new_cache(len(prompts), max(contexts) + 16)
+    def new_cache():  # the same size for the rows alone and together
+        return model.new_cache(len(prompts), max(contexts) + 16)
+
+    refs = [decode_alone(model, new_cache(), row, p, seqs[row]) for row, p in enumerate(prompts)]
+    cache = new_cache()
     for row, p in enumerate(prompts):
-        model(p, torch.arange(p.shape[1], device=dev)[None], cache, rows=torch.tensor([row], device=dev))
-        cache.set_length(row, p.shape[1])
+        prefill(model, cache, row, p)
     bad, done = [], 0
     for t in [2, 5, 1, 4, 3]:
         pos = torch.tensor([[n + done + j for j in range(t)] for n in contexts], device=dev)
@@ -158,12 +159,12 @@ def batched_invariance(model: Transformer, contexts=(37, 90, 150, 700)) -> tuple
 
 def engine_checks(llm: LLM, rows: list, label: str, max_tokens: int, failures: list,
                   model_name: str | None = None) -> None:
-    """Plain vs each speculator (greedy), seeded sampling, top_k=1 == greedy; appends rows."""
+    """Plain vs each speculator (greedy), and a seeded sampled run twice; appends rows."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     prompts = [llm.encode_prompt(p) for p in PROMPTS]
     llm.set_speculation(None)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))  # warm-up
-    plain, sec = timed(lambda: llm.generate(prompts, params))
+    plain, sec = generate_timed(llm, prompts, params)
     ref = [o.token_ids for o in plain]
     tokens = sum(len(r) for r in ref)
     rows.append({"setting": label, "method": "plain", "tokens_per_s": tokens / sec, "passes_per_token": 1.0,
@@ -173,7 +174,7 @@ def engine_checks(llm: LLM, rows: list, label: str, max_tokens: int, failures: l
             spec = {**spec, "model": model_name}
         try:
             llm.set_speculation(spec)
-            outs, sec = timed(lambda: llm.generate(prompts, params))
+            outs, sec = generate_timed(llm, prompts, params)
         except Exception as e:  # a speculator this model cannot take (no head for it, ...): say why
             rows.append({"setting": label, "method": name, "skipped": f"{type(e).__name__}: {e}".splitlines()[0][:90]})
             continue
@@ -193,12 +194,10 @@ def engine_checks(llm: LLM, rows: list, label: str, max_tokens: int, failures: l
         failures.append(f"{label}: seeded sampling did not repeat itself")
 
 
-def timed(fn):
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    return out, time.perf_counter() - t
+def generate_timed(llm: LLM, prompts, params) -> tuple[list, float]:
+    """(outputs, seconds) of one `generate`, the device's work finished before and after."""
+    outs: list = []
+    return outs, timed(lambda: outs.extend(llm.generate(prompts, params)), llm.model.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,11 +64,11 @@ def memory_bandwidth(size_mb: int = 512, repeats: int = 5, device: str | torch.d
     """Bytes/s of a streaming read on `device` (a sum over a buffer much larger than the caches)."""
     x = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16, device=device)
     x.sum()
-    best = min(_timed(lambda: x.sum(), x.device) for _ in range(repeats))
+    best = min(timed(lambda: x.sum(), x.device) for _ in range(repeats))
     return x.numel() * x.element_size() / best
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> float:
     """Seconds `fn` takes, the device's queued work finished before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,7 +93,7 @@ def measure(model, context: int = 128, repeats: int = 5) -> Roofline:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
         pos = (context + torch.arange(n, device=device))[None]
         model(ids, pos, cache)  # warm-up of this shape
-        seconds[n] = statistics.median(_timed(lambda: model(ids, pos, cache), device) for _ in range(repeats))
+        seconds[n] = statistics.median(timed(lambda: model(ids, pos, cache), device) for _ in range(repeats))
     info = machine_info(str(model.dtype).replace("torch.", ""), "")
     machine = info.get("gpu") if device.type == "cuda" else f"{info.get('cpu')}, {info.get('cores')} cores"
     return Roofline(weight_bytes(model), pass_bytes(model), memory_bandwidth(device=device), seconds, machine)
