@@ -57,9 +57,11 @@ def tiny_config(arch: str = "llama", **overrides) -> ModelConfig:
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.2,
-               packed: bool = False, **overrides) -> Transformer:
+               packed: bool = False, variant: str | None = None, **overrides) -> Transformer:
     """A random model whose logits are peaked enough to make greedy text repetitive
-    (`packed`: with oneDNN-packed projections, as `load_model` gives on the CPU)."""
+    (`packed`: with oneDNN-packed projections, as `load_model` gives on the CPU).
+    `variant`, for tests run over each: "plain", "packed", or "torch-attention" (decode
+    and verify attention in torch operations, as on CUDA, instead of the C kernel)."""
     torch.manual_seed(seed)
     model = Transformer(tiny_config(arch, **overrides))
     with torch.no_grad():
@@ -67,7 +69,12 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
             if "norm" not in name:
                 p.normal_(0.0, std)
     model = model.to(dtype).eval()
-    return pack(model) if packed else model
+    if variant == "torch-attention":
+        model.attention_kernel = False
+    return pack(model) if packed or variant == "packed" else model
+
+
+VARIANTS = ["plain", "packed", "torch-attention"]
 
 
 @pytest.fixture(scope="module")

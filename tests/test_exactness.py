@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import check_tree_pass, decode_alone, oracle_tree_outputs, tiny_model
+from conftest import VARIANTS, check_tree_pass, decode_alone, oracle_tree_outputs, tiny_model
 from draftwise.api import LLM
 from draftwise.engine.step import prefill
 from draftwise.request import RequestState
@@ -22,10 +22,10 @@ from draftwise.sampling import SamplingParams
     ("llama", 37, 6, 2), ("qwen2", 37, 6, 2), ("qwen3", 37, 6, 2), ("qwen2", 700, 6, 2),
     ("qwen2", 37, 4, 4), ("qwen2", 130, 12, 2),  # 1 and 6 query heads per KV head
 ])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_chunked_passes_equal_one_token_passes(arch, dtype, context, heads, kv_heads, packed):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_passes_equal_one_token_passes(arch, dtype, context, heads, kv_heads, variant):
     model = tiny_model(arch, dtype, hidden_size=96, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=2048, packed=packed)
+                       max_position_embeddings=2048, variant=variant)
     torch.manual_seed(1)
     prompt, seq = torch.randint(0, 260, (1, context)), torch.randint(0, 260, (1, 30))
     ref = decode_alone(model, prompt, seq)
@@ -44,12 +44,12 @@ def test_chunked_passes_equal_one_token_passes(arch, dtype, context, heads, kv_h
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_tree_nodes_equal_their_path_decoded_alone(dtype, packed):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tree_nodes_equal_their_path_decoded_alone(dtype, variant):
     """Two rows verified together as trees whose paths cross key blocks (64 slots): each
     node on the path gives the logits of decoding that path one token at a time."""
     model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=2048, packed=packed)
+                       max_position_embeddings=2048, variant=variant)
     torch.manual_seed(3)
     prompts = [torch.randint(0, 260, (1, n)) for n in (58, 250)]
     paths = [torch.randint(0, 260, (1, 7)) for _ in prompts]
@@ -57,13 +57,13 @@ def test_tree_nodes_equal_their_path_decoded_alone(dtype, packed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_tree_speculation_equals_plain_decoding(dtype, packed, tokenizer):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tree_speculation_equals_plain_decoding(dtype, variant, tokenizer):
     """Through the engine: mixed prompt lengths (one past the fused-prefill threshold),
     more prompts than rows, contexts crossing key blocks; the oracle's trees are accepted
     deep, at scattered slots. Output must be plain decoding's, token for token."""
     model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=2048, packed=packed)
+                       max_position_embeddings=2048, variant=variant)
     torch.manual_seed(4)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61, 20, 300, 90)]
     params = SamplingParams(max_tokens=70, ignore_eos=True)
@@ -98,8 +98,9 @@ def test_prefill_does_not_depend_on_its_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_rows_equal_single_rows(dtype):
-    model = tiny_model("llama", dtype)
+@pytest.mark.parametrize("variant", ["plain", "torch-attention"])
+def test_batched_rows_equal_single_rows(dtype, variant):
+    model = tiny_model("llama", dtype, variant=variant)
     torch.manual_seed(2)
     prompts = [torch.randint(0, 260, (1, n)) for n in (5, 19, 11)]
     seqs = [torch.randint(0, 260, (1, 6)) for _ in prompts]
@@ -125,7 +126,8 @@ def test_static_shape_passes_are_exact_too(dtype, tokenizer):
     """The CUDA path's static shapes (every cache row, STATIC_T tokens, keys over the whole
     cache), forced on the CPU: chunked passes still equal one-token passes, tree nodes their
     paths, and speculation through the engine gives plain decoding's output, equal to the
-    output of the same model run without static shapes."""
+    output of the same model run without static shapes (attention in the same torch
+    operations: the CPU's C kernel sums in another order)."""
     model = tiny_model("qwen2", dtype, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                        max_position_embeddings=2048)
     model.static_shapes = True
@@ -145,6 +147,6 @@ def test_static_shape_passes_are_exact_too(dtype, tokenizer):
     plain = LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)
     reqs = oracle_tree_outputs(model, tokenizer, prompts, params, plain, max_batch_size=2)
     assert [r.output_ids for r in reqs] == [o.token_ids for o in plain]
-    model.static_shapes = False
+    model.static_shapes, model.attention_kernel = False, False
     assert [o.token_ids for o in LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)] \
         == [o.token_ids for o in plain]

@@ -1,4 +1,8 @@
-"""Attention whose numbers do not depend on the pass a query runs in.
+"""Attention whose numbers do not depend on the pass a query runs in, in torch operations.
+
+On the CPU, decode and verify passes run the C kernel `kernels/attention.c` instead (the
+same property, another summation order, ~4x faster); this recipe serves CUDA, and the
+CPU where the kernel does not build.
 
 Greedy speculation is lossless only if a token's logits are bit-identical whether it is
 decoded alone, verified in a chain, verified as a node of a tree, or run beside other rows.

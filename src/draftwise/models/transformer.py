@@ -12,8 +12,9 @@ Notable features:
   rows (measured on AVX-512: fp32 for 1, 2-3 and the tail rows of M % 4 != 0 below 12;
   bf16 for M = 1), so a token's logits would depend on how many tokens share its pass.
   Every matmul pads its rows to a multiple of 4, and attention follows one fixed recipe
-  per query (`attention.py`), so decoding one token, verifying eight in a chain or a
-  tree, and running beside other rows give bit-identical results per token. That is
+  per query (on the CPU the C kernel `kernels/attention.c`, else `attention.py`), so
+  decoding one token, verifying eight in a chain or a tree, and running beside other rows
+  give bit-identical results per token. That is
   what makes greedy speculation exact (tests/test_exactness.py keeps it true).
 - Static shapes on CUDA: there the library kernels choose their reduction order from the
   whole shape (measured on an H200: fp32 matmuls for 1 row against more, the norms' mean
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftwise.cache import KVCache
+from draftwise.kernels import attention as attention_kernel
 from draftwise.models.attention import BLOCK, ROW_MULTIPLE, KeyLayout, attention, key_layout, padded_rows
 from draftwise.models.config import ModelConfig
 
@@ -155,11 +157,16 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         step.cache.write(self.index, k, v, step.slots, step.rows)
-        keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
-        keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
-        if step.layout is None:  # long prefill: fused kernel, memory-lean
+        if step.sees is not None:  # decode / verify on the CPU: the C kernel reads the cache in place
+            keys, values = step.cache.layer(self.index, step.cache.capacity)
+            out = attention_kernel.forward(q, keys, values, step.cache_rows, step.lengths, step.sees)
+        elif step.layout is None:  # long prefill: fused kernel, memory-lean
+            keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
+            keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         else:
+            keys, values = step.cache.layer(self.index, step.key_len)
+            keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
             out = attention(q, keys, values, step.layout)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return proj(self.o_proj, out)
@@ -204,18 +211,23 @@ class StepInputs:
     key_len: int
     cos: torch.Tensor  # [batch, 1, T, head_dim]
     sin: torch.Tensor
-    layout: KeyLayout | None  # decode / verify passes (T <= SDPA_FROM)
+    layout: KeyLayout | None  # decode / verify passes (T <= SDPA_FROM) in torch operations
     mask: torch.Tensor | None  # [batch, 1, T, key_len] bool, for the SDPA path (long prefill)
+    # decode / verify passes in the C kernel (kernels/attention.py), else None:
+    sees: torch.Tensor | None = None  # [batch, T, T] uint8: new token i sees new token j
+    lengths: torch.Tensor | None = None  # [batch] committed slots
+    cache_rows: torch.Tensor | None = None  # [batch] cache rows (`rows`, or 0..batch-1)
 
 
 def step_inputs(
     inv_freq: torch.Tensor, positions: torch.Tensor, cache: KVCache, lengths: torch.Tensor,
-    rows: torch.Tensor | None, tree_mask: torch.Tensor | None = None, static: bool = False,
+    rows: torch.Tensor | None, tree_mask: torch.Tensor | None = None, static: bool = False, kernel: bool = False,
 ) -> StepInputs:
     """What the layers of one pass share: new tokens go to slots `lengths + 0..T-1` of
     cache `rows` and see the row's committed slots plus the new tokens `tree_mask` allows
     (causal order when None). positions [b, T] are the RoPE positions. `static`: keys over
-    the whole cache and a fixed tree tail, so the shapes do not depend on the lengths."""
+    the whole cache and a fixed tree tail, so the shapes do not depend on the lengths.
+    `kernel`: passes up to SDPA_FROM tokens run attention in the C kernel."""
     b, t = positions.shape
     device = positions.device
     slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
@@ -225,10 +237,14 @@ def step_inputs(
     freqs = positions[..., None].float() * inv_freq.to(device)  # [b, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, T, hd]
     if t > SDPA_FROM:
-        layout, mask = None, build_mask(lengths, slots, key_len, tree_mask)
-    else:
-        layout, mask = key_layout(lengths, tree_mask, key_len, 2 * BLOCK if static else None), None
-    return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), layout, mask)
+        return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), None,
+                          build_mask(lengths, slots, key_len, tree_mask))
+    if kernel:
+        cache_rows = torch.arange(b, device=device) if rows is None else rows
+        return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), None, None,
+                          tree_mask.to(torch.uint8).contiguous(), lengths.contiguous(), cache_rows.contiguous())
+    layout = key_layout(lengths, tree_mask, key_len, 2 * BLOCK if static else None)
+    return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), layout, None)
 
 
 class Inner(nn.Module):
@@ -256,6 +272,8 @@ class Transformer(nn.Module):
         self.head_proj: nn.Module | None = None
         # run passes over <= STATIC_T tokens at one shape (`_static_forward`); None: on CUDA
         self.static_shapes: bool | None = None
+        # decode / verify attention in the C kernel (kernels/attention.py); None: wherever it runs
+        self.attention_kernel: bool | None = None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -303,7 +321,8 @@ class Transformer(nn.Module):
                                         compute_logits)
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static)
+        kernel = not static and (self.attention_kernel if self.attention_kernel is not None else self.kernel_runs())
+        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static, kernel)
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -317,6 +336,11 @@ class Transformer(nn.Module):
             x = torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.norm(x)
         return ModelOutput(self.head(x), hidden)
+
+    def kernel_runs(self) -> bool:
+        """Whether attention's C kernel takes this model here (CPU, fp32/bf16, its shapes)."""
+        c = self.config
+        return attention_kernel.takes(c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
 
     def _static_forward(self, ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits):
         """The pass at one shape whatever it holds: every cache row (rows the pass does not
