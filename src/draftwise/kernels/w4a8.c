@@ -65,8 +65,12 @@ static uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
-/* One row of x (fp32 or bf16) -> int8 values; per group, the scale and the scaled sum. */
-static void quantize_row(const void *x, int bf16, int k, int8_t *a, float *gscale, float *gsum) {
+/* One row of x (fp32 or bf16) -> int8 values; per group, the scale and the scaled sum.
+   Rows are stored in tiles of MAX_ROWS, group-major within a tile (group g of tile row r
+   at (g * stride + r) * GROUP, its scale and sum at g * stride + r, stride = the tile's
+   rows), so the kernel walks one pointer per tile (one per row ran out of registers at
+   7-8 rows and cost ~25%). */
+static void quantize_row(const void *x, int bf16, int k, int8_t *a, float *gscale, float *gsum, int stride) {
     for (int g = 0; g < k / GROUP; g++) {
         float v[GROUP], top = 0.0f;
         for (int i = 0; i < GROUP; i++) {
@@ -78,11 +82,11 @@ static void quantize_row(const void *x, int bf16, int k, int8_t *a, float *gscal
         int32_t s = 0;
         for (int i = 0; i < GROUP; i++) {
             int q = (int)nearbyintf(v[i] * inv);
-            a[g * GROUP + i] = (int8_t)q;
+            a[(int64_t)g * stride * GROUP + i] = (int8_t)q;
             s += q;
         }
-        gscale[g] = top / 127.0f;
-        gsum[g] = gscale[g] * (float)s;
+        gscale[(int64_t)g * stride] = top / 127.0f;
+        gsum[(int64_t)g * stride] = gscale[(int64_t)g * stride] * (float)s;
     }
 }
 
@@ -97,17 +101,17 @@ static void block_portable(const uint8_t *w, int groups, const int8_t *a, const 
                            const float *gsum, int k, int m, float out[][BLOCK]) {
     for (int r = 0; r < m; r++) {
         float acc[BLOCK] = {0};
-        const int8_t *ar = a + (int64_t)r * k;
         for (int g = 0; g < groups; g++) {
+            const int8_t *ag = a + ((int64_t)g * m + r) * GROUP;
             const uint8_t *gw = w + (int64_t)g * GROUP_BYTES;
             const uint16_t *scales = (const uint16_t *)(gw + GROUP * BLOCK / 2), *lows = scales + BLOCK;
-            float gs = gscale[(int64_t)r * groups + g], sum = gsum[(int64_t)r * groups + g];
+            float gs = gscale[(int64_t)g * m + r], sum = gsum[(int64_t)g * m + r];
             for (int c = 0; c < BLOCK; c++) {
                 int32_t dot = 0;
                 for (int j = 0; j < 4; j++) {
                     for (int i = 0; i < 4; i++) {
                         uint8_t byte = gw[64 * j + 4 * c + i];
-                        dot += (byte & 15) * ar[g * GROUP + 8 * j + i] + (byte >> 4) * ar[g * GROUP + 8 * j + 4 + i];
+                        dot += (byte & 15) * ag[8 * j + i] + (byte >> 4) * ag[8 * j + 4 + i];
                     }
                 }
                 acc[c] = fmaf(fp16_to_float(scales[c]) * gs, (float)dot, acc[c]);
@@ -143,7 +147,7 @@ VNNI ALWAYS void block_vnni_rows(const uint8_t *w, int groups, const int8_t *a, 
         __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gw + GROUP * BLOCK / 2 + 2 * BLOCK)));
         #pragma GCC unroll 8
         for (int r = 0; r < m; r++) {
-            const int8_t *ag = a + (int64_t)r * k + g * GROUP;
+            const int8_t *ag = a + ((int64_t)g * m + r) * GROUP;
             __m512i d[4]; /* four independent sums: shorter dependency chains */
             for (int j = 0; j < 4; j++) {
                 int32_t a0, a1;
@@ -153,9 +157,9 @@ VNNI ALWAYS void block_vnni_rows(const uint8_t *w, int groups, const int8_t *a, 
                 d[j] = _mm512_dpbusd_epi32(d[j], hi[j], _mm512_set1_epi32(a1));
             }
             __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]));
-            __m512 gs = _mm512_mul_ps(scale, _mm512_set1_ps(gscale[(int64_t)r * groups + g]));
+            __m512 gs = _mm512_mul_ps(scale, _mm512_set1_ps(gscale[(int64_t)g * m + r]));
             acc[r] = _mm512_fmadd_ps(gs, _mm512_cvtepi32_ps(dot), acc[r]);
-            acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[(int64_t)r * groups + g]), acc[r]);
+            acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[(int64_t)g * m + r]), acc[r]);
         }
     }
     #pragma GCC unroll 8
@@ -207,9 +211,12 @@ int w4a8_linear(const uint8_t *w, int n, int k, const void *x, int x_bf16, int m
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int r = 0; r < m; r++)
-            quantize_row((const char *)x + (int64_t)r * k * (x_bf16 ? 2 : 4), x_bf16, k, a + (int64_t)r * k,
-                         gscale + (int64_t)r * groups, gsum + (int64_t)r * groups);
+        for (int r = 0; r < m; r++) { /* rows in tiles of MAX_ROWS, each tile group-major */
+            const int r0 = r / MAX_ROWS * MAX_ROWS, rows = m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS;
+            quantize_row((const char *)x + (int64_t)r * k * (x_bf16 ? 2 : 4), x_bf16, k,
+                         a + (int64_t)r0 * k + (int64_t)(r - r0) * GROUP, gscale + (int64_t)r0 * groups + (r - r0),
+                         gsum + (int64_t)r0 * groups + (r - r0), rows);
+        }
         #pragma omp for schedule(static)
         for (int b = 0; b < blocks; b++) {
             const uint8_t *wb = w + (int64_t)b * groups * GROUP_BYTES;
