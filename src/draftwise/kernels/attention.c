@@ -28,6 +28,10 @@
 #endif
 
 #define LANES 16
+#define TILE 8           /* head-queries scored per sweep over a block of keys */
+#define MAX_GROUP 16     /* query heads per KV head */
+#define MAX_T 128        /* new tokens per pass */
+#define HEAD_QUERIES 64  /* head-queries per work item (queries x heads of one KV head) */
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* vector arguments of inlined helpers only */
 
@@ -39,10 +43,11 @@ typedef uint16_t vh __attribute__((vector_size(32)));
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf load(const void *p, int bf16) {
-    if (bf16) {
-        vh h;
+    if (bf16) { /* each bf16 as the high half of an fp32 (one permute at 512 bits) */
+        vh h, zero = {0};
         memcpy(&h, p, sizeof h);
-        return (vf)(__builtin_convertvector(h, vu) << 16);
+        return (vf)__builtin_shufflevector(zero, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9,
+                                           25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     }
     vf v;
     memcpy(&v, p, sizeof v);
@@ -106,94 +111,151 @@ INLINE vf exp_neg(vf x) {
     return p * (vf)e;
 }
 
-/* One query (row r, new token t) and the g query heads of KV head kh: writes out
-   [g][hd]. keys: slots 0..len-1, then len + i for the new tokens i this query sees. */
-INLINE void one_query(const void *q, int q_bf16, const void *k, const void *v, int kv_bf16, int64_t len,
-                      const uint8_t *sees, int t_new, int g, int hd, float scale, float *scores, int64_t *slots,
-                      void *out, int out_bf16, int64_t q_head_stride, int64_t out_head_stride) {
-    const int chunks = hd / LANES, esize = kv_bf16 ? 2 : 4;
-    const char *kb = k, *vb = v;
-    int64_t n = 0;
-    for (int64_t j = 0; j < len; j++) slots[n++] = j;
-    for (int i = 0; i < t_new; i++)
-        if (sees[i]) slots[n++] = len + i;
-    const int64_t padded = (n + LANES - 1) / LANES * LANES;
-    float qs[16 * 256 / LANES * LANES];
-    for (int h = 0; h < g; h++)
-        for (int c = 0; c < chunks; c++) {
-            vf x = load((const char *)q + (h * q_head_stride + c * LANES) * (q_bf16 ? 2 : 4), q_bf16) * scale;
-            memcpy(&qs[(h * chunks + c) * LANES], &x, sizeof x);
+/* Partial dot products of one key with head-queries qs[0..nh): part[h * LANES + jj]. */
+INLINE void key_dots(const float *qs, int nh, int chunks, const char *key, int kv_bf16, vf *part, int jj) {
+    vf kc[256 / LANES];
+    for (int c = 0; c < chunks; c++) kc[c] = load(key + c * LANES * (kv_bf16 ? 2 : 4), kv_bf16);
+    for (int h = 0; h < nh; h++) {
+        const float *qh = qs + h * chunks * LANES;
+        vf qc;
+        memcpy(&qc, qh, sizeof qc);
+        vf acc = qc * kc[0];
+        for (int c = 1; c < chunks; c++) {
+            memcpy(&qc, qh + c * LANES, sizeof qc);
+            acc = acc + qc * kc[c];
         }
-    /* scores: per key, 16-lane products summed over the chunks, then reduce16 per 16 keys */
-    for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
-        vf part[16][LANES];
-        for (int jj = 0; jj < LANES; jj++) {
-            if (j0 + jj >= n) {
-                for (int h = 0; h < g; h++) part[h][jj] = (vf){};
-                continue;
-            }
-            const char *key = kb + slots[j0 + jj] * hd * esize;
-            vf kc[256 / LANES];
-            for (int c = 0; c < chunks; c++) kc[c] = load(key + c * LANES * esize, kv_bf16);
-            for (int h = 0; h < g; h++) {
-                vf acc, qc;
-                memcpy(&qc, &qs[h * chunks * LANES], sizeof qc);
-                acc = qc * kc[0];
-                for (int c = 1; c < chunks; c++) {
-                    memcpy(&qc, &qs[(h * chunks + c) * LANES], sizeof qc);
-                    acc = acc + qc * kc[c];
-                }
-                part[h][jj] = acc;
-            }
-        }
-        for (int h = 0; h < g; h++) {
-            vf s = reduce16(part[h]);
-            memcpy(&scores[h * padded + j0], &s, sizeof s);
-        }
-    }
-    for (int h = 0; h < g; h++) {
-        float *s = scores + h * padded, top = -INFINITY;
-        for (int64_t j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-        vf den = (vf){};
-        for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
-            vf x;
-            memcpy(&x, &s[j0], sizeof x);
-            vf e = exp_neg(x - top);
-            for (int jj = 0; jj < LANES; jj++) /* padding keys weigh exactly 0 */
-                if (j0 + jj >= n) e[jj] = 0.0f;
-            den = den + e;
-            memcpy(&s[j0], &e, sizeof e);
-        }
-        const float total = sum16(den);
-        vf acc[256 / LANES];
-        for (int c = 0; c < chunks; c++) acc[c] = (vf){};
-        for (int64_t j = 0; j < n; j++) {
-            const char *val = vb + slots[j] * hd * esize;
-            for (int c = 0; c < chunks; c++) acc[c] = acc[c] + load(val + c * LANES * esize, kv_bf16) * s[j];
-        }
-        float row[256];
-        for (int c = 0; c < chunks; c++) {
-            vf o = acc[c] / total;
-            memcpy(&row[c * LANES], &o, sizeof o);
-        }
-        store_row((char *)out + h * out_head_stride * (out_bf16 ? 2 : 4), out_bf16, row, hd);
+        part[h * LANES + jj] = acc;
     }
 }
 
-/* q [b, heads, T, hd] (fp32 or bf16, contiguous); k and v one layer of the cache
-   [rows, kv_heads, capacity, hd]; cache_rows [b] the cache row of each batch row;
-   lengths [b] their committed slots; sees [b, T, T] (1: new token i sees new token j);
-   out [b, heads, T, hd] in q's dtype. Returns 0, or -1 (bad shape or no memory). */
-#define QUERY_ARGS const void *q, int q_bf16, const void *k, const void *v, int kv_bf16, int64_t len, \
-    const uint8_t *sees, int t_new, int g, int hd, float scale, float *scores, int64_t *slots, void *out, \
-    int out_bf16, int64_t q_head_stride, int64_t out_head_stride
-#define QUERY_PASS q, q_bf16, k, v, kv_bf16, len, sees, t_new, g, hd, scale, scores, slots, out, out_bf16, \
-    q_head_stride, out_head_stride
+/* Scores of n keys (slots[j], or first + j when slots is NULL) for head-queries
+   qs[0..nh): scores[h * stride + at + j]. Each key's score is its own 16-lane partial
+   reduced by reduce16, so it does not depend on the keys or head-queries beside it. */
+INLINE void score_keys(const float *qs, int nh, int hd, const char *kb, int kv_bf16, const int64_t *slots,
+                       int64_t first, int64_t n, float *scores, int64_t stride, int64_t at) {
+    const int chunks = hd / LANES, esize = kv_bf16 ? 2 : 4;
+    vf part[TILE * LANES];
+    for (int h0 = 0; h0 < nh; h0 += TILE) {
+        const int th = nh - h0 < TILE ? nh - h0 : TILE;
+        for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+            for (int jj = 0; jj < LANES; jj++) {
+                if (j0 + jj < n) {
+                    const int64_t slot = slots ? slots[j0 + jj] : first + j0 + jj;
+                    key_dots(qs + h0 * hd, th, chunks, kb + slot * hd * esize, kv_bf16, part, jj);
+                } else {
+                    for (int h = 0; h < th; h++) part[h * LANES + jj] = (vf){};
+                }
+            }
+            const int64_t valid = n - j0 < LANES ? n - j0 : LANES;
+            for (int h = 0; h < th; h++) {
+                vf sum = reduce16(&part[h * LANES]);
+                memcpy(&scores[(h0 + h) * stride + at + j0], &sum, valid * sizeof(float));
+            }
+        }
+    }
+}
 
-/* one_query compiled for each instruction set; the threads below call one of them */
-static void query_base(QUERY_ARGS) { one_query(QUERY_PASS); }
+/* Softmax weights in place over scores[0..n): exp(s - max); returns their sum. */
+INLINE float softmax_weights(float *s, int64_t n) {
+    vf most = (vf){} - INFINITY; /* the max is exact, so its order does not matter */
+    for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+        vf x = most;
+        memcpy(&x, &s[j0], (n - j0 < LANES ? n - j0 : LANES) * sizeof(float));
+        vi more = x > most;
+        most = (vf)(((vi)x & more) | ((vi)most & ~more));
+    }
+    float top = most[0];
+    for (int i = 1; i < LANES; i++) top = most[i] > top ? most[i] : top;
+    vf den = (vf){};
+    for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+        vf x = (vf){};
+        const int64_t valid = n - j0 < LANES ? n - j0 : LANES;
+        memcpy(&x, &s[j0], valid * sizeof(float));
+        vf e = exp_neg(x - top);
+        for (int jj = valid; jj < LANES; jj++) e[jj] = 0.0f; /* past the keys: exactly 0 */
+        den = den + e;
+        memcpy(&s[j0], &e, valid * sizeof(float));
+    }
+    return sum16(den);
+}
+
+/* Queries i0..i0+nq-1 of one row and the g query heads of one KV head (head-query
+   hq = i * g + h): q and out point at the row's [heads, T, hd], k and v at the KV
+   head's [capacity, hd] cache. The prefix 0..len-1 is read once for all head-queries;
+   then each query's own new tokens. Scratch: qs [nq * g * hd], scores [nq * g * stride],
+   slots [nq * T], stride >= len + T. */
+INLINE void one_item(const char *q, int q_bf16, const char *k, const char *v, int kv_bf16, int64_t len,
+                     const uint8_t *sees, int t, int i0, int nq, int h0, int g, int hd, float scale, float *qs,
+                     float *scores, int64_t stride, int64_t *slots, char *out) {
+    const int chunks = hd / LANES, esize = kv_bf16 ? 2 : 4, qsize = q_bf16 ? 2 : 4, nh = nq * g;
+    for (int i = 0; i < nq; i++)
+        for (int h = 0; h < g; h++)
+            for (int c = 0; c < chunks; c++) {
+                vf x = load(q + (((int64_t)(h0 + h) * t + i0 + i) * hd + c * LANES) * qsize, q_bf16) * scale;
+                memcpy(&qs[((i * g + h) * chunks + c) * LANES], &x, sizeof x);
+            }
+    int ntail[MAX_T];
+    score_keys(qs, nh, hd, k, kv_bf16, NULL, 0, len, scores, stride, 0);
+    for (int i = 0; i < nq; i++) {
+        int64_t *own = slots + (int64_t)i * t;
+        ntail[i] = 0;
+        for (int j = 0; j < t; j++)
+            if (sees[(int64_t)(i0 + i) * t + j]) own[ntail[i]++] = len + j;
+        score_keys(qs + (int64_t)i * g * hd, g, hd, k, kv_bf16, own, 0, ntail[i], scores + (int64_t)i * g * stride,
+                   stride, len);
+    }
+    float total[MAX_T * 16];
+    for (int hq = 0; hq < nh; hq++) total[hq] = softmax_weights(scores + hq * stride, len + ntail[hq / g]);
+    for (int hq0 = 0; hq0 < nh; hq0 += 2) { /* two head-queries per sweep over the values */
+        const int pair = hq0 + 1 < nh ? 2 : 1;
+        vf acc[2][256 / LANES];
+        for (int p = 0; p < 2; p++)
+            for (int c = 0; c < chunks; c++) acc[p][c] = (vf){};
+        const float *e0 = scores + hq0 * stride, *e1 = scores + (hq0 + pair - 1) * stride;
+        for (int64_t j = 0; j < len; j++) {
+            const char *val = v + j * hd * esize;
+            for (int c = 0; c < chunks; c++) {
+                vf x = load(val + c * LANES * esize, kv_bf16);
+                acc[0][c] = acc[0][c] + x * e0[j];
+                acc[1][c] = acc[1][c] + x * e1[j];
+            }
+        }
+        for (int p = 0; p < pair; p++) {
+            const int hq = hq0 + p, i = hq / g, h = hq % g;
+            const float *e = scores + hq * stride + len;
+            const int64_t *own = slots + (int64_t)i * t;
+            for (int j = 0; j < ntail[i]; j++) {
+                const char *val = v + own[j] * hd * esize;
+                for (int c = 0; c < chunks; c++) acc[p][c] = acc[p][c] + load(val + c * LANES * esize, kv_bf16) * e[j];
+            }
+            float row[256];
+            for (int c = 0; c < chunks; c++) {
+                vf o = acc[p][c] / total[hq];
+                memcpy(&row[c * LANES], &o, sizeof o);
+            }
+            store_row(out + ((int64_t)(h0 + h) * t + i0 + i) * hd * qsize, q_bf16, row, hd);
+        }
+    }
+}
+
+#define ITEM_ARGS const char *q, int q_bf16, const char *k, const char *v, int kv_bf16, int64_t len, \
+    const uint8_t *sees, int t, int i0, int nq, int h0, int g, int hd, float scale, float *qs, float *scores, \
+    int64_t stride, int64_t *slots, char *out
+#define ITEM_PASS q, q_bf16, k, v, kv_bf16, len, sees, t, i0, nq, h0, g, hd, scale, qs, scores, stride, slots, out
+
+/* one_item compiled for each instruction set, with the common head sizes as constants
+   (their loops then unroll into registers); the threads below call one of them */
+#define SIZED(NAME, ATTR)                                                                           \
+    ATTR static void NAME(ITEM_ARGS) {                                                              \
+        if (hd == 64) one_item(q, q_bf16, k, v, kv_bf16, len, sees, t, i0, nq, h0, g, 64, scale, qs,    \
+                               scores, stride, slots, out);                                         \
+        else if (hd == 128) one_item(q, q_bf16, k, v, kv_bf16, len, sees, t, i0, nq, h0, g, 128, scale, \
+                                     qs, scores, stride, slots, out);                               \
+        else one_item(ITEM_PASS);                                                                   \
+    }
+SIZED(item_base, )
 #if defined(__x86_64__)
-__attribute__((target("avx512f"))) static void query_avx512(QUERY_ARGS) { one_query(QUERY_PASS); }
+SIZED(item_avx512, __attribute__((target("avx512f,avx512bw,prefer-vector-width=512"))))
 #endif
 
 /* q [b, heads, T, hd] (fp32 or bf16, contiguous); k and v one layer of the cache
@@ -204,22 +266,25 @@ __attribute__((target("avx512f"))) static void query_avx512(QUERY_ARGS) { one_qu
 int attention_forward(const void *q, int q_bf16, const void *k, const void *v, int kv_bf16, int64_t capacity,
                       int kv_heads, const int64_t *cache_rows, const int64_t *lengths, const uint8_t *sees, int b,
                       int heads, int t, int hd, float scale, void *out, int avx512, int threads) {
-    if (hd % LANES || hd > 256 || heads % kv_heads || heads / kv_heads > 16) return -1;
-    void (*query)(QUERY_ARGS) = query_base;
+    if (hd % LANES || hd > 256 || heads % kv_heads || heads / kv_heads > MAX_GROUP || t < 1 || t > MAX_T) return -1;
+    void (*item)(ITEM_ARGS) = item_base;
 #if defined(__x86_64__)
-    if (avx512) query = query_avx512;
+    if (avx512) item = item_avx512;
 #endif
     const int g = heads / kv_heads, esize = kv_bf16 ? 2 : 4, qsize = q_bf16 ? 2 : 4;
+    const int per = HEAD_QUERIES / g > 0 ? HEAD_QUERIES / g : 1; /* queries per work item */
+    const int nq_max = per < t ? per : t, spans = (t + nq_max - 1) / nq_max;
     int64_t most = 0;
     for (int r = 0; r < b; r++) {
         if (lengths[r] < 0 || lengths[r] + t > capacity) return -1;
         most = lengths[r] > most ? lengths[r] : most;
     }
-    const int64_t keys = most + t + LANES; /* the most keys a query reads, padded */
-    float *scores_all = malloc((size_t)threads * keys * g * sizeof(float));
-    int64_t *slots_all = malloc((size_t)threads * keys * sizeof(int64_t));
-    if (!scores_all || !slots_all) {
-        free(scores_all); free(slots_all);
+    const int64_t stride = most + t + LANES, nh = (int64_t)nq_max * g;
+    float *qs_all = malloc((size_t)threads * nh * hd * sizeof(float));
+    float *scores_all = malloc((size_t)threads * nh * stride * sizeof(float));
+    int64_t *slots_all = malloc((size_t)threads * nq_max * t * sizeof(int64_t));
+    if (!qs_all || !scores_all || !slots_all) {
+        free(qs_all); free(scores_all); free(slots_all);
         return -1;
     }
     #pragma omp parallel num_threads(threads)
@@ -228,20 +293,20 @@ int attention_forward(const void *q, int q_bf16, const void *k, const void *v, i
 #ifdef _OPENMP
         me = omp_get_thread_num();
 #endif
-        float *scores = scores_all + (int64_t)me * keys * g;
-        int64_t *slots = slots_all + (int64_t)me * keys;
         #pragma omp for schedule(static) collapse(3)
         for (int r = 0; r < b; r++)
             for (int kh = 0; kh < kv_heads; kh++)
-                for (int i = 0; i < t; i++) {
+                for (int span = 0; span < spans; span++) {
+                    const int i0 = span * nq_max, nq = t - i0 < nq_max ? t - i0 : nq_max;
                     const int64_t kv_at = ((cache_rows[r] * kv_heads + kh) * capacity) * hd * esize;
-                    const int64_t q_at = (((int64_t)r * heads + kh * g) * t + i) * hd;
-                    query((const char *)q + q_at * qsize, q_bf16, (const char *)k + kv_at, (const char *)v + kv_at,
-                          kv_bf16, lengths[r], sees + ((int64_t)r * t + i) * t, t, g, hd, scale, scores, slots,
-                          (char *)out + q_at * qsize, q_bf16, (int64_t)t * hd, (int64_t)t * hd);
+                    const int64_t q_at = (int64_t)r * heads * t * hd * qsize;
+                    item((const char *)q + q_at, q_bf16, (const char *)k + kv_at, (const char *)v + kv_at, kv_bf16,
+                         lengths[r], sees + (int64_t)r * t * t, t, i0, nq, kh * g, g, hd, scale,
+                         qs_all + me * nh * hd, scores_all + me * nh * stride, stride,
+                         slots_all + (int64_t)me * nq_max * t, (char *)out + q_at);
                 }
     }
-    free(scores_all); free(slots_all);
+    free(qs_all); free(scores_all); free(slots_all);
     return 0;
 }
 
