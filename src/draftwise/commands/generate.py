@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokens costs about one token's (best with speculation on CPU); int4 = 4-bit weights "
                         "(groups of 32), a quarter; w4a8 = 4-bit weights and int8 activations in draftwise's own CPU kernel "
                         "(built with the system C compiler on first use): the fewest bytes per pass, a pass over 4 "
-                        "tokens ~1.3x one (fastest on CPU); -all = the LM head in int8 too")
+                        "tokens ~1.15x one (fastest on CPU); -all = the LM head in int8 too")
 
 
 def add_speculation_args(p: argparse.ArgumentParser) -> None:

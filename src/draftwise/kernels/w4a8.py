@@ -7,8 +7,8 @@ of a row is rounded to int8 with its own scale as it arrives (as llama.cpp's Q8_
 blocks are); the kernel sums the products of each group exactly in int32 (AVX-512 VNNI
 where the CPU has it), then the groups in float in one fixed order, so a row's result is
 the same whatever rows share the call. It reads the weights once per call for any number
-of rows: a pass over 2 tokens costs about one's, over 4 ~1.3x (integer work, not memory,
-bounds it from there), which is what speculation spends.
+of rows: a pass of the 1.5B over 2 tokens costs about one's, over 4 ~1.15x, over 8 ~1.5x
+(integer work, not memory, bounds it from there), which is what speculation spends.
 
 `matmul(..., vnni=False)` runs the portable C kernel: the same arithmetic in the same
 order, bit for bit (tests/test_kernels.py), on any CPU with a C compiler.
