@@ -92,8 +92,9 @@ INLINE float sum16(vf x) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* exp(x) for x <= 0, lane-wise: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
-   polynomial, times 2^n; below -87 it gives exp(-87) (~2e-38), never a denormal. */
+/* exp(x) for x <= 0, lane-wise: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7
+   polynomial (Cephes' expf coefficients), times 2^n; below -87 it gives exp(-87)
+   (~1.6e-38), never a denormal. */
 INLINE vf exp_neg(vf x) {
     const vf lo = (vf){} - 87.0f;
     vi below = x < lo;
@@ -102,7 +103,8 @@ INLINE vf exp_neg(vf x) {
     n = n - 12582912.0f;
     vf r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    vf p = r * 1.3981999507e-3f + 8.3334519073e-3f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
