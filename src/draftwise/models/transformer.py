@@ -14,8 +14,8 @@ Notable features:
   Every matmul pads its rows to a multiple of 4, and attention follows one fixed recipe
   per query (on the CPU the C kernel `kernels/attention.c`, else `attention.py`), so
   decoding one token, verifying eight in a chain or a tree, and running beside other rows
-  give bit-identical results per token. That is
-  what makes greedy speculation exact (tests/test_exactness.py keeps it true).
+  give bit-identical results per token. That is what makes greedy speculation exact
+  (tests/test_exactness.py keeps it true).
 - Static shapes on CUDA: there the library kernels choose their reduction order from the
   whole shape (measured on an H200: fp32 matmuls for 1 row against more, the norms' mean
   for 4-15 rows, batched matmuls for their batch count), so padding rows is not enough.

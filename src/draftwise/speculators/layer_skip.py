@@ -59,8 +59,10 @@ def partial_inputs(
     """Per-pass inputs for new tokens written at slots `lengths + 0..T-1` of cache `rows`,
     each seeing the row's first `lengths` slots and the new tokens before it (causal).
 
-    positions [b, T] (RoPE positions), lengths [b], rows [b]."""
-    return step_inputs(model.inv_freq, positions, cache, lengths, rows)
+    positions [b, T] (RoPE positions), lengths [b], rows [b]. Attention in the C kernel
+    where the model runs its own there (on the CPU)."""
+    kernel = model.attention_kernel if model.attention_kernel is not None else model.kernel_runs()
+    return step_inputs(model.inv_freq, positions, cache, lengths, rows, kernel=kernel and not model.static_shapes)
 
 
 @torch.inference_mode()
