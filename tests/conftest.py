@@ -57,11 +57,11 @@ def tiny_config(arch: str = "llama", **overrides) -> ModelConfig:
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.2,
-               packed: bool = False, variant: str | None = None, **overrides) -> Transformer:
-    """A random model whose logits are peaked enough to make greedy text repetitive
-    (`packed`: with oneDNN-packed projections, as `load_model` gives on the CPU).
-    `variant`, for tests run over each: "plain", "packed", or "torch-attention" (decode
-    and verify attention in torch operations, as on CUDA, instead of the C kernel)."""
+               variant: str = "plain", **overrides) -> Transformer:
+    """A random model whose logits are peaked enough to make greedy text repetitive.
+    `variant`: "plain", "packed" (oneDNN-packed projections, as `load_model` gives on the
+    CPU), or "torch-attention" (decode and verify attention in torch operations, as on
+    CUDA, instead of the C kernel)."""
     torch.manual_seed(seed)
     model = Transformer(tiny_config(arch, **overrides))
     with torch.no_grad():
@@ -71,7 +71,7 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
     model = model.to(dtype).eval()
     if variant == "torch-attention":
         model.attention_kernel = False
-    return pack(model) if packed or variant == "packed" else model
+    return pack(model) if variant == "packed" else model
 
 
 VARIANTS = ["plain", "packed", "torch-attention"]

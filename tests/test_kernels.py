@@ -187,4 +187,4 @@ def test_attention_refuses_what_it_cannot_take():
 
 def test_models_run_their_cpu_attention_in_the_kernel():
     """Where the kernels build (always in CI), the exactness tests' models take the C kernel."""
-    assert tiny_model().kernel_runs() and tiny_model(hidden_size=96, num_attention_heads=6).kernel_runs()
+    assert tiny_model().attention_in_kernel() and tiny_model(hidden_size=96, num_attention_heads=6).attention_in_kernel()

@@ -15,9 +15,9 @@
    needs to be exact.
 
    The code uses GCC vector types of 16 floats and no fused multiply-add (built with
-   -ffp-contract=off), so every operation rounds the same way at any vector width: it is
-   compiled twice, for AVX-512 (`attention_avx512`) and for the machine's baseline
-   (`attention_base`), and both give the same bits (tests/test_kernels.py). */
+   -ffp-contract=off), so every operation rounds the same way at any vector width: the
+   work per query is compiled twice, for AVX-512 (`item_avx512`) and for the machine's
+   baseline (`item_base`), and both give the same bits (tests/test_kernels.py). */
 
 #include <math.h>
 #include <stdint.h>
@@ -32,12 +32,12 @@
 #define MAX_GROUP 16     /* query heads per KV head */
 #define MAX_T 128        /* new tokens per pass */
 #define HEAD_QUERIES 64  /* head-queries per work item (queries x heads of one KV head) */
+_Static_assert(MAX_GROUP <= HEAD_QUERIES, "a work item holds at least one query's heads");
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* vector arguments of inlined helpers only */
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 
 #define INLINE static inline __attribute__((always_inline))
@@ -130,11 +130,11 @@ INLINE void key_dots(const float *qs, int nh, int chunks, const char *key, int k
     }
 }
 
-/* Scores of n keys (slots[j], or first + j when slots is NULL) for head-queries
+/* Scores of n keys (slots[j], or slot j when slots is NULL) for head-queries
    qs[0..nh): scores[h * stride + at + j]. Each key's score is its own 16-lane partial
    reduced by reduce16, so it does not depend on the keys or head-queries beside it. */
 INLINE void score_keys(const float *qs, int nh, int hd, const char *kb, int kv_bf16, const int64_t *slots,
-                       int64_t first, int64_t n, float *scores, int64_t stride, int64_t at) {
+                       int64_t n, float *scores, int64_t stride, int64_t at) {
     const int chunks = hd / LANES, esize = kv_bf16 ? 2 : 4;
     vf part[TILE * LANES];
     for (int h0 = 0; h0 < nh; h0 += TILE) {
@@ -142,7 +142,7 @@ INLINE void score_keys(const float *qs, int nh, int hd, const char *kb, int kv_b
         for (int64_t j0 = 0; j0 < n; j0 += LANES) {
             for (int jj = 0; jj < LANES; jj++) {
                 if (j0 + jj < n) {
-                    const int64_t slot = slots ? slots[j0 + jj] : first + j0 + jj;
+                    const int64_t slot = slots ? slots[j0 + jj] : j0 + jj;
                     key_dots(qs + h0 * hd, th, chunks, kb + slot * hd * esize, kv_bf16, part, jj);
                 } else {
                     for (int h = 0; h < th; h++) part[h * LANES + jj] = (vf){};
@@ -196,17 +196,17 @@ INLINE void one_item(const char *q, int q_bf16, const char *k, const char *v, in
                 vf x = load(q + (((int64_t)(h0 + h) * t + i0 + i) * hd + c * LANES) * qsize, q_bf16) * scale;
                 memcpy(&qs[((i * g + h) * chunks + c) * LANES], &x, sizeof x);
             }
-    int ntail[MAX_T];
-    score_keys(qs, nh, hd, k, kv_bf16, NULL, 0, len, scores, stride, 0);
+    int ntail[HEAD_QUERIES]; /* nq <= nh <= HEAD_QUERIES (MAX_GROUP <= HEAD_QUERIES) */
+    score_keys(qs, nh, hd, k, kv_bf16, NULL, len, scores, stride, 0);
     for (int i = 0; i < nq; i++) {
         int64_t *own = slots + (int64_t)i * t;
         ntail[i] = 0;
         for (int j = 0; j < t; j++)
             if (sees[(int64_t)(i0 + i) * t + j]) own[ntail[i]++] = len + j;
-        score_keys(qs + (int64_t)i * g * hd, g, hd, k, kv_bf16, own, 0, ntail[i], scores + (int64_t)i * g * stride,
+        score_keys(qs + (int64_t)i * g * hd, g, hd, k, kv_bf16, own, ntail[i], scores + (int64_t)i * g * stride,
                    stride, len);
     }
-    float total[MAX_T * 16];
+    float total[HEAD_QUERIES];
     for (int hq = 0; hq < nh; hq++) total[hq] = softmax_weights(scores + hq * stride, len + ntail[hq / g]);
     for (int hq0 = 0; hq0 < nh; hq0 += 2) { /* two head-queries per sweep over the values */
         const int pair = hq0 + 1 < nh ? 2 : 1;
@@ -314,8 +314,8 @@ int attention_forward(const void *q, int q_bf16, const void *k, const void *v, i
 
 int attention_has_avx512(void) {
 #if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    __builtin_cpu_init(); /* the build below may use AVX-512BW's word permutes */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
     return 0;
 #endif

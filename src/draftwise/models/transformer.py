@@ -160,14 +160,13 @@ class Attention(nn.Module):
         if step.sees is not None:  # decode / verify on the CPU: the C kernel reads the cache in place
             keys, values = step.cache.layer(self.index, step.cache.capacity)
             out = attention_kernel.forward(q, keys, values, step.cache_rows, step.lengths, step.sees)
-        elif step.layout is None:  # long prefill: fused kernel, memory-lean
+        else:
             keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
             keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        else:
-            keys, values = step.cache.layer(self.index, step.key_len)
-            keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
-            out = attention(q, keys, values, step.layout)
+            if step.layout is None:  # long prefill: fused kernel, memory-lean
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+            else:
+                out = attention(q, keys, values, step.layout)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return proj(self.o_proj, out)
 
@@ -315,14 +314,14 @@ class Transformer(nn.Module):
         b, t = ids.shape
         device = ids.device
         lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
-        static = self.static_shapes if self.static_shapes is not None else device.type == "cuda"
+        static = self.runs_static_shapes
         if static and not _static and t <= STATIC_T and int(cache.lengths.max()) + STATIC_T <= cache.capacity:
             return self._static_forward(ids, positions, cache, tree_mask, rows, logits_at, hidden_layers,
                                         compute_logits)
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        kernel = not static and (self.attention_kernel if self.attention_kernel is not None else self.kernel_runs())
-        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static, kernel)
+        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static,
+                           self.attention_in_kernel())
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
         hidden: dict[int, torch.Tensor] = {}
@@ -337,8 +336,19 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         return ModelOutput(self.head(x), hidden)
 
-    def kernel_runs(self) -> bool:
-        """Whether attention's C kernel takes this model here (CPU, fp32/bf16, its shapes)."""
+    @property
+    def runs_static_shapes(self) -> bool:
+        """`static_shapes`, or when unset: on CUDA."""
+        return self.static_shapes if self.static_shapes is not None else self.device.type == "cuda"
+
+    def attention_in_kernel(self) -> bool:
+        """Whether decode and verify passes run attention in the C kernel: never at static
+        shapes (their torch recipe is the one CUDA runs), else `attention_kernel` when set,
+        else wherever the kernel takes this model (CPU, fp32/bf16, its shapes)."""
+        if self.runs_static_shapes:
+            return False
+        if self.attention_kernel is not None:
+            return self.attention_kernel
         c = self.config
         return attention_kernel.takes(c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
 

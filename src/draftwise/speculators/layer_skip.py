@@ -61,8 +61,7 @@ def partial_inputs(
 
     positions [b, T] (RoPE positions), lengths [b], rows [b]. Attention in the C kernel
     where the model runs its own there (on the CPU)."""
-    kernel = model.attention_kernel if model.attention_kernel is not None else model.kernel_runs()
-    return step_inputs(model.inv_freq, positions, cache, lengths, rows, kernel=kernel and not model.static_shapes)
+    return step_inputs(model.inv_freq, positions, cache, lengths, rows, kernel=model.attention_in_kernel())
 
 
 @torch.inference_mode()
