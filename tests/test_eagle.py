@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import needs_w4a8, tiny_model
 from draftwise.api import LLM
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.eagle_checkpoint import load_eagle_head, save_eagle_head
@@ -205,3 +205,47 @@ def test_our_layout_roundtrips_and_bad_heads_are_refused(tokenizer, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="not an EAGLE head"):
         load_eagle_head(tmp_path / "empty", target)
+
+
+def test_head_on_kernels_drafts_like_the_plain_head(tokenizer):
+    """with_kernels: bf16 on oneDNN's packed weights gives the plain head's outputs bit for
+    bit (fused q/k/v and gate/up included); the original head is left untouched."""
+    from draftwise.speculators.eagle_head import KernelLinear, with_kernels
+
+    target = tiny_model("llama", torch.bfloat16, seed=3, num_hidden_layers=4)
+    head = random_head(target, "eagle3", 100).eval()
+    fast = with_kernels(head, "none")
+    if fast is head:
+        pytest.skip("oneDNN cannot pack bf16 on this CPU")
+    assert isinstance(fast.layer.self_attn.qkv_proj, KernelLinear) and isinstance(fast.lm_head, KernelLinear)
+    assert not hasattr(fast.layer.self_attn, "q_proj") and isinstance(head.layer.self_attn.q_proj, torch.nn.Linear)
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 5, head.fc.in_features, generator=g).to(torch.bfloat16)
+    emb = target.model.embed_tokens(torch.randint(0, 100, (2, 5), generator=g))
+    positions = torch.arange(5).expand(2, 5)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    with torch.inference_mode():
+        outs = []
+        for m in (head, fast):
+            x = m.stream_input(feat, emb, fused=True)
+            q, k, v = m.project(x, emb, positions)
+            outs.append(m.logits(m.finish(x, m.attend(q, k, v, mask)), target.head_weight))
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_w4a8()
+def test_greedy_eagle_on_w4a8_all_target_equals_plain(tokenizer):
+    """The head drafts on the w4a8 kernel beside a w4a8-all target; output stays the target's."""
+    from draftwise.models.quantize import quantize
+    from draftwise.speculators.eagle_head import KernelLinear
+
+    target = quantize(tiny_model("qwen2", torch.bfloat16, seed=0, num_hidden_layers=4), "w4a8-all")
+    head = random_head(target, "eagle3")
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
+    llm = eagle_llm(target, tokenizer, head)
+    spec = llm.generate(PROMPTS, params)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    assert sum(s.stats["draft_tokens"] for s in spec) > 0
+    drafting = llm.engine.proposer.head
+    assert isinstance(drafting.layer.mlp.gate_up_proj, KernelLinear)

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="training compute: auto = bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--distill-dtype", default="bf16", choices=["bf16", "fp32"], help="target dtype while answering")
+    g.add_argument("--distill-quantization", default="none", metavar="Q",
+                   help="quantize the target while answering (e.g. w4a8-all, the fastest CPU setting); "
+                        "training then reloads it unquantized for the labels (default none)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (default 200)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     e = p.add_argument_group("eagle")
@@ -47,6 +50,10 @@ def add_parser(sub) -> None:
                    help="eagle3: fused low/mid/high features, own reduced-vocab LM head; eagle1: last layer only")
     e.add_argument("--draft-vocab", type=int, default=8192,
                    help="eagle3 draft vocabulary size, 0 = full (default 8192)")
+    e.add_argument("--intermediate-size", type=int, default=None,
+                   help="width of the head's MLP (default: the target's; smaller drafts faster on a CPU)")
+    e.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="how the saved head stores its weights (int8: per-row scales, a quarter of fp32)")
     e.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll steps (default 3)")
     e.add_argument("--reg-weight", type=float, default=None, help="feature regression weight (default 0.1; eagle1: 10)")
     m = p.add_argument_group("medusa")
@@ -71,11 +78,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.data)[: args.limit]
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    target, tokenizer = load_model(args.target, args.distill_dtype, device, progress)
+    target, tokenizer = load_model(args.target, args.distill_dtype, device, progress, args.distill_quantization)
     meta = build_dataset(target, tokenizer, prompts, out / "data", max_tokens=args.max_tokens,
                          batch_size=args.distill_batch, chat=not args.no_chat, progress=progress)
     distill_seconds = time.perf_counter() - t0
-    if args.distill_dtype != "fp32":
+    if args.distill_quantization != "none":  # labels and frozen pieces from the unquantized weights
+        del target
+        target, _ = load_model(args.target, "fp32", device, progress)
+    elif args.distill_dtype != "fp32":
         target = target.float()  # labels and frozen pieces in fp32
     data = Distilled(out / "data", args.max_len)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
@@ -83,12 +93,14 @@ def run(args: argparse.Namespace) -> int:
                              precision=args.precision, progress=progress, max_steps=args.max_steps)
     notes = {"target": args.target, "data": str(args.data), "prompts": len(prompts), "sequences": meta["sequences"],
              "distilled_tokens": meta["tokens"], "max_tokens": args.max_tokens,
+             "distill_quantization": args.distill_quantization,
              "distill_seconds": meta.get("seconds", round(distill_seconds, 1))}
     if args.method == "eagle":
         from draftwise.train.eagle import train_eagle
 
         _, result = train_eagle(target, data, out, settings, style=args.style, draft_vocab=args.draft_vocab,
-                                steps=args.ttt_steps, reg_weight=args.reg_weight, resume=args.resume, notes=notes)
+                                steps=args.ttt_steps, reg_weight=args.reg_weight, resume=args.resume,
+                                intermediate_size=args.intermediate_size, weights=args.weights, notes=notes)
     else:
         from draftwise.train.medusa import train_medusa
 

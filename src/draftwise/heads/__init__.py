@@ -2,7 +2,9 @@
 
 Each head is a folder here holding `config.json`, `model.safetensors` and its card
 (`README.md`: how, on what and for how long it was trained, and what it measured).
-`--speculator eagle --draft-model smollm2-135m-eagle` finds it without a path.
+`--speculator eagle --draft-model smollm2-135m-eagle` finds it without a path. The sha256
+of each weights file is written here, and a shipped head whose file does not match it
+(a truncated or damaged install) is refused with that reason.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class ShippedHead:
     method: str  # the speculator that loads it
     target: str  # the bundled model it was trained for
     description: str
+    sha256: str  # of model.safetensors
 
     @property
     def path(self) -> Path:
@@ -29,9 +32,26 @@ SHIPPED: dict[str, ShippedHead] = {
     h.name: h
     for h in [
         ShippedHead("smollm2-135m-eagle", "eagle", "smollm2-135m",
-                    "EAGLE-3-style head (1 layer, 8k draft vocabulary) for smollm2-135m"),
+                    "EAGLE-3-style head (1 layer, 8k draft vocabulary) for smollm2-135m",
+                    "7eed206e985d216c832f640fdf41ad629d37b46f282c2c777a87c8f59211a341"),
     ]
 }
+
+
+def check_file(head: ShippedHead) -> str | None:
+    """Why the shipped head's weights cannot be used (missing, or not the file shipped), else None."""
+    import hashlib
+
+    path = head.path / "model.safetensors"
+    if not path.is_file():
+        return f"shipped head {head.name}: {path} is missing; reinstall draftwise"
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != head.sha256:
+        return f"shipped head {head.name}: {path} is damaged (sha256 does not match); reinstall draftwise"
+    return None
 
 
 def resolve(ref: str | Path) -> Path:

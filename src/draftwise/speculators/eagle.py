@@ -34,7 +34,7 @@ from draftwise.errors import BadInput
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
 from draftwise.speculators.eagle_checkpoint import check_against_target, load_eagle_head
-from draftwise.speculators.eagle_head import EagleHead, target_features
+from draftwise.speculators.eagle_head import EagleHead, target_features, with_kernels
 
 LONG_CATCH_UP = 16  # rows with more unseen pairs than this (a prompt) catch up on their own
 
@@ -85,7 +85,9 @@ class EagleProposer(Proposer):
     def __init__(self, head: EagleHead, target, max_batch_size: int, max_model_len: int,
                  top_k: int = 4, depth: int = 5, total_tokens: int | None = None) -> None:
         check_against_target(head.config, target, "given")
-        self.head = head.to(device=target.device, dtype=target.dtype).eval()
+        # drafting runs a copy on the target's own kernels (packed / quantized projections)
+        self.head = with_kernels(head.to(device=target.device, dtype=target.dtype).eval(),
+                                 getattr(target, "quantization", "none"))
         self.target = target
         self.layers = head.config.resolved_layers(target.config.num_hidden_layers)
         self.hidden_layers = tuple(sorted(set(self.layers)))

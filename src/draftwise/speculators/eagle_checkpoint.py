@@ -20,7 +20,10 @@ Public layouts (a folder with `config.json` and the weights in `model.safetensor
 
 Ours (written by `draftwise train eagle`): `config.json` holding the `EagleConfig` under
 `"draftwise_eagle"` (plus notes on the target and the training run) and
-`model.safetensors` with the `EagleHead` state dict.
+`model.safetensors` with the `EagleHead` state dict, in fp32, bf16, or int8: each matrix
+as int8 rows with one fp32 scale per row (`NAME` and `NAME.int8_scale`, symmetric,
+round to nearest), which halves a shipped head against bf16; `"weights"` in config.json
+says which.
 """
 
 from __future__ import annotations
@@ -30,37 +33,83 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from draftwise.config import one_line
 from draftwise.errors import BadInput
-from draftwise.heads import SHIPPED
+from draftwise.heads import SHIPPED, check_file
 from draftwise.heads import resolve as resolve_head
 from draftwise.speculators.eagle_head import EagleConfig, EagleHead, default_eagle3_layers
 
 OURS_KEY = "draftwise_eagle"
 WEIGHTS = "model.safetensors"
+STORAGE = ("fp32", "bf16", "int8")
+SCALE = ".int8_scale"
 
 
-def save_eagle_head(head: EagleHead, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write `head` in our layout; `extra` goes into config.json next to the head config."""
+def save_eagle_head(head: EagleHead, folder: str | Path, extra: dict[str, Any] | None = None,
+                    weights: str = "fp32") -> None:
+    """Write `head` in our layout, its float tensors stored as `weights` (fp32, bf16 or
+    int8 rows, see the module docstring); `extra` goes into config.json beside the config."""
     from safetensors.torch import save_file
 
+    if weights not in STORAGE:
+        raise BadInput(f"unknown weight storage {weights!r}; choose one of: {', '.join(STORAGE)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["DraftwiseEagleHead"], OURS_KEY: head.config.model_dump(), **(extra or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    cfg = {"architectures": ["DraftwiseEagleHead"], OURS_KEY: head.config.model_dump(), "weights": weights,
+           **(extra or {})}
+    state: dict[str, torch.Tensor] = {}
+    for k, v in head.state_dict().items():
+        v = v.detach().cpu()
+        if not v.is_floating_point():
+            state[k] = v.contiguous()
+        elif weights == "int8" and v.dim() == 2:
+            w = v.float()
+            scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # [rows, 1]
+            state[k] = (w / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+            state[k + SCALE] = scale.squeeze(1).contiguous()
+        else:
+            state[k] = v.to(torch.bfloat16 if weights == "bf16" else torch.float32).contiguous()
     save_file(state, str(folder / WEIGHTS))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 rows with their scales back to fp32 matrices; other tensors as they are."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(SCALE):
+            continue
+        scale = state.get(k + SCALE)
+        out[k] = v.float() * scale.float()[:, None] if scale is not None else v
+    return out
+
+
+def _load_ours(folder: Path, path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return _dequantized(load_file(str(folder / WEIGHTS)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BadInput(f"EAGLE head {path}: {WEIGHTS} cannot be read (truncated or corrupt?): {e}") from None
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors files in `folder`, else of its pytorch_model*.bin files."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     files = sorted(folder.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     if files:
         for f in files:
-            state.update(load_file(str(f)))
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError) as e:
+                raise BadInput(f"{f} cannot be read (truncated or corrupt?): {e}") from None
         return state
     bins = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin")) or sorted(folder.glob("*.pt"))
     for f in bins:
@@ -143,6 +192,9 @@ def check_against_target(cfg: EagleConfig, target, where: str) -> None:
     if not cfg.own_embedding and cfg.hidden_size != tcfg.hidden_size:
         raise BadInput(f"EAGLE head {where} has hidden size {cfg.hidden_size} and no embedding of its own; "
                        f"the target's is {tcfg.hidden_size}")
+    if cfg.target_num_hidden_layers not in (None, tcfg.num_hidden_layers):
+        raise BadInput(f"EAGLE head {where} was made for a {cfg.target_num_hidden_layers}-layer target; "
+                       f"this target has {tcfg.num_hidden_layers} layers")
     try:
         cfg.resolved_layers(tcfg.num_hidden_layers)
     except ValueError as e:
@@ -154,15 +206,21 @@ def load_eagle_head(path: str | Path, target) -> EagleHead:
     head by name (`draftwise.heads`), checked against the target and moved to its device
     and dtype."""
     folder = resolve_head(path)
+    if str(path) in SHIPPED and (why := check_file(SHIPPED[str(path)])) is not None:
+        raise BadInput(why)
     if not (folder / "config.json").is_file():
         raise BadInput(f"{path} is not an EAGLE head folder (no config.json) nor a shipped head "
                        f"({', '.join(n for n, h in SHIPPED.items() if h.method == 'eagle')})")
-    cfg_json = json.loads((folder / "config.json").read_text())
+    try:
+        cfg_json = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"EAGLE head {path}: config.json is not valid JSON ({e})") from None
     if OURS_KEY in cfg_json:
-        from safetensors.torch import load_file
-
-        cfg = EagleConfig.model_validate(cfg_json[OURS_KEY])
-        state = load_file(str(folder / WEIGHTS))
+        try:
+            cfg = EagleConfig.model_validate(cfg_json[OURS_KEY])
+        except ValidationError as e:
+            raise BadInput(f"EAGLE head {path}: bad config.json: {one_line(e)}") from None
+        state = _load_ours(folder, path)
     else:
         state = read_state_dict(folder)
         state = {_public_name(k): v for k, v in state.items()}
@@ -176,7 +234,10 @@ def load_eagle_head(path: str | Path, target) -> EagleHead:
     head = EagleHead(cfg)
     if "d2t" in state:
         state["d2t"] = state["d2t"].long()
-    missing, unexpected = head.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = head.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the config says
+        raise BadInput(f"EAGLE head {path}: weights do not match its config.json: {str(e).splitlines()[-1]}") from None
     if missing or unexpected:
         raise BadInput(f"EAGLE head {path}: missing weights {missing[:4]}, unexpected {unexpected[:4]}")
     return head.to(device=target.device, dtype=target.dtype).eval()

@@ -60,6 +60,8 @@ class EagleConfig(BaseModel):
     own_lm_head: bool = Field(default=False, description="else the target's LM head is used")
     own_embedding: bool = Field(default=False, description="else the target's embedding is used")
     norm_before_residual: bool = Field(default=False, description="eagle3 variant: the residual is hidden_norm(x)")
+    target_num_hidden_layers: int | None = Field(default=None, gt=0,
+                                                 description="layers of the target it was made for (None: unknown)")
 
     @property
     def reduced_vocab(self) -> bool:
@@ -98,6 +100,9 @@ class HeadMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):  # fused by with_kernels
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -137,11 +142,11 @@ class EagleHead(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.layer.post_attention_layernorm.weight.device  # a norm: never swapped by with_kernels
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        return self.layer.post_attention_layernorm.weight.dtype
 
     # --- pieces shared by inference and training ---------------------------------------
 
@@ -167,9 +172,14 @@ class EagleHead(nn.Module):
         else:
             a = layer.input_layernorm(x) if self.config.input_norm else x
         b, t, _ = a.shape
-        q = attn.q_proj(a).view(b, t, attn.heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(a).view(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(a).view(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "qkv_proj"):  # fused by with_kernels
+            kv = attn.kv_heads * attn.head_dim
+            q, k, v = attn.qkv_proj(a).split([attn.heads * attn.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = attn.q_proj(a), attn.k_proj(a), attn.v_proj(a)
+        q = q.reshape(b, t, attn.heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # [b, T, hd/2]
@@ -196,9 +206,9 @@ class EagleHead(nn.Module):
         """Output features [..., H] -> logits over the draft vocabulary [..., draft_vocab]."""
         if self.config.final_norm:
             out = self.norm(out)
-        weight = self.lm_head.weight if self.config.own_lm_head else target_head
-        if not self.config.own_lm_head and self.config.reduced_vocab:
-            weight = weight[self.draft_ids()]
+        if self.config.own_lm_head:
+            return self.lm_head(out)
+        weight = target_head[self.draft_ids()] if self.config.reduced_vocab else target_head
         return F.linear(out, weight)
 
     def draft_ids(self) -> torch.Tensor:
@@ -226,6 +236,72 @@ class EagleHead(nn.Module):
         cache.write(0, k, v, slots, rows)
         keys, values = cache.layer(0, mask.shape[-1])
         return self.finish(x, self.attend(q, keys[rows], values[rows], mask))
+
+
+# --- inference on the target's CPU kernels --------------------------------------------------
+
+
+class KernelLinear(nn.Module):
+    """Inference stand-in for an `nn.Linear`: a module with `rows` (models/packed.py,
+    models/quantize.py) applied to the flattened leading dimensions."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
+def with_kernels(head: EagleHead, quantization: str = "none") -> EagleHead:
+    """A copy of `head` for drafting whose projections run in the kernels the target uses:
+    on the CPU oneDNN's packed weights (unquantized targets) or the target's quantization
+    kernel (`w4a8` / `w8a8` / `int8` / `int4`; the own LM head in int8 for the `-all` settings
+    and for w4a8/w8a8), q/k/v and gate/up fused. A draft only chooses which tokens are
+    verified, so this changes speed and perhaps which tokens are proposed, never the
+    output. Elsewhere (CUDA, or no oneDNN) the head is returned as it is. Kernels that
+    refuse a shape leave that projection as it was."""
+    import copy
+
+    from draftwise.models import packed, quantize
+
+    if head.device.type != "cpu":
+        return head
+    kind = quantization.removesuffix("-all")
+    kinds = {"w4a8": quantize.W4A8Linear, "w8a8": quantize.W8A8Linear, "int8": quantize.Int8Linear,
+             "int4": quantize.Int4Linear}
+    make = kinds.get(kind)
+    if make is None:
+        if not packed.available(head.dtype):
+            return head
+        make = packed.PackedLinear
+    head_make = quantize.W8A8Linear if kind in ("w4a8", "w8a8") else quantize.Int8Linear if kind in kinds else make
+    fast = copy.deepcopy(head)
+    dtype = head.dtype
+
+    def swap(parent: nn.Module, name: str, linears: list[nn.Linear], maker) -> None:
+        weight = torch.cat([lin.weight.data for lin in linears])
+        biases = [lin.bias for lin in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.data for lin in linears])
+        try:
+            module = KernelLinear(maker(weight, bias, dtype))
+        except (ValueError, RuntimeError):  # a shape or dtype this kernel refuses
+            return
+        for lin_name in {n for n, m in parent.named_children() if any(m is lin for lin in linears)}:
+            delattr(parent, lin_name)
+        setattr(parent, name, module)
+
+    attn, mlp = fast.layer.self_attn, fast.layer.mlp
+    swap(fast, "fc", [fast.fc], make)
+    swap(attn, "qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj], make)
+    swap(attn, "o_proj", [attn.o_proj], make)
+    swap(mlp, "gate_up_proj", [mlp.gate_proj, mlp.up_proj], make)
+    swap(mlp, "down_proj", [mlp.down_proj], make)
+    if fast.config.own_lm_head:
+        swap(fast, "lm_head", [fast.lm_head], head_make)
+    return fast.eval()
 
 
 def target_features(cfg: EagleConfig, target, hidden: dict[int, torch.Tensor], layers: list[int]) -> torch.Tensor:
@@ -277,4 +353,5 @@ def config_for_target(tcfg, style: str = "eagle3", draft_vocab_size: int | None 
         draft_vocab_size=min(draft_vocab_size or vocab, vocab), feature_layers=feature_layers,
         feature_size=tcfg.hidden_size, feature_norm=not eagle3, fc_bias=not eagle3, input_norm=eagle3,
         final_norm=eagle3, own_lm_head=eagle3, own_embedding=False,
+        target_num_hidden_layers=tcfg.num_hidden_layers,
     )

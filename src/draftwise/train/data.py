@@ -14,7 +14,9 @@ Stored per sequence, in shards `data/shard_NNNNN.safetensors`:
 - `ids_offsets`, `feat_offsets` int64 [n + 1] and `prompt_lens` int64 [n].
 The target's next-token distributions are not stored: they are the target's LM head over
 the stored final-layer state, recomputed exactly when training.
-`meta.json` records progress (`prompts_done`), so an interrupted run resumes by shard.
+`meta.json` records progress (`prompts_done`), so an interrupted run resumes by shard: a
+shard is written whole before `meta.json` names it, and `meta.json` is replaced in one
+rename, so a run killed at any moment loses at most the shard it was answering.
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ def build_dataset(target, tokenizer, prompts: list[dict[str, Any]], folder: str 
         meta["sequences"] += len(seqs)
         meta["tokens"] += sum(s[2].shape[0] for s in seqs)
         meta["seconds"] = round(meta.get("seconds", 0.0) + time.perf_counter() - t0, 1)
-        meta_path.write_text(json.dumps(meta, indent=2))
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(meta_path)
     bar.close()
     return meta
 

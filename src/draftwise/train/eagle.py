@@ -116,22 +116,25 @@ def draft_vocabulary(data: Distilled, vocab: int, size: int) -> torch.Tensor | N
     return counts.topk(size).indices.sort().values
 
 
-def build_head(target, data: Distilled, style: str, draft_vocab: int, seed: int) -> EagleHead:
+def build_head(target, data: Distilled, style: str, draft_vocab: int, seed: int,
+               intermediate_size: int | None = None) -> EagleHead:
     tcfg = target.config
     layers = default_eagle3_layers(tcfg.num_hidden_layers) if style == "eagle3" else [tcfg.num_hidden_layers - 1]
     ids = draft_vocabulary(data, tcfg.vocab_size, draft_vocab)
     cfg = config_for_target(tcfg, style, len(ids) if ids is not None else None, layers)
+    if intermediate_size:
+        cfg = cfg.model_copy(update={"intermediate_size": intermediate_size})
     return init_head_from_target(cfg, target, ids, seed)
 
 
 def train_eagle(target, data: Distilled, out: str | Path, settings: TrainSettings, *, style: str = "eagle3",
                 draft_vocab: int = 8192, steps: int = 3, reg_weight: float | None = None, resume: bool = False,
-                notes: dict[str, Any] | None = None):
+                intermediate_size: int | None = None, weights: str = "fp32", notes: dict[str, Any] | None = None):
     """Train a head on `data` and save it (our layout) in `out`; returns (head, TrainResult)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target.requires_grad_(False)
-    head = build_head(target, data, style, draft_vocab if style == "eagle3" else 0, settings.seed)
+    head = build_head(target, data, style, draft_vocab if style == "eagle3" else 0, settings.seed, intermediate_size)
     head = head.to(settings.device)
     if reg_weight is None:
         reg_weight = 10.0 if style == "eagle1" else 0.1  # EAGLE-1: L_reg + 0.1 L_cls
@@ -141,5 +144,5 @@ def train_eagle(target, data: Distilled, out: str | Path, settings: TrainSetting
                 "seconds": round(result.seconds, 1), "ttt_steps": steps, "reg_weight": reg_weight,
                 "lr": settings.lr, "batch_size": settings.batch_size, "max_len": settings.max_len,
                 "seed": settings.seed, "final": result.history[-1] if result.history else None}
-    save_eagle_head(head, out, {"training": {**training, **(notes or {})}})
+    save_eagle_head(head, out, {"training": {**training, **(notes or {})}}, weights)
     return head, result
