@@ -108,14 +108,66 @@ def test_runs_of_acceptance_draft_longer_than_iid():
     assert c.choose([iid])[0] <= 2
 
 
-def test_tree_methods_default_to_a_fixed_budget():
+def test_tree_methods_get_the_tree_controller_unless_fixed():
     from draftwise.config import parse_speculative_config
     from draftwise.engine.controller import FixedController, make_controller
+    from draftwise.engine.tree_controller import TreeController
 
     assert isinstance(make_controller(parse_speculative_config({"method": "ngram"})), AdaptiveController)
-    assert isinstance(make_controller(parse_speculative_config({"method": "eagle", "model": "x"})), FixedController)
-    forced = parse_speculative_config({"method": "medusa", "adaptive": True})
-    assert isinstance(make_controller(forced), AdaptiveController)
+    eagle = make_controller(parse_speculative_config({"method": "eagle", "model": "x", "num_speculative_tokens": 12,
+                                                      "eagle_tree_depth": 4}))
+    assert isinstance(eagle, TreeController) and eagle.candidates[-1] == 12 and eagle.depth == 4
+    fixed = parse_speculative_config({"method": "medusa", "adaptive": False})
+    assert isinstance(make_controller(fixed), FixedController)
+
+
+def tree_controller(accepted_at: dict[int, int], pass_per_token: float = 0.0, draft: float = 0.0, budget: int = 16):
+    """A TreeController that measured a flat (or rising) pass cost, a draft cost, and at each
+    budget n an accepted path of accepted_at[n] tokens, 50 steps each."""
+    from draftwise.engine.tree_controller import TreeController
+
+    c = TreeController(budget, depth=6)
+    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        c.costs.observe_pass(n, 1.0 + pass_per_token * n)
+    for n in c.candidates:
+        c.draft[n].observe(1, draft * c.tree_depth(n))
+    for n, a in accepted_at.items():
+        for _ in range(50):
+            c.record(n, a)
+    return c
+
+
+def test_tree_controller_turns_speculation_off_when_nothing_is_accepted():
+    c = tree_controller({16: 0, 4: 0}, pass_per_token=0.01, draft=0.02)
+    r = RequestState("r", [1], SamplingParams())
+    assert c.expected_tokens(16) == 1.0 and c.expected_tokens(8) == 1.0
+    assert c.choose([r]) == [0]
+
+
+def test_tree_controller_reads_acceptance_per_depth_and_picks_the_best_rate():
+    c = tree_controller({16: 3, 4: 1}, pass_per_token=0.0, draft=0.01)
+    assert c.acceptance(16) == pytest.approx([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert c.expected_tokens(16) == pytest.approx(4.0)
+    assert c.expected_tokens(12) == pytest.approx(4.0)  # unmeasured: borrows 16's per-depth acceptance
+    assert c.expected_tokens(2) == pytest.approx(2.0)  # borrowed from 4, cut at depth 2 (depth 1: 2 tokens)
+    assert c.choose([RequestState("r", [1], SamplingParams())])[0] >= 12
+    costly = tree_controller({16: 3, 4: 1}, pass_per_token=0.2, draft=0.01)  # big passes cost: fewer nodes
+    assert costly.choose([RequestState("r", [1], SamplingParams())])[0] < 12
+
+
+def test_tree_controller_learns_from_request_stats():
+    from draftwise.engine.tree_controller import TreeController
+
+    c = TreeController(8, depth=4)
+    r = RequestState("r", [1], SamplingParams())
+    assert c.choose([r]) == [8]  # nothing measured yet: the configured budget
+    budget = 8
+    for _ in range(5):
+        r.stats.observe_draft(budget, 2)  # whatever the budget, a path of 2 was accepted
+        c.observe(1, budget + 1, 0.1, budget, 0.01)
+        budget = c.choose([r])[0]
+    assert sum(c.steps_seen.values()) > 3.9  # every step that drafted was read (a k = 0 step is not)
+    assert c.expected_tokens(8) == pytest.approx(3.0)
 
 
 def test_draft_cost_counts_the_catch_up_pass():

@@ -18,9 +18,9 @@ class SpeculativeConfig(BaseModel):
     method: str = Field(description="speculator name: draft_model, ngram, suffix, ...")
     model: str | None = Field(default=None, description="draft model / head: bundled name or path")
     num_speculative_tokens: int = Field(default=4, ge=0, le=64, description="draft length (max when adaptive)")
-    adaptive: bool | None = Field(default=None, description="adapt the draft length from measured costs "
-                                  "(default: yes for chains; no for the tree methods eagle and medusa, "
-                                  "whose node budget the chain model does not describe)")
+    adaptive: bool | None = Field(default=None, description="adapt the draft length (chains) or the tree's "
+                                  "node budget (eagle, medusa) from measured acceptance and costs, 0 included "
+                                  "(default: yes; no = always num_speculative_tokens)")
     prompt_lookup_min: int = Field(default=1, ge=1, le=16)
     prompt_lookup_max: int = Field(default=4, ge=1, le=16)
     suffix_max_depth: int = Field(default=64, ge=1, le=1024, description="longest suffix the suffix cache matches")
