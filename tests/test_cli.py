@@ -57,6 +57,11 @@ def test_generate_json_and_stats_line(hf_folder, capsys):
     (["generate", "x", "--model", "{folder}", "--speculative-config", "{{bad json"], "not valid JSON"),
     (["generate", "x" * 300, "--model", "{folder}"], "context window"),
     (["generate", "", "--model", "{folder}"], "empty"),
+    (["generate", "x", "--model", "{folder}", "--speculator", "draft_model", "--draft-model", "{folder}",
+      "--draft-quantization", "w3a9"], "draft_quantization 'w3a9' does not exist"),
+    (["generate", "x", "--model", "{folder}", "--draft-quantization", "int8"], "need --speculator"),
+    (["generate", "x", "--model", "{folder}", "--speculator", "eagle", "--draft-model", "{folder}/nohead"],
+     "not an EAGLE head"),
 ])
 def test_bad_input_is_one_line_exit_2(hf_folder, capsys, args, message):
     args = [a.format(folder=hf_folder) for a in args]
@@ -64,3 +69,15 @@ def test_bad_input_is_one_line_exit_2(hf_folder, capsys, args, message):
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("draft_q, want", [(None, "w8a8-all"), ("none", "none"), ("int8", "int8")])
+def test_draft_model_takes_its_own_quantization(hf_folder, draft_q, want):
+    from draftwise.api import LLM
+
+    spec = {"method": "draft_model", "model": str(hf_folder), "num_speculative_tokens": 2}
+    if draft_q is not None:
+        spec["draft_quantization"] = draft_q
+    llm = LLM(str(hf_folder), dtype="fp32", quantization="w8a8-all", speculative_config=spec, progress=False)
+    assert llm.engine.proposer.draft.quantization == want
+    assert llm.engine.model.quantization == "w8a8-all"

@@ -116,3 +116,14 @@ def test_unknown_speculator_is_a_clear_error(tokenizer):
         LLM.from_model(tiny_model(), tokenizer, speculative_config={"method": "nope"})
     with pytest.raises(BadInput, match="num_speculative_tokens"):
         LLM.from_model(tiny_model(), tokenizer, speculative_config='{"method": "ngram", "num_speculative_tokens": -1}')
+
+
+def test_draft_model_quantization_is_its_own_setting():
+    from draftwise.config import parse_speculative_config
+    from draftwise.speculators.draft_model import DEFAULT_DRAFT_QUANTIZATION, draft_quantization
+
+    plain = parse_speculative_config({"method": "draft_model", "model": "m"})
+    assert draft_quantization(plain, "none") == "none"
+    assert draft_quantization(plain, "w4a8-all") == DEFAULT_DRAFT_QUANTIZATION
+    own = parse_speculative_config({"method": "draft_model", "model": "m", "draft_quantization": "w4a8-all"})
+    assert draft_quantization(own, "none") == "w4a8-all"

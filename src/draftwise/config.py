@@ -17,6 +17,9 @@ class SpeculativeConfig(BaseModel):
 
     method: str = Field(description="speculator name: draft_model, ngram, suffix, ...")
     model: str | None = Field(default=None, description="draft model / head: bundled name or path")
+    draft_quantization: str | None = Field(
+        default=None, description="draft_model: quantization of the draft model (none, w8a8-all, w4a8-all, ...; "
+                                  "default: none for an unquantized target, else DEFAULT_DRAFT_QUANTIZATION)")
     num_speculative_tokens: int = Field(default=4, ge=0, le=64, description="draft length (max when adaptive)")
     adaptive: bool | None = Field(default=None, description="adapt the draft length (chains) or the tree's "
                                   "node budget (eagle, medusa) from measured acceptance and costs, 0 included "
@@ -35,6 +38,11 @@ class SpeculativeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "SpeculativeConfig":
+        from draftwise.models.quantize import QUANTIZATIONS  # same layer; lazy keeps config import light
+
+        if self.draft_quantization is not None and self.draft_quantization not in QUANTIZATIONS:
+            raise ValueError(f"draft_quantization {self.draft_quantization!r} does not exist; "
+                             f"choose one of: {', '.join(QUANTIZATIONS)}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.tree is not None:

@@ -15,7 +15,7 @@ from draftwise.config import SpeculativeConfig, parse_speculative_config
 from draftwise.errors import BadInput
 
 PLAIN = "plain"
-SHORT = {"num_speculative_tokens": "k"}  # shorter names of settings shown in labels
+SHORT = {"num_speculative_tokens": "k", "draft_quantization": "draft_q"}  # shorter names of settings shown in labels
 PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp", "llamacpp-lookup")
 
 

@@ -62,6 +62,9 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
                    help="what the speculator drafts with: for draft_model a bundled name or path; for "
                         "eagle / medusa a head folder or a shipped head (see `draftwise models`)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (the maximum when adaptive)")
+    g.add_argument("--draft-quantization", default=None, metavar="Q",
+                   help="draft_model: quantization of the draft model, apart from the target's (default: none "
+                        "beside an unquantized target, else w8a8-all, which measured best beside w4a8-all)")
     g.add_argument("--speculative-config", default=None,
                    help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')
 
@@ -73,6 +76,8 @@ def speculative_config_from_args(args: argparse.Namespace):
     if args.speculative_config and args.speculator:
         raise BadInput("give either --speculator or --speculative-config, not both")
     if args.speculative_config:
+        if args.draft_quantization is not None:
+            raise BadInput('put the draft quantization inside --speculative-config ("draft_quantization")')
         return parse_speculative_config(args.speculative_config)
     if args.speculator:
         cfg: dict = {"method": args.speculator}
@@ -80,9 +85,11 @@ def speculative_config_from_args(args: argparse.Namespace):
             cfg["model"] = args.draft_model
         if args.num_speculative_tokens is not None:
             cfg["num_speculative_tokens"] = args.num_speculative_tokens
+        if args.draft_quantization is not None:
+            cfg["draft_quantization"] = args.draft_quantization
         return parse_speculative_config(cfg)
-    if args.draft_model or args.num_speculative_tokens is not None:
-        raise BadInput("--draft-model / --num-speculative-tokens need --speculator")
+    if args.draft_model or args.num_speculative_tokens is not None or args.draft_quantization is not None:
+        raise BadInput("--draft-model / --num-speculative-tokens / --draft-quantization need --speculator")
     return None
 
 

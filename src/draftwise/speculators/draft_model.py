@@ -34,6 +34,18 @@ def check_same_vocabulary(target_tok, draft_tok, target_name: str, draft_name: s
         )
 
 
+# What a quantized target's draft model runs in when the config does not say: measured on
+# qwen2.5-coder-1.5b + 0.5b (docs/benchmarks.md, "The draft model's own quantization").
+DEFAULT_DRAFT_QUANTIZATION = "w8a8-all"
+
+
+def draft_quantization(config: SpeculativeConfig, target_quantization: str) -> str:
+    """The draft's quantization: the config's, else none beside an unquantized target, else the default."""
+    if config.draft_quantization is not None:
+        return config.draft_quantization
+    return "none" if target_quantization == "none" else DEFAULT_DRAFT_QUANTIZATION
+
+
 @register
 class DraftModelProposer(Proposer):
     name = "draft_model"
@@ -54,7 +66,7 @@ class DraftModelProposer(Proposer):
         elif not config.model:
             raise BadInput("speculator draft_model needs a draft model (--draft-model NAME|PATH)")
         else:
-            quantization = getattr(target.model, "quantization", "none")  # the draft is quantized like the target
+            quantization = draft_quantization(config, getattr(target.model, "quantization", "none"))
             draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress,
                                     quantization)
             check_same_vocabulary(target.tokenizer, tok, "target", config.model)
