@@ -117,3 +117,82 @@ def test_bad_prompt_file_is_one_line_error(target_folder, tmp_path, capsys):
     bad.write_text('{"text": "no prompt key"}\n')
     code = main(["train", "eagle", "--target", str(target_folder), "--data", str(bad), "--out", str(tmp_path / "o")])
     assert code == 2 and 'expected an object with "prompt"' in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def test_distillation_killed_midway_resumes_to_the_same_data(tokenizer, tmp_path, monkeypatch):
+    from draftwise.engine.engine import Engine
+    from draftwise.train import data as data_mod
+    from draftwise.train.data import build_dataset
+
+    monkeypatch.setattr(data_mod, "SHARD_SEQUENCES", 2)  # several shards from few prompts
+    target = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=4)
+    prompts = PROMPTS[:9]
+    kw = dict(max_tokens=8, batch_size=1, progress=False)
+    whole = build_dataset(target, tokenizer, prompts, tmp_path / "whole", **kw)
+
+    real_step, calls = Engine.step, []
+
+    def dying_step(self):
+        calls.append(1)
+        if len(calls) == 30:  # in the middle of the second or third shard
+            raise Killed
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", dying_step)
+    with pytest.raises(Killed):
+        build_dataset(target, tokenizer, prompts, tmp_path / "resumed", **kw)
+    partial = json.loads((tmp_path / "resumed" / "meta.json").read_text())
+    assert 0 < partial["prompts_done"] < len(prompts)
+    monkeypatch.setattr(Engine, "step", real_step)
+    resumed = build_dataset(target, tokenizer, prompts, tmp_path / "resumed", **kw)
+    assert resumed["shards"] == whole["shards"] and resumed["tokens"] == whole["tokens"]
+    from safetensors.torch import load_file
+
+    for shard in whole["shards"]:
+        a, b = load_file(str(tmp_path / "whole" / shard)), load_file(str(tmp_path / "resumed" / shard))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_killed_midway_resumes_to_the_same_head(tokenizer, tmp_path):
+    from draftwise.train.data import build_dataset
+    from draftwise.train.dataset import Distilled
+    from draftwise.train.eagle import EagleObjective, build_head
+    from draftwise.train.loop import TrainSettings, fit
+
+    target = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=4)
+    build_dataset(target, tokenizer, PROMPTS, tmp_path / "data", max_tokens=12, batch_size=4, progress=False)
+    data = Distilled(tmp_path / "data", max_len=32)
+    settings = TrainSettings(epochs=2, lr=3e-3, batch_size=2, max_len=32, save_every=3, progress=False, warmup=2)
+
+    def run(out, objective_wrapper=None, resume=False):
+        head = build_head(target, data, "eagle3", 64, 0)
+        objective = EagleObjective(head, target, data.layers, 2, 0.1)
+        fit(head, objective_wrapper(objective) if objective_wrapper else objective, data, settings, out, resume)
+        return head
+
+    (tmp_path / "whole").mkdir()
+    whole = run(tmp_path / "whole")
+
+    def dying(objective):
+        calls = []
+
+        def call(batch):
+            calls.append(1)
+            if len(calls) == 8:  # step 8: after the checkpoint at step 6, before the one at 9
+                raise Killed
+            return objective(batch)
+        return call
+
+    (tmp_path / "resumed").mkdir()
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", dying)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 6
+    resumed = run(tmp_path / "resumed", resume=True)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    assert len(steps) > 9

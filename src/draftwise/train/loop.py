@@ -105,9 +105,10 @@ def fit(model: torch.nn.Module, objective: Callable[[Batch], tuple[torch.Tensor,
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss, metrics = objective(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
+            if loss.requires_grad:  # else the batch held nothing to learn (e.g. prompt tokens only)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                opt.step()
             step += 1
             done_in_epoch += 1
             record = {"step": step, "epoch": epoch, "loss": round(float(loss.detach()), 5),
