@@ -80,11 +80,14 @@ def test_sampled_speculation_is_seed_reproducible_and_top_k1_is_greedy(tokenizer
 
 
 def test_sampled_speculation_matches_plain_distribution(tokenizer):
-    """Rejection sampling end to end: the 3rd generated token has the plain distribution."""
+    """Rejection sampling end to end: the 3rd generated token has the plain distribution.
+    (Classic mode: in the default coupled mode the two runs would give the same tokens,
+    which tests/test_coupled.py checks.)"""
     target = tiny_model("llama", torch.float32, std=0.08)
     draft = noisy_copy(target, 0.08)
     n = 600
-    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True) for s in range(n)]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True, sampling="rejection")
+              for s in range(n)]
     prompts = ["ab"] * n
     plain = LLM.from_model(target, tokenizer, max_batch_size=16).generate(prompts, params)
     spec = spec_llm(target, tokenizer, "draft_model", draft=draft, k=2, batch=16).generate(prompts, params)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from draftwise.engine.metrics import SpecStats
-from draftwise.sampling import SamplingParams, TokenLogprob
+from draftwise.sampling import SamplingParams, TokenLogprob, coupled_pick, sample
 
 
 @dataclass
@@ -22,6 +22,7 @@ class RequestState:
     row: int = -1  # row of the batch KV cache, -1 while not scheduled
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # per-request randomness (seeded when seed given)
+    noise_seed: int = 0  # key of the position noise (sampling="coupled"): the seed, else drawn at admission
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
     stop_text: str | None = None  # text up to (not including) a matched stop string
@@ -31,3 +32,14 @@ class RequestState:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def draw(self, q: torch.Tensor, ahead: int = 0) -> int:
+        """A draft token from q [vocab] for output position len(output_ids) + ahead: the
+        argmax when greedy; with coupled sampling the one the position's noise picks (so a
+        draft that agrees with the target proposes the very token the target will commit);
+        else a draw from the request's generator."""
+        if self.params.greedy:
+            return int(q.argmax())
+        if self.params.sampling == "coupled":
+            return coupled_pick(q, self.noise_seed, len(self.output_ids) + ahead)
+        return int(sample(q[None], self.generator)[0])

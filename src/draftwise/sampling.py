@@ -4,12 +4,22 @@
 functions below apply them (penalties, temperature, top-k, top-p, min-p) and are shared
 by plain decoding and by verification, so both sample from the very same distribution.
 `token_logprobs` reports the log-probabilities of emitted tokens when a request asks.
+
+Randomness keyed by position (`sampling="coupled"`, the default): the token at output
+position t is argmax_v p_t(v) / E_t(v), with E_t(v) ~ Exp(1) drawn from a generator seeded
+by (seed, t) alone (`position_noise`). That is the Gumbel-max trick (log p - log E is log p
+plus Gumbel noise), so the token is an exact sample of p_t; and because the noise does
+not depend on how many draws came before, plain decoding, every speculator and every
+batch composition commit the very same tokens for the same seed (verify.py,
+`verify_coupled`). `sampling="rejection"` draws from the request's generator in call
+order instead (classic speculative sampling: the same distribution, not the same tokens).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,6 +45,10 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    sampling: Literal["coupled", "rejection"] = Field(
+        default="coupled", description="coupled: randomness keyed by (seed, output position), so a seed gives the "
+                                       "same tokens with or without speculation at any batch; rejection: classic "
+                                       "speculative sampling (the same distribution only)")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="return each output token's log-probability and the N most likely "
                                              "alternatives (None = off)")
@@ -208,6 +222,25 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- randomness keyed by (seed, position) ------------------------------------------------------
+
+
+def position_noise(seed: int, position: int, vocab: int, device=None) -> Tensor:
+    """Exp(1) variates [vocab] (float64) for output position `position` of a request with
+    this seed: a pure function of (seed, position), the same on every call and device."""
+    key = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little") >> 1)
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64)  # [0, 1)
+    e = -torch.log1p(-u)  # Exp(1); 0 only for u = 0 (probability 2^-53)
+    return e if device is None else e.to(device)
+
+
+def coupled_pick(probs: Tensor, seed: int, position: int, noise: Tensor | None = None) -> int:
+    """The token at `position`: argmax p(v) / E(v) over probs [vocab] (a sample of p)."""
+    e = noise if noise is not None else position_noise(seed, position, probs.shape[-1], probs.device)
+    return int((probs.double() / e.to(probs.device)).argmax())
 
 
 # --- log-probabilities of emitted tokens ---------------------------------------------------

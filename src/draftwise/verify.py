@@ -22,6 +22,12 @@ committed tokens are exactly the target's argmax chain. The methods:
 
 - greedy (chain or tree): follow the child whose token is the target's argmax, emit the
   argmax where no child matches.
+- coupled (chain or tree, sampling with randomness keyed by position; see sampling.py):
+  the same walk, with the target's choice at a row at output position t being
+  argmax p(v) / E_t(v), E_t the position's Exp(1) noise. The committed tokens are then the
+  tokens plain decoding samples with that seed, token for token, since the target's
+  distributions are bit-identical across pass shapes; a point-mass candidate x is accepted
+  with probability p(x), as by rejection sampling.
 - chain with draft distributions q (speculative sampling, Leviathan et al. / Chen et al.
   2023): accept x with probability min(1, p(x) / q(x)); on rejection draw from
   normalize(max(0, p - q)); after the last accepted token draw the bonus from p.
@@ -33,7 +39,8 @@ committed tokens are exactly the target's argmax chain. The methods:
   for any candidate set, so tree drafts made by sampling q are verified losslessly too.
 
 Randomness comes only from the given `torch.Generator` (one uniform per draft node, drawn
-up front, then one draw for the emitted token); greedy verification uses none.
+up front, then one draw for the emitted token), or, when coupled, from the position noise;
+greedy verification uses none.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from draftwise.sampling import TokenLogprob, sample
+from draftwise.sampling import TokenLogprob, coupled_pick, position_noise, sample
 
 
 @dataclass
@@ -103,7 +110,28 @@ def _uniforms(n: int, generator: torch.Generator | None) -> Tensor:
 
 def verify_greedy(draft_tokens: Sequence[int], parents: Sequence[int], target_probs: Tensor) -> Verified:
     """Keep the longest draft path that matches the target's argmax; then emit the argmax."""
-    best = target_probs.argmax(dim=-1).tolist()  # [n+1]
+    return _follow(draft_tokens, parents, target_probs.argmax(dim=-1).tolist())
+
+
+def verify_coupled(draft_tokens: Sequence[int], parents: Sequence[int], target_probs: Tensor, seed: int,
+                   position: int) -> Verified:
+    """Keep the longest draft path that matches the target's choices under the position
+    noise of `seed` (row 0 emits output position `position`, a node's row the next one
+    below it); then emit the target's choice there."""
+    depths = [0]
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p + 1] + 1)
+    noise: dict[int, Tensor] = {}  # rows at one depth share their position's noise
+    best = []
+    for row, d in enumerate(depths):
+        if d not in noise:
+            noise[d] = position_noise(seed, position + d, target_probs.shape[-1], target_probs.device)
+        best.append(coupled_pick(target_probs[row], seed, position + d, noise[d]))
+    return _follow(draft_tokens, parents, best)
+
+
+def _follow(draft_tokens: Sequence[int], parents: Sequence[int], best: Sequence[int]) -> Verified:
+    """Walk down the draft along children whose token is the row's choice `best[row]`."""
     children = children_of(parents)
     path: list[int] = []
     row = 0
@@ -181,11 +209,13 @@ def verify(
     target_probs: Tensor,
     generator: torch.Generator | None,
     greedy: bool,
+    coupled: tuple[int, int] | None = None,
 ) -> Verified:
     """Verify one request's draft (chain when parents is None) against target_probs [n+1, vocab].
 
     draft_probs [n, vocab] (row j: the distribution node j was drawn from) is used for a
     chain only; tree nodes, and chains without it, are verified as point-mass candidates.
+    coupled = (seed, output position of row 0): sampled verification by position noise.
     """
     n = len(draft_tokens)
     if target_probs.dim() != 2 or target_probs.shape[0] != n + 1:
@@ -195,6 +225,8 @@ def verify(
     tree = list(parents) if parents is not None else chain_parents(n)
     if greedy:
         return verify_greedy(draft_tokens, tree, target_probs)
+    if coupled is not None:
+        return verify_coupled(draft_tokens, tree, target_probs, *coupled)
     if draft_probs is not None and is_chain(parents):
         if tuple(draft_probs.shape) != (n, target_probs.shape[1]):
             raise ValueError(f"draft_probs {tuple(draft_probs.shape)} do not match {n} tokens")

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from draftwise.config import SpeculativeConfig
-from draftwise.engine.costs import MAX_EXPLORE_GAP, CostModel, Curve  # noqa: F401 (Curve: re-exported)
+from draftwise.engine.costs import MAX_EXPLORE_GAP, CostModel
 from draftwise.engine.tree_controller import TreeController
 from draftwise.request import RequestState
 

@@ -89,9 +89,10 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context window of {self.max_model_len} tokens"
             )
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen)
+        gen.manual_seed(seed)
+        req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen, noise_seed=seed)
         self.waiting.append(req)
         return req
 

@@ -73,7 +73,9 @@ def verify_rows(
         probs = target_distribution(
             logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i]
         )  # [n+1, vocab]
-        res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy)
+        coupled = (req.noise_seed, len(req.output_ids)) if req.params.sampling == "coupled" else None
+        res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy,
+                     coupled)
         if req.params.logprobs is not None:  # rows that emitted: the root, then each accepted node
             emitted = logits[i, [0] + [1 + p for p in res.path]]
             res.logprobs = token_logprobs(emitted, res.tokens, req.params.logprobs)

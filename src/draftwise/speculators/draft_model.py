@@ -21,7 +21,7 @@ import torch
 from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.request import RequestState
-from draftwise.sampling import sample, target_distribution
+from draftwise.sampling import target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
 
 
@@ -108,7 +108,7 @@ class DraftModelProposer(Proposer):
             for j in live:
                 req, i = reqs[j], active[j]
                 q = self._distribution(req, logits[j], draft.tokens[i])  # [vocab]
-                tok = int(q.argmax()) if req.params.greedy else int(sample(q[None], req.generator)[0])
+                tok = req.draw(q, ahead=len(draft.tokens[i]))
                 draft.tokens[i].append(tok)
                 probs_rows[j].append(q)
             live = [j for j in live if len(draft.tokens[active[j]]) < num_tokens[active[j]]]

@@ -39,7 +39,7 @@ from draftwise.engine.controller import expected_tokens
 from draftwise.errors import BadInput
 from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, step_inputs
 from draftwise.request import RequestState
-from draftwise.sampling import sample, target_distribution
+from draftwise.sampling import target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
 
 CALIBRATION_TEXT = (
@@ -91,10 +91,6 @@ def draft_distribution(req: RequestState, logits: torch.Tensor, drafted: list[in
     """The draft's distribution `[vocab]` under the request's sampling settings (one-hot
     at the penalized argmax when greedy), with the drafted tokens as extra history."""
     return target_distribution(logits.float()[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
-
-
-def pick(req: RequestState, q: torch.Tensor) -> int:
-    return int(q.argmax()) if req.params.greedy else int(sample(q[None], req.generator)[0])
 
 
 # --- calibration ------------------------------------------------------------------------
@@ -233,7 +229,7 @@ class LayerSkipProposer(Proposer):
             for j in live:
                 req, i = reqs[j], active[j]
                 q = draft_distribution(req, cur_logits[j], draft.tokens[i])  # [vocab]
-                draft.tokens[i].append(pick(req, q))
+                draft.tokens[i].append(req.draw(q, ahead=len(draft.tokens[i])))
                 probs[j].append(q)
             live = [j for j in live if len(draft.tokens[active[j]]) < num_tokens[active[j]]]
             if not live:

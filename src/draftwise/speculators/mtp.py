@@ -55,7 +55,7 @@ from draftwise.models.config import ModelConfig
 from draftwise.models.transformer import KEY_BUCKET, DecoderLayer, RMSNorm, proj
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
-from draftwise.speculators.layer_skip import draft_distribution, padded_groups, partial_inputs, pick
+from draftwise.speculators.layer_skip import draft_distribution, padded_groups, partial_inputs
 
 CONFIG_FILE, WEIGHTS_FILE = "mtp.json", "mtp.safetensors"
 
@@ -186,7 +186,7 @@ class MTPProposer(Proposer):
             for j, i in enumerate(batch):
                 req = requests[i]
                 q = draft_distribution(req, logits[j], draft.tokens[i])  # [vocab]
-                draft.tokens[i].append(pick(req, q))
+                draft.tokens[i].append(req.draw(q, ahead=len(draft.tokens[i])))
                 probs[i].append(q)
         for i in depth:
             if not requests[i].params.greedy and probs[i]:
