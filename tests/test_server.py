@@ -219,6 +219,35 @@ def test_concurrent_requests_with_different_settings(client, offline):
         assert stop.finish_reason == "stop" and stop.text == full[: full.index("c")]
 
 
+def test_seeded_sampling_under_concurrency_equals_solo_plain(tokenizer):
+    """8 concurrent seeded, sampled requests through a speculating (ngram) server each get
+    the tokens that plain decoding of that request alone samples (coupled sampling)."""
+    solo = make_llm(tokenizer, batch=1)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    settings = [dict(temperature=0.8 + 0.05 * i, seed=100 + i, top_p=0.95) for i in range(8)]
+    want = [solo.generate(p, SamplingParams(max_tokens=16, ignore_eos=True, **kw))[0].token_ids
+            for p, kw in zip(prompts, settings)]
+    llm = make_llm(tokenizer, {"method": "ngram", "num_speculative_tokens": 3})
+    got: dict = {}
+    with ServerThread(create_app(llm, served_model_name=MODEL, max_queue=8)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        def run(i):
+            try:
+                got[i] = client.completions.create(
+                    model=MODEL, prompt=prompts[i], max_tokens=16, **settings[i],
+                    extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].model_extra["token_ids"]
+            except Exception as e:  # reported by the assertion below
+                got[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [got.get(i) for i in range(8)] == want
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 BAD = [
@@ -247,7 +276,21 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "unsupported_parameter"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, 400, "context_length_exceeded"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400,
+     "unsupported_parameter"),
+    # invalid Unicode (lone surrogates) anywhere a client sends text: a 400, never a 500
+    ("/v1/completions", b'{"prompt": "abc \\ud800 def"}', 400, None),
+    ("/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', 400, None),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["\\udfff"]}', 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("/tokenize", b'{"prompt": "abc \\ud800 def"}', 400, None),
+    # strict types: a string is not a boolean
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, None),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": "true"}, 400, None),
     ("/tokenize", {}, 400, None),
     ("/detokenize", {"tokens": [5000]}, 400, None),
     ("/v1/nothing", {}, 404, None),
@@ -394,3 +437,59 @@ def test_shutdown_timeout_cuts_long_requests(tokenizer):
     assert rest[-1] == "data: [DONE]" and "shutdown timeout" in rest[-2]
     srv.thread.join(20)
     assert not srv.thread.is_alive()
+
+
+def test_tokenizing_runs_off_the_event_loop(server, http):
+    """While one request's prompt is being tokenized (made slow here), /health still answers
+    at once: tokenizing and chat templates run in a worker thread, not on the loop."""
+    tok = server.llm.tokenizer
+    real = type(tok).encode
+    started = threading.Event()
+
+    def slow_encode(self, *args, **kwargs):
+        started.set()
+        time.sleep(1.5)
+        return real(self, *args, **kwargs)
+
+    type(tok).encode = slow_encode
+    try:
+        t = threading.Thread(target=lambda: http.post("/tokenize", json={"prompt": "hello"}))
+        t.start()
+        assert started.wait(10)
+        t0 = time.monotonic()
+        assert http.get("/health").status_code == 200
+        assert time.monotonic() - t0 < 0.2
+        t.join(10)
+    finally:
+        type(tok).encode = real
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(server, http):
+    state = server.app.state.draftwise
+    chars = state.max_token_chars * state.max_model_len + 1
+    r = http.post("/tokenize", json={"prompt": "x" * min(chars, 15_000)})
+    if chars <= 15_000:  # the body cap of this server is 16 KiB
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    from draftwise.server.generation import check_text_length
+    from draftwise.server.errors import APIError
+
+    with pytest.raises(APIError, match="maximum context length"):
+        check_text_length(state, 3_500_000, "prompt")
+
+
+def test_serve_passes_quantization_to_the_model(monkeypatch):
+    import draftwise.api
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(draftwise.api, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        cli_main(["serve", "--model", "smollm2-135m", "--quantization", "w8a8-all", "--port", "0"])
+    assert seen["quantization"] == "w8a8-all"

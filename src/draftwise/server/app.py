@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from draftwise.errors import BadInput
 from draftwise.server.engine_loop import EngineLoop
 from draftwise.server.errors import APIError, install_error_handlers
-from draftwise.server.generation import create_chat_completion, create_completion
+from draftwise.server.generation import check_text_length, create_chat_completion, create_completion, off_loop
 from draftwise.server.metrics import ServerMetrics
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -39,6 +39,7 @@ class ServerState:
     vocab_size: int
     max_model_len: int
     spec_method: str
+    max_token_chars: int = 1024  # characters of the longest token (what one token can cover at most)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     drain_deadline: float = 0.0
@@ -78,6 +79,7 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
         model_name=served_model_name or "draftwise", api_key=api_key or None, max_body_bytes=max_body_bytes,
         shutdown_timeout=shutdown_timeout, vocab_size=llm.model.config.vocab_size,
         max_model_len=llm.engine.max_model_len, spec_method=spec.method if spec else "none",
+        max_token_chars=longest_token(llm.tokenizer),
     )
 
     @asynccontextmanager
@@ -123,9 +125,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         tok = state.llm.tokenizer
         try:
             if body.messages is not None:
-                ids = state.llm.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                check_text_length(state, sum(len(m["content"]) for m in messages), "messages")
+                ids = await off_loop(state.llm.chat_prompt, messages)
             else:
-                ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+                check_text_length(state, len(body.prompt), "prompt")
+                ids = await off_loop(lambda: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         except BadInput as e:
             raise APIError(400, str(e)) from None
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
@@ -182,6 +187,14 @@ class Guard:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of the vocabulary's longest token string (>= what one token decodes to)."""
+    try:
+        return max(8, max(len(t) for t in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return 1024
 
 
 def _authorized(header: bytes | None, key: str) -> bool:

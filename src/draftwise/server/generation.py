@@ -31,6 +31,24 @@ DISCONNECTED = Event(-1, error="client disconnected", status=499)
 # --- validation -----------------------------------------------------------------------------
 
 
+def check_text_length(state, chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context window before tokenizing it: a token covers
+    at most `state.max_token_chars` characters, so `chars` need at least that many tokens."""
+    if chars > state.max_token_chars * state.max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {state.max_model_len} tokens; this prompt of {chars} "
+                 f"characters needs at least {chars // state.max_token_chars} tokens. Please shorten it.",
+            param=param, code="context_length_exceeded")
+
+
+async def off_loop(fn, *args):
+    """Run a slow call (tokenizing, rendering a chat template) in a worker thread, so the
+    event loop keeps serving streams and /health meanwhile."""
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
 def check_prompt(state, ids: list[int], max_tokens: int | None, param: str) -> int:
     """Validate one prompt's token ids and return the max_tokens it gets."""
     if not ids:
@@ -103,8 +121,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     check_common(state, body)
     prompts, params = [], []
     for p in body.prompts():
+        if isinstance(p, str):
+            check_text_length(state, len(p), "prompt")
         try:
-            ids = state.llm.encode_prompt(p)
+            ids = await off_loop(state.llm.encode_prompt, p)
         except BadInput as e:
             raise APIError(400, str(e), param="prompt") from None
         max_tokens = check_prompt(state, ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
@@ -122,8 +142,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = request.app.state.draftwise
     check_common(state, body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    check_text_length(state, sum(len(m["content"]) for m in messages), "messages")
     try:
-        ids = state.llm.chat_prompt(messages)
+        ids = await off_loop(state.llm.chat_prompt, messages)
     except BadInput as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template that rejects this conversation (e.g. role order)

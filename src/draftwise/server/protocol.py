@@ -6,28 +6,61 @@ ignored. Options this server cannot honour exactly (echo, tools, logit_bias, ...
 accepted by the schema and refused by `unsupported()` with a clear 400.
 Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
 return_token_ids.
+
+Client strings are checked in one place (`ClientModel`): a lone surrogate (JSON allows
+`"\ud800"`, which is no Unicode text) is refused with a 400 before anything tries to
+tokenize, log or echo it. Types are strict where JSON has the type (booleans must be
+true/false, not "yes").
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from draftwise.sampling import MAX_LOGPROBS
 
 MAX_N = 64
 
 
-class StreamOptions(BaseModel):
+def has_surrogate(value: object) -> bool:
+    """Does a string anywhere in this value (lists, dicts, models) hold a lone surrogate?"""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
+    if isinstance(value, BaseModel):
+        return any(has_surrogate(v) for v in value.__dict__.values())
+    return False
+
+
+class ClientModel(BaseModel):
+    """Base of every request body: refuses text that is not valid Unicode."""
+
+    @model_validator(mode="after")
+    def _valid_text(self):
+        for name, value in self.__dict__.items():
+            if has_surrogate(value):
+                raise ValueError(f"{name} holds invalid Unicode (a lone surrogate); send valid UTF-8 text")
+        return self
+
+
+class StreamOptions(ClientModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
-    include_obfuscation: bool | None = None  # accepted, ignored
-    continuous_usage_stats: bool | None = None  # vLLM's; accepted, ignored
+    include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None  # accepted, ignored
+    continuous_usage_stats: StrictBool | None = None  # vLLM's; accepted, ignored
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ClientModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +72,7 @@ class SamplingFields(BaseModel):
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(default=None)
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -49,9 +82,9 @@ class SamplingFields(BaseModel):
     top_k: StrictInt | None = Field(default=None, ge=-1, description="-1 or 0 = off")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
-    return_token_ids: bool = False
+    return_token_ids: StrictBool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -82,7 +115,7 @@ def _is_ids(v: object) -> bool:
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
 
@@ -117,18 +150,21 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ContentPart(ClientModel):
+    """A part of a message's content; only text parts are served (`unsupported()` refuses
+    images, audio, files with `unsupported_parameter`)."""
 
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ClientModel):
     model_config = ConfigDict(extra="ignore")  # replayed assistant messages carry refusal, audio, ...
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -136,25 +172,37 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+    def unsupported_part(self) -> str | None:
+        """Why this message's content cannot be served, else None."""
+        for part in self.content if isinstance(self.content, list) else []:
+            if part.type != "text":
+                return f"content parts of type {part.type!r} are not supported by this server (text only)"
+            if part.text is None:
+                return "a text content part needs its text"
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    store: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
+    store: StrictBool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
+        for m in self.messages:
+            if (why := m.unsupported_part()) is not None:
+                return "messages", why
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs set to true"
         if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call is not None:
@@ -173,16 +221,16 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ClientModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(ClientModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
