@@ -493,3 +493,12 @@ def test_serve_passes_quantization_to_the_model(monkeypatch):
     with pytest.raises(Stop):
         cli_main(["serve", "--model", "smollm2-135m", "--quantization", "w8a8-all", "--port", "0"])
     assert seen["quantization"] == "w8a8-all"
+
+
+def test_streaming_holds_back_only_what_could_begin_a_stop_string():
+    from draftwise.server.engine_loop import held_back
+
+    assert held_back("hello wor", ["world peace"]) == 3
+    assert held_back("hello there", ["x" * 10_000]) == 0  # a long stop string holds back nothing it cannot start
+    assert held_back("abab", ["abac"]) == 2
+    assert held_back("", ["a"]) == 0 and held_back("xa", ["ab", "xab"]) == 2

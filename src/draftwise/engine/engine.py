@@ -199,14 +199,18 @@ class Engine:
         return StepOutput(req, new, req.finished, logprobs)
 
     def _hit_stop_string(self, req: RequestState) -> bool:
+        """Does a stop string end in the newest token? Only the last tokens are decoded (a stop
+        string of L characters spans at most L tokens; 8 more cover partial characters), so
+        the check costs the same at any output length; the whole output is decoded once, on
+        a hit, for the text up to the stop string."""
         longest = max(len(s) for s in req.params.stop)
-        tail_ids = req.output_ids[-(longest + 8):]  # a stop string ends in the newest token
-        prev = self.tokenizer.decode(req.output_ids[: len(req.output_ids) - len(tail_ids)], skip_special_tokens=True)
-        text = prev + self.tokenizer.decode(tail_ids, skip_special_tokens=True)
-        window_start = max(0, len(prev) - longest)
-        hits = [i for s in req.params.stop if (i := text.find(s, window_start)) >= 0]
+        tail_ids = req.output_ids[-(longest + 8):]
+        tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
+        hits = [i for s in req.params.stop if (i := tail.find(s)) >= 0]
         if hits:
-            req.stop_text = text[: min(hits)]
+            prev = self.tokenizer.decode(req.output_ids[: len(req.output_ids) - len(tail_ids)],
+                                         skip_special_tokens=True)
+            req.stop_text = prev + tail[: min(hits)]
         return bool(hits)
 
     def _finish(self, req: RequestState, reason: str) -> None:

@@ -63,13 +63,28 @@ class Submission:
             pass
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that could be the start of a stop string (the longest
+    suffix of text that is a proper prefix of one): they wait until the next tokens decide.
+    Only those wait, so a long stop string does not hold back text that cannot begin it."""
+    if not text:
+        return 0
+    last, best = text[-1], 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop[k - 1] == last and text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
 @dataclass
 class Track:
     """Engine-thread bookkeeping of one engine request."""
 
     sub: Submission
     index: int
-    hold: int  # characters held back while a stop string could still cut them
+    stops: list[str]  # the request's stop strings: text that could begin one is held back
     text: str = ""  # output decoded so far (incrementally)
     prefix_offset: int = 0  # token window decoded each step: [prefix_offset, end)
     read_offset: int = 0
@@ -163,8 +178,7 @@ class EngineLoop:
         try:
             for i, (ids, params) in enumerate(zip(sub.prompts, sub.params)):
                 self.engine.add_request(ids, params, request_id=sub.rids[i])
-                hold = max((len(s) for s in params.stop), default=1) - 1
-                self._tracks[sub.rids[i]] = Track(sub, i, hold)
+                self._tracks[sub.rids[i]] = Track(sub, i, list(params.stop))
                 added.append(sub.rids[i])
         except BadInput as e:
             for rid in added:
@@ -224,7 +238,7 @@ class EngineLoop:
             m.observe_finished(req.finish_reason or "stop", now - track.sub.arrival)
         else:
             self._advance_text(track, req.output_ids)
-            upto = max(track.printed, len(track.text) - track.hold)
+            upto = max(track.printed, len(track.text) - held_back(track.text, track.stops))
             event = Event(track.index, track.text[track.printed:upto], list(out.new_token_ids),
                           logprobs=out.new_logprobs)
             track.printed = upto
