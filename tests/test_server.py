@@ -166,8 +166,11 @@ def test_logprobs_completions_and_chat(client, server, tokenizer):
     resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=3, **greedy(12))
     lp = resp.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
-    assert lp.tokens == [tokenizer.decode([t]) for t in ref.token_ids]
-    assert "".join(lp.tokens) == resp.choices[0].text and lp.text_offset[0] == 0
+    from draftwise.server.logprobs import LogprobFormatter
+
+    names = LogprobFormatter(tokenizer)  # text, or bytes:\xNN for part of a multi-byte character
+    assert lp.tokens == [names.text(t) for t in ref.token_ids]
+    assert "".join(tokenizer.decode([t]) for t in ref.token_ids) == resp.choices[0].text and lp.text_offset[0] == 0
     for top, x in zip(lp.top_logprobs, ref.logprobs):  # the 3 best, plus the chosen one
         assert max(top.values()) == pytest.approx(x.top[0][1], abs=1e-5) and 3 <= len(top) <= 4
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=3, stream=True,
@@ -181,7 +184,7 @@ def test_logprobs_completions_and_chat(client, server, tokenizer):
     content = chat.choices[0].logprobs.content
     assert len(content) == 10 and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.logprob <= 0 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
-    assert content[0].bytes == list(content[0].token.encode())
+    assert all(c.bytes == list(names.raw(t)) for c, t in zip(content, chat.choices[0].model_extra["token_ids"]))
     plain = client.chat.completions.create(model=MODEL, messages=messages, **greedy(10))
     assert plain.choices[0].logprobs is None
 
@@ -502,3 +505,19 @@ def test_streaming_holds_back_only_what_could_begin_a_stop_string():
     assert held_back("hello there", ["x" * 10_000]) == 0  # a long stop string holds back nothing it cannot start
     assert held_back("abab", ["abac"]) == 2
     assert held_back("", ["a"]) == 0 and held_back("xa", ["ab", "xab"]) == 2
+
+
+def test_logprobs_of_partial_character_tokens_keep_their_bytes(tokenizer):
+    """Tokens that are part of a multi-byte character: chat's `bytes` are the token's own
+    raw bytes (not U+FFFD's), and completions' top_logprobs keys do not collide."""
+    from draftwise.sampling import TokenLogprob
+    from draftwise.server.logprobs import LogprobFormatter
+
+    fmt = LogprobFormatter(tokenizer)  # conftest's byte tokenizer: token id = byte value
+    items = [TokenLogprob(0xE2, -0.5, [(0xE2, -0.5), (0x82, -1.5), (ord("a"), -2.0)])]
+    chat = fmt.chat(items)["content"][0]
+    assert chat["bytes"] == [0xE2] and chat["token"] == "bytes:\\xe2"
+    assert [t["bytes"] for t in chat["top_logprobs"]] == [[0xE2], [0x82], [ord("a")]]
+    comp = fmt.completion(items, 0)
+    assert comp["top_logprobs"][0] == {"bytes:\\xe2": -0.5, "bytes:\\x82": -1.5, "a": -2.0}
+    assert comp["tokens"] == ["bytes:\\xe2"] and comp["text_offset"] == [0]
