@@ -521,3 +521,21 @@ def test_logprobs_of_partial_character_tokens_keep_their_bytes(tokenizer):
     comp = fmt.completion(items, 0)
     assert comp["top_logprobs"][0] == {"bytes:\\xe2": -0.5, "bytes:\\x82": -1.5, "a": -2.0}
     assert comp["tokens"] == ["bytes:\\xe2"] and comp["text_offset"] == [0]
+
+
+def test_second_shutdown_signal_ends_streams_cleanly_and_exits_at_once(tokenizer):
+    llm = make_llm(tokenizer)
+    app = create_app(llm, served_model_name=MODEL, shutdown_timeout=60.0)
+    srv = ServerThread(app).start()
+    body = {"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with slow_engine(llm, 0.02), httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            srv.drain()  # first signal: drain (this request could run for a minute)
+            t0 = time.monotonic()
+            srv.drain()  # second: stop now
+            rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and "second shutdown signal" in rest[-2]
+    srv.thread.join(10)
+    assert not srv.thread.is_alive() and time.monotonic() - t0 < 5

@@ -2,7 +2,8 @@
 
 On the first signal the server keeps its socket open but answers every new request
 with 503, lets in-flight requests finish for up to `shutdown_timeout` seconds (then
-aborts them), and exits. A second signal exits at once.
+aborts them), and exits. A second signal ends every in-flight request at once (streams
+get an error event and `[DONE]`, not a cut mid-chunk) and exits without waiting.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class DrainingServer(uvicorn.Server):
         self.app_state = config.app.state.draftwise
 
     def handle_exit(self, sig, frame) -> None:
-        if self.app_state.draining:  # second signal: stop now
-            super().handle_exit(sig, frame)
+        if self.app_state.draining:  # second signal: end every request with an error event, exit now
+            self.app_state.engine.abort_all("the server was stopped (a second shutdown signal)")
+            self.should_exit = True
+            self.force_exit = True  # uvicorn: do not wait for open connections
             return
         self.app_state.begin_drain()
 
