@@ -293,6 +293,7 @@ BAD = [
     # strict types: a string is not a boolean
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, None),
     ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, 400, None),
+    ("/v1/completions", {"prompt": "x", "sampling": "magic"}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": "true"}, 400, None),
     ("/tokenize", {}, 400, None),
     ("/detokenize", {"tokens": [5000]}, 400, None),
