@@ -540,3 +540,29 @@ def test_second_shutdown_signal_ends_streams_cleanly_and_exits_at_once(tokenizer
     assert rest[-1] == "data: [DONE]" and "second shutdown signal" in rest[-2]
     srv.thread.join(10)
     assert not srv.thread.is_alive() and time.monotonic() - t0 < 5
+
+
+def test_half_sent_headers_and_bodies_do_not_hold_connections(tokenizer):
+    """A connection that never finishes its headers is closed after --header-timeout; a body
+    that never finishes gets 408 after --body-timeout; a normal request is unaffected."""
+    import socket
+
+    llm = make_llm(tokenizer)
+    app = create_app(llm, served_model_name=MODEL, body_timeout=0.5)
+    with ServerThread(app, header_timeout=0.5) as srv:
+        port = srv.server.port
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")  # headers never finish
+            assert s.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # body never finishes
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # idle, then a request
+            time.sleep(0.2)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(1024).startswith(b"HTTP/1.1 200")
+        assert httpx.get(srv.url + "/health", trust_env=False).status_code == 200

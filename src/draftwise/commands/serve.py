@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                    help="request body cap, 413 above (default 4 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive, 408 after (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_args(p)
     add_speculation_args(p)
@@ -46,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_queue", "max_request_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise BadInput(f"--{name.replace('_', '-')} must be positive")
-    if args.shutdown_timeout < 0 or not 0 <= args.port < 65536:
-        raise BadInput("--shutdown-timeout must be >= 0 and --port in [0, 65535]")
+    if not 0 <= args.port < 65536:
+        raise BadInput(f"--port {args.port} is not a port number (0-65535)")
+    for name in ("shutdown_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, name) >= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0 seconds")
     from draftwise.api import LLM
 
     spec = speculative_config_from_args(args)
@@ -55,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, quantization=args.quantization)
     app = create_app(llm, served_model_name=args.served_model_name or args.model,
                      api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
-                     max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+                     max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+                     body_timeout=args.body_timeout)
     method = spec.method if spec else "plain decoding"
     print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
-    serve(app, args.host, args.port, args.log_level)
+    serve(app, args.host, args.port, args.log_level, args.header_timeout)
     return 0

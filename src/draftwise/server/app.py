@@ -2,12 +2,13 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, POST /tokenize, POST /detokenize. A guard in front of every route answers
-503 while draining, 401 without the API key (when one is set; /health stays open) and
-413 for bodies over the size cap. The engine thread starts and stops with the app.
+503 while draining, 401 without the API key (when one is set; /health stays open), 413
+for bodies over the size cap and 408 for bodies that take longer than `body_timeout`. The engine thread starts and stops with the app.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from draftwise.server.metrics import ServerMetrics
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ServerState:
     max_model_len: int
     spec_method: str
     max_token_chars: int = 1024  # characters of the longest token (what one token can cover at most)
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a request body may take to arrive
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     drain_deadline: float = 0.0
@@ -70,7 +73,8 @@ class ServerState:
 
 
 def create_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """An app serving `llm` (an `LLM`); no weights are loaded here."""
     spec = llm.speculative_config
     metrics = ServerMetrics(served_model_name or "draftwise", spec.num_speculative_tokens if spec else 0)
@@ -79,7 +83,7 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
         model_name=served_model_name or "draftwise", api_key=api_key or None, max_body_bytes=max_body_bytes,
         shutdown_timeout=shutdown_timeout, vocab_size=llm.model.config.vocab_size,
         max_model_len=llm.engine.max_model_len, spec_method=spec.method if spec else "none",
-        max_token_chars=longest_token(llm.tokenizer),
+        max_token_chars=longest_token(llm.tokenizer), body_timeout=body_timeout,
     )
 
     @asynccontextmanager
@@ -175,13 +179,21 @@ class Guard:
                 return await _send(send, scope, APIError(400, "bad Content-Length header"))
             if size > st.max_body_bytes:
                 return await _send(send, scope, _too_large(st.max_body_bytes))
-        received = 0
+        received, body_done = 0, False
+        deadline = time.monotonic() + st.body_timeout
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body: waiting for a disconnect may last as long as the answer
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {st.body_timeout:g} seconds",
+                               code="request_timeout") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > st.max_body_bytes:
                     raise _too_large(st.max_body_bytes)
             return message

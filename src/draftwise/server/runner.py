@@ -13,6 +13,53 @@ import time
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+DEFAULT_HEADER_TIMEOUT = 10.0
+
+
+class DeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on request headers: a connection that has
+    not sent a whole request head within `header_timeout` seconds of connecting (or of
+    starting a new request on a kept-alive connection) is closed, so half-sent headers
+    cannot hold sockets open. (Bodies have their deadline in the app: `app.Guard`.)"""
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._header_timer = None
+        self._waiting_cycle = None
+        super().connection_made(transport)
+        self._arm()
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._waiting_cycle = self.cycle
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle():
+            self._arm()
+        super().data_received(data)
+        if self.cycle is not self._waiting_cycle:  # a request head arrived
+            self._disarm()
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is self._waiting_cycle and self._idle():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class DrainingServer(uvicorn.Server):
@@ -41,22 +88,26 @@ class DrainingServer(uvicorn.Server):
         return self.servers[0].sockets[0].getsockname()[1]
 
 
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> DrainingServer:
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> DrainingServer:
+    protocol = type("DeadlineH11", (DeadlineH11,), {"header_timeout": header_timeout})
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            access_log=log_level == "debug", lifespan="on")
+                            access_log=log_level == "debug", lifespan="on", http=protocol)
     return DrainingServer(config)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
     """Serve until SIGTERM / SIGINT, then drain and return."""
-    make_server(app, host, port, log_level).run()
+    make_server(app, host, port, log_level, header_timeout).run()
 
 
 class ServerThread:
     """The server in a background thread (tests, notebooks): `with ServerThread(app) as s: s.url`."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        self.server = make_server(app, host, port, log_level)
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
+        self.server = make_server(app, host, port, log_level, header_timeout)
         self.thread = threading.Thread(target=self.server.run, name="draftwise-server", daemon=True)
         self.host = host
 
