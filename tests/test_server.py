@@ -566,3 +566,49 @@ def test_half_sent_headers_and_bodies_do_not_hold_connections(tokenizer):
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert s.recv(1024).startswith(b"HTTP/1.1 200")
         assert httpx.get(srv.url + "/health", trust_env=False).status_code == 200
+
+
+# --- hostile clients: generated bodies ----------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20) | st.sampled_from(["\ud800", "a\udfffb", "", "yes", "0"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+SMALL_INT = st.integers(-3, 24)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard", ""]) | JSON,
+                                 "content": st.text(max_size=30) | st.lists(
+                                     st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                            "text": st.text(max_size=10)}), max_size=2) | JSON})
+FIELDS = {
+    "model": st.just(MODEL) | JSON, "max_tokens": SMALL_INT | JSON, "temperature": st.floats(-1, 3) | JSON,
+    "top_p": st.floats(-0.5, 1.5) | JSON, "n": SMALL_INT | JSON, "stop": st.text(max_size=3) | JSON,
+    "seed": st.integers(-5, 2**64) | JSON, "stream": st.booleans() | JSON, "logprobs": SMALL_INT | JSON,
+    "top_k": SMALL_INT | JSON, "min_p": st.floats(-0.5, 1.5) | JSON, "presence_penalty": st.floats(-3, 3) | JSON,
+    "repetition_penalty": st.floats(-1, 12) | JSON, "ignore_eos": st.booleans() | JSON,
+    "stop_token_ids": st.lists(SMALL_INT, max_size=3) | JSON, "sampling": st.sampled_from(["coupled", "rejection"])
+    | JSON, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
+    "echo": st.booleans() | JSON, "bogus_field": JSON,
+}
+COMPLETION = st.fixed_dictionaries(
+    {"prompt": st.text(max_size=40) | st.lists(st.integers(-2, 300), max_size=6) | JSON},
+    optional=FIELDS)
+CHAT = st.fixed_dictionaries(
+    {"messages": st.lists(MESSAGE, max_size=3) | JSON},
+    optional={**FIELDS, "top_logprobs": SMALL_INT | JSON, "max_completion_tokens": SMALL_INT | JSON})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(body=COMPLETION | CHAT)
+def test_generated_bodies_get_2xx_or_a_4xx_envelope_never_5xx(http, body):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = http.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+    elif not body.get("stream") is True:
+        assert "choices" in r.json()
