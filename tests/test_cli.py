@@ -81,3 +81,42 @@ def test_draft_model_takes_its_own_quantization(hf_folder, draft_q, want):
     llm = LLM(str(hf_folder), dtype="fp32", quantization="w8a8-all", speculative_config=spec, progress=False)
     assert llm.engine.proposer.draft.quantization == want
     assert llm.engine.model.quantization == "w8a8-all"
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("draftwise ")
+
+
+def test_unsupported_architecture_and_unknown_pull_are_one_line(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                    "vocab_size": 100, "n_embd": 8, "n_layer": 1, "n_head": 1}))
+    code, out, err = run_cli(["generate", "x", "--model", str(folder)], capsys)
+    assert code == 2 and err.startswith("error: ") and "architecture" in err and "Traceback" not in err
+    code, out, err = run_cli(["pull", "nosuchmodel"], capsys)
+    assert code == 2 and "not a bundled model" in err and "smollm2-135m" in err
+
+
+def test_serve_takes_the_model_as_vllm_serve_does(monkeypatch, capsys):
+    import draftwise.api
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.append(model)
+        raise Stop
+
+    monkeypatch.setattr(draftwise.api, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        main(["serve", "qwen2.5-coder-1.5b", "--port", "0"])
+    assert seen == ["qwen2.5-coder-1.5b"]
+    code, out, err = run_cli(["serve", "a-model", "--model", "b-model"], capsys)
+    assert code == 2 and "two models" in err
+    code, out, err = run_cli(["serve", "--port", "99999"], capsys)
+    assert code == 2 and "--port" in err and "shutdown" not in err

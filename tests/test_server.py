@@ -612,3 +612,12 @@ def test_generated_bodies_get_2xx_or_a_4xx_envelope_never_5xx(http, body):
         assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
     elif not body.get("stream") is True:
         assert "choices" in r.json()
+
+
+def test_version_and_openapi_docs(http):
+    from draftwise import __version__
+
+    assert http.get("/version").json() == {"version": __version__}
+    schema = http.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"] and schema["info"]["version"] == __version__
+    assert http.get("/docs").status_code == 200

@@ -84,6 +84,7 @@ class LLM:
         quantization: str = "none",
     ) -> None:
         target, tokenizer = load_model(model, dtype, device, progress, quantization)
+        self._model_name = model
         self._setup(target, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress)
 
     @classmethod
@@ -111,7 +112,8 @@ class LLM:
             gc.collect()
         spec = self.speculative_config
         max_len = context_window(model, max_model_len)
-        target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None))
+        target = Target(model, tokenizer, dtype, progress, max_batch_size, max_len, getattr(self, "_draft_model", None),
+                        getattr(self, "_model_name", "the target"))
         proposer = build_proposer(spec, target) if spec else None
         self.engine = Engine(
             model, tokenizer,

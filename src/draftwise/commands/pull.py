@@ -14,7 +14,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from draftwise.models.bundled import pull
+    from draftwise.errors import ModelNotFound
+    from draftwise.models.bundled import BUNDLED, pull
 
+    if args.name not in BUNDLED:
+        raise ModelNotFound(f"{args.name!r} is not a bundled model; `draftwise pull` fetches one of: "
+                            f"{', '.join(BUNDLED)} (a .gguf file or a Hugging Face folder needs no pull: "
+                            "give it to --model directly)")
     print(pull(args.name, progress=True))
     return 0

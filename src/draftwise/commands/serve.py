@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                     "/detokenize, with continuous batching and optional speculation. SIGTERM drains: new requests "
                     "get 503, in-flight ones get --shutdown-timeout seconds to finish.",
     )
+    p.add_argument("model_ref", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
@@ -47,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise BadInput(f"the server needs the 'server' extra ({e.name} is missing): "
                        "pip install 'draftwise[server]'") from None
+    if args.model_ref is not None:
+        if args.model not in (DEFAULT_MODEL, args.model_ref):
+            raise BadInput(f"two models given: {args.model_ref} and --model {args.model}; give one")
+        args.model = args.model_ref
     for name in ("max_batch_size", "max_queue", "max_request_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise BadInput(f"--{name.replace('_', '-')} must be positive")

@@ -11,11 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from draftwise.errors import DraftwiseError
+
 Architecture = Literal["llama", "qwen2", "qwen3", "mistral"]
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(DraftwiseError, ValueError):
     """The model's architecture is not one the native decoder implements."""
 
     def __init__(self, name: str) -> None:

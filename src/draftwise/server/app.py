@@ -1,7 +1,8 @@
 """The FastAPI app: `create_app(llm, ...)` wraps a loaded `LLM` in an OpenAI-compatible server.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. A guard in front of every route answers
+GET /metrics, POST /tokenize, POST /detokenize, GET /version, and the OpenAPI schema at
+/openapi.json with its browsable docs at /docs. A guard in front of every route answers
 503 while draining, 401 without the API key (when one is set; /health stays open), 413
 for bodies over the size cap and 408 for bodies that take longer than `body_timeout`. The engine thread starts and stops with the app.
 """
@@ -92,7 +93,10 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
         yield
         state.engine.stop()
 
-    app = FastAPI(title="draftwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from draftwise import __version__
+
+    app = FastAPI(title="draftwise", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.draftwise = state
     install_error_handlers(app)
     add_routes(app, state)
@@ -109,6 +113,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         if not state.engine.alive:
             raise APIError(503, "the engine is not running")
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        from draftwise import __version__
+
+        return {"version": __version__}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -112,3 +112,4 @@ class Target:
     max_batch_size: int = 8  # cache rows the engine uses (RequestState.row < this)
     max_model_len: int = 4096
     draft_model: object = None  # an already loaded draft model (tests, notebooks), used instead of config.model
+    name: str = "the target"  # how messages name the target model (its --model reference when loaded by name)

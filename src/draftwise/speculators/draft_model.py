@@ -69,7 +69,7 @@ class DraftModelProposer(Proposer):
             quantization = draft_quantization(config, getattr(target.model, "quantization", "none"))
             draft, tok = load_model(config.model, target.dtype or "bf16", str(target.model.device), target.progress,
                                     quantization)
-            check_same_vocabulary(target.tokenizer, tok, "target", config.model)
+            check_same_vocabulary(target.tokenizer, tok, target.name, config.model)
         return cls(draft, target.model.config.vocab_size, target.max_batch_size, target.max_model_len,
                    config.num_speculative_tokens)
 
