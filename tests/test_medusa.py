@@ -14,7 +14,7 @@ from draftwise.engine.step import build_verify_batch
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.medusa import MedusaHeads, load_medusa, save_medusa
-from draftwise.speculators.tree import TreeShape, path_to
+from draftwise.tree import TreeShape, path_to
 
 PROMPTS = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "x = 1\nx = 1\nx = 1\n", "zz"]
 

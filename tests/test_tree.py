@@ -8,7 +8,7 @@ import pytest
 
 from draftwise.config import parse_speculative_config
 from draftwise.errors import BadInput
-from draftwise.speculators.tree import (
+from draftwise.tree import (
     TreeShape, best_first_tree, default_tree, geometric_accept, order_parent_first, path_to,
 )
 from draftwise.verify import children_of

@@ -6,6 +6,6 @@ Public API: `LLM`, `SamplingParams`, `SpeculativeConfig`, `RequestOutput`.
 from draftwise.api import LLM, RequestOutput
 from draftwise.config import SpeculativeConfig
 from draftwise.sampling import SamplingParams
+from draftwise.version import __version__
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "SpeculativeConfig"]
-__version__ = "0.1.0"
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "SpeculativeConfig", "__version__"]

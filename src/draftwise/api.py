@@ -7,53 +7,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
 
 from draftwise.config import SpeculativeConfig, parse_speculative_config
 from draftwise.engine.controller import make_controller
 from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
+from draftwise.models.build import DTYPES, default_device, load_model, parse_dtype  # noqa: F401 (the public API)
 from draftwise.models.transformer import Transformer
 from draftwise.sampling import SamplingParams, TokenLogprob
 from draftwise.speculators import Target, build_proposer
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise BadInput(f"unknown dtype {name!r}; choose one of: bf16, fp32, fp16")
-    return DTYPES[name]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None = None, progress: bool = True,
-               quantization: str = "none"):
-    """A bundled name, GGUF file or HF folder -> (native model, tokenizer)."""
-    from draftwise.models.loading import load_weights
-    from draftwise.models.packed import pack
-    from draftwise.models.quantize import QUANTIZATIONS, quantize
-
-    if quantization not in QUANTIZATIONS:
-        raise BadInput(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-
-    weights = load_weights(ref, progress=progress)
-    with torch.device("meta"):
-        model = Transformer(weights.config)
-    model.load_state_dict(weights.state_dict, strict=True, assign=True)
-    model = model.to(device=device or default_device(), dtype=parse_dtype(dtype))
-    try:
-        model = quantize(model.eval(), quantization)
-    except ValueError as e:  # a setting this model or machine cannot take, with its reason
-        raise BadInput(f"--quantization {quantization}: {e}") from None
-    return pack(model), weights.tokenizer
-
 
 @dataclass
 class RequestOutput:

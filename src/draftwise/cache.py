@@ -7,14 +7,16 @@ length, so a rejected draft costs nothing to discard: the next pass overwrites i
 a tree step the accepted root-to-leaf path is kept by index copy (`keep_path`).
 
 Slots are not positions: tree siblings share a position but each has its own slot.
-The capacity is rounded up to whole key blocks of the attention (`attention.BLOCK`).
+The capacity is rounded up to whole key blocks of the attention (`BLOCK`, defined here
+and read by models/attention.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from draftwise.models.attention import BLOCK
+
+BLOCK = 64  # key positions per attention block (models/attention.py); caches hold whole blocks
 
 
 class KVCache:

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="draftwise",
         description="Lossless speculative decoding: the same output as the model alone, in fewer target passes.",
     )
-    from draftwise import __version__
+    from draftwise.version import __version__
 
     p.add_argument("--version", action="version", version=f"draftwise {__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from draftwise.errors import BadInput
+from draftwise.tree import order_parent_first
 
 
 class SpeculativeConfig(BaseModel):
@@ -46,8 +47,6 @@ class SpeculativeConfig(BaseModel):
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.tree is not None:
-            from draftwise.speculators.tree import order_parent_first  # lazy: that package imports this one
-
             order_parent_first(self.tree)  # ValueError with the reason
         return self
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftwise.engine.metrics import SpecStats
+from draftwise.metrics import SpecStats
 from draftwise.sampling import SamplingParams, TokenLogprob, coupled_pick, sample
 
 

@@ -232,3 +232,20 @@ def verify(
             raise ValueError(f"draft_probs {tuple(draft_probs.shape)} do not match {n} tokens")
         return verify_chain(draft_tokens, draft_probs, target_probs, generator)
     return verify_candidates(draft_tokens, tree, target_probs, generator)
+
+
+# --- what a step commits on average -------------------------------------------------------
+
+
+def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
+    """Mean tokens committed by a step that drafts k tokens (bonus included), for an
+    acceptance rate alpha at every position, or per position (a_1, a_2, ...)."""
+    if not isinstance(alpha, (int, float)):
+        total, reach = 1.0, 1.0
+        for a in alpha[:k]:
+            reach *= a
+            total += reach
+        return total
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from draftwise.bench.methods import Method
-from draftwise.bench.runner import BenchSettings, Generation
+from draftwise.bench.settings import BenchSettings, Generation
 from draftwise.sampling import SamplingParams
 
 

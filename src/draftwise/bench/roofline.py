@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.engine.controller import expected_tokens
+from draftwise.verify import expected_tokens
 
 PASS_SIZES = (1, 2, 4, 8, 16)
 ALPHAS = (0.5, 0.7, 0.9)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from draftwise.bench.dataset import Question
 from draftwise.bench.methods import Method
 from draftwise.bench.records import RecordStore
+from draftwise.bench.settings import BenchSettings, Generate, Generation
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 
@@ -33,41 +33,6 @@ WARMUP_TOKENS = 16
 # remembers (llama.cpp's prompt cache, a suffix cache of served requests) would answer the
 # measured run partly from the warm-up.
 WARMUP_MESSAGES = [{"role": "user", "content": "Name the days of the week, one per line."}]
-
-
-@dataclass
-class BenchSettings:
-    model: str = "<in-memory model>"
-    dtype: str = "bf16"
-    device: str = "cpu"
-    max_tokens: int = 1024
-    temperature: float = 0.0
-    chat_template: bool = True
-    warmup: bool = True
-    dataset: str = ""
-    categories: list[str] | None = None
-    limit: int | None = None
-    quantization: str = "none"
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a record's numbers depend on (a resumed run must match them)."""
-        keys = ("model", "dtype", "device", "max_tokens", "temperature", "chat_template", "quantization")
-        return {k: v for k, v in asdict(self).items() if k in keys}
-
-
-@dataclass
-class Generation:
-    """What one generation produced, whichever engine ran it."""
-
-    token_ids: list[int]
-    text: str
-    seconds: float
-    finish_reason: str | None = None
-    stats: dict[str, Any] | None = None  # raw speculation counters (draftwise only)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-Generate = Callable[[list[int], list[dict[str, str]], SamplingParams], Generation]
 
 
 def draftwise_generate(llm) -> Generate:

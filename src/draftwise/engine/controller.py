@@ -40,24 +40,11 @@ from typing import Sequence
 
 from draftwise.config import SpeculativeConfig
 from draftwise.engine.costs import MAX_EXPLORE_GAP, CostModel
+from draftwise.verify import expected_tokens
 from draftwise.engine.tree_controller import TreeController
 from draftwise.request import RequestState
 
 OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
-
-
-def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
-    """Mean tokens committed by a step that drafts k tokens (bonus included), for an
-    acceptance rate alpha at every position, or per position (a_1, a_2, ...)."""
-    if not isinstance(alpha, (int, float)):
-        total, reach = 1.0, 1.0
-        for a in alpha[:k]:
-            reach *= a
-            total += reach
-        return total
-    if alpha >= 1.0:
-        return k + 1.0
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
 class AdaptiveController:

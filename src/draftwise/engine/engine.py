@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from draftwise.engine.controller import AdaptiveController, FixedController
-from draftwise.engine.metrics import SpecStats
+from draftwise.metrics import SpecStats
 from draftwise.engine.step import prefill, target_step
 from draftwise.errors import BadInput
 from draftwise.models.transformer import Transformer

@@ -22,6 +22,7 @@ from functools import cache
 import torch
 
 from draftwise.kernels.build import KernelUnavailable, load
+from draftwise.kernels.int4 import int4_groups
 
 GROUP = 32
 BLOCK = 16  # output channels per packed block
@@ -57,7 +58,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight `[out, in]` (in a multiple of 32) -> packed uint8 `[ceil(out/16), in/32, 320]`:
     per block of 16 channels and group of 32 inputs, 256 bytes of 4-bit values in the
     kernel's order, then 16 fp16 scales and 16 fp16 lows (layout in w4a8.c)."""
-    from draftwise.models.quantize import int4_groups  # here: quantize.py imports this module
 
     w = weight.detach().float().cpu()
     n, k = w.shape

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 64
+from draftwise.cache import BLOCK  # noqa: F401 (the key block, defined with the cache that holds whole blocks)
+
 ROW_MULTIPLE = 4
 
 

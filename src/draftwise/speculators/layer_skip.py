@@ -35,7 +35,7 @@ import torch
 
 from draftwise.cache import KVCache
 from draftwise.config import SpeculativeConfig
-from draftwise.engine.controller import expected_tokens
+from draftwise.verify import expected_tokens
 from draftwise.errors import BadInput
 from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, step_inputs
 from draftwise.request import RequestState

@@ -43,7 +43,7 @@ from draftwise.errors import BadInput
 from draftwise.models.transformer import padded_linear
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
-from draftwise.speculators.tree import TreeShape, default_tree
+from draftwise.tree import TreeShape, default_tree
 
 OURS_CONFIG, OURS_WEIGHTS = "medusa.json", "medusa.safetensors"
 
