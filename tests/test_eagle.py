@@ -249,3 +249,58 @@ def test_greedy_eagle_on_w4a8_all_target_equals_plain(tokenizer):
     assert sum(s.stats["draft_tokens"] for s in spec) > 0
     drafting = llm.engine.proposer.head
     assert isinstance(drafting.layer.mlp.gate_up_proj, KernelLinear)
+
+
+def stand_in_target(cfg, layers: int | None = None):
+    """What load_eagle_head checks a head against, without the target's weights."""
+    from types import SimpleNamespace
+
+    n = layers or cfg.target_num_hidden_layers or max(cfg.feature_layers) + 4
+    tcfg = SimpleNamespace(vocab_size=cfg.vocab_size, hidden_size=cfg.feature_size, num_hidden_layers=n)
+    return SimpleNamespace(config=tcfg, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("draftwise.heads", fromlist=["SHIPPED"]).SHIPPED))
+def test_shipped_heads_match_their_hashes_and_load(name, tmp_path):
+    """Each shipped head's weights are the file its sha256 names, its config loads, and a
+    copy with a damaged file, or a target of another shape, is refused in one line."""
+    import json as _json
+    import shutil
+
+    from draftwise.errors import BadInput
+    from draftwise.heads import SHIPPED, check_file
+    from draftwise.speculators.eagle_head import EagleConfig
+
+    head = SHIPPED[name]
+    assert check_file(head) is None
+    cfg = EagleConfig.model_validate(_json.loads((head.path / "config.json").read_text())["draftwise_eagle"])
+    loaded = load_eagle_head(name, stand_in_target(cfg))
+    assert loaded.config == cfg and sum(p.numel() for p in loaded.parameters()) > 0
+    assert (head.path / "README.md").is_file()
+    if cfg.target_num_hidden_layers is not None:
+        with pytest.raises(BadInput, match="layer"):
+            load_eagle_head(name, stand_in_target(cfg, layers=cfg.target_num_hidden_layers + 2))
+    other = stand_in_target(cfg)
+    other.config.vocab_size += 1
+    with pytest.raises(BadInput, match="vocabulary"):
+        load_eagle_head(name, other)
+    copy = tmp_path / name
+    shutil.copytree(head.path, copy)
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(BadInput, match="truncated or corrupt"):
+        load_eagle_head(copy, stand_in_target(cfg))
+
+
+def test_int8_stored_heads_round_trip_within_rounding(tokenizer, tmp_path):
+    target = tiny_model("llama", torch.float32, seed=7, num_hidden_layers=4)
+    head = random_head(target, "eagle3", 50)
+    save_eagle_head(head, tmp_path / "int8", weights="int8")
+    loaded = load_eagle_head(tmp_path / "int8", target)
+    for k, v in head.state_dict().items():
+        got = loaded.state_dict()[k]
+        if v.is_floating_point() and v.dim() == 2:
+            step = v.abs().amax(dim=1, keepdim=True) / 127  # one int8 step per row
+            assert ((got - v).abs() <= step / 2 + 1e-6).all(), k
+        else:
+            torch.testing.assert_close(got, v)
