@@ -108,7 +108,7 @@ def test_warmup_does_not_see_the_questions(tmp_path, dataset, monkeypatch):
     assert not {p for p in prompts} - {t for q in questions for t in q.turns} - set(warmups)
 
 
-def test_interrupted_run_resumes_without_redoing(tmp_path, dataset):
+def test_interrupted_run_resumes_without_redoing(tmp_path, dataset, monkeypatch):
     out = tmp_path / "out"
     questions = load_questions(dataset)
     methods = parse_methods(["ngram"])
@@ -125,13 +125,13 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, dataset):
     assert len((out / "records.jsonl").read_text().splitlines()) == 1
 
     calls = []
-    real = llm.generate
+    real = type(llm).generate
 
-    def counting(prompts, params=None, **kw):
+    def counting(self, prompts, params=None, **kw):  # every method's engine is an LLM on the same target
         calls.append(params.max_tokens)
-        return real(prompts, params, **kw)
+        return real(self, prompts, params, **kw)
 
-    llm.generate = counting
+    monkeypatch.setattr(type(llm), "generate", counting)
     with open(out / "records.jsonl", "a") as f:
         f.write('{"question_id": 161, "tu')  # a record cut short by the interruption
     data = run_bench(llm, questions, methods, out, settings(dataset), progress=False, plots=False)

@@ -64,6 +64,15 @@ class LLM:
         self._settings = (max_batch_size, max_model_len, dtype, progress)
         self.set_speculation(speculative_config)
 
+    def with_speculation(self, speculative_config: str | dict | SpeculativeConfig | None) -> "LLM":
+        """Another LLM on the same loaded target (weights shared, its own engine, cache and
+        speculator): methods compared side by side each keep their draft model and state."""
+        other = type(self).__new__(type(self))
+        other._draft_model = getattr(self, "_draft_model", None)
+        other._model_name = getattr(self, "_model_name", "the target")
+        other._setup(self.model, self.tokenizer, speculative_config, *self._settings)
+        return other
+
     def set_speculation(self, speculative_config: str | dict | SpeculativeConfig | None) -> None:
         """Switch speculation (or turn it off with None), keeping the loaded target model."""
         max_batch_size, max_model_len, dtype, progress = self._settings

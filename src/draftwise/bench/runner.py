@@ -3,7 +3,7 @@
 Spec-Bench protocol by default: greedy, batch 1, the model's chat template, a warm-up
 generation (on a prompt of its own) before each method's first measured one, and plain
 decoding measured in the same run on the same loaded target (speculators are switched
-with `llm.set_speculation`).
+with `llm.with_speculation`: one engine per method, sharing the target's weights).
 A multi-turn question runs as a conversation: each method's own answer to turn 1 is in
 the history of turn 2. Every finished generation is appended to `records.jsonl` at once,
 and finished (question_id, turn, method) triples are skipped when the run is restarted.
@@ -150,6 +150,7 @@ def run_bench(
     started = time.time()
     rounds = [[q] for q in questions] if interleave else [list(questions)]
     skipped: set[str] = set()
+    engines: dict[str, object] = {}  # method label -> its LLM on the shared target
     with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
         for part in rounds:
             for m in methods:
@@ -170,10 +171,12 @@ def run_bench(
                         run_method(llm, peer.generate, m, part, settings, store, bar, on_record)
                     finally:
                         peer.close()
-                else:
-                    llm.set_speculation(m.config)
-                    run_method(llm, draftwise_generate(llm), m, part, settings, store, bar, on_record)
-    llm.set_speculation(None)
+                else:  # each method keeps one engine (its draft model loaded once) across rounds
+                    if m.label not in engines:
+                        engines[m.label] = llm.with_speculation(m.config)
+                    run_method(engines[m.label], draftwise_generate(engines[m.label]), m, part, settings, store,
+                               bar, on_record)
+    engines.clear()
     notes += peer_engines.standing_notes(methods)
     return write_reports(store.all(), methods, questions, settings, Path(out_dir), notes=notes,
                          seconds=time.time() - started, plots=plots)
