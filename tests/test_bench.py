@@ -215,8 +215,11 @@ def test_cost_command(tmp_path, capsys):
         "ngram": {"overall": {"tokens_per_second": 100.0, "target_passes_per_token": 0.3}}}}))
     assert main(["cost", "--results", str(results)]) == 0
     assert "ngram" in capsys.readouterr().out
-    assert main(["cost", "--tokens-per-second", "40"]) == 2
-    assert "exactly one of" in capsys.readouterr().err
+    assert main(["cost", "--tokens-per-second", "40"]) == 0  # what plain decoding costs
+    text = capsys.readouterr().out
+    assert "13.89" in text and "plain" in text and "speculative" not in text
+    assert main(["cost", "--tokens-per-second", "40", "--speedup", "2", "--speculative-tokens-per-second", "80"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_bench_command_with_peer(tmp_path, dataset, monkeypatch, capsys):

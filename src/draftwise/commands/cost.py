@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         "cost", help="what speculation saves on a self-hosted GPU bill (from results.json or numbers)",
         description="Turn tokens/s per GPU into $ per 1M output tokens, target forward passes per output token, "
                     "GPUs needed and monthly cost, with and without speculation. Give --results FILE (from "
-                    "`draftwise bench`) or --tokens-per-second with --speculative-tokens-per-second or --speedup.",
+                    "`draftwise bench`) or --tokens-per-second (alone: the plain cost) with --speculative-tokens-per-second "
+                    "or --speedup.",
     )
     p.add_argument("--results", default=None, metavar="FILE", help="results.json written by draftwise bench")
     p.add_argument("--gpu-hour-price", type=float, default=2.00, help="$ per GPU-hour (default 2.00)")
@@ -69,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.tokens_per_second or args.tokens_per_second <= 0:
         raise BadInput("give --results FILE, or --tokens-per-second (plain, per GPU) and "
                        "--speculative-tokens-per-second or --speedup")
-    if (args.speculative_tokens_per_second is None) == (args.speedup is None):
-        raise BadInput("give exactly one of --speculative-tokens-per-second and --speedup")
+    if args.speculative_tokens_per_second is not None and args.speedup is not None:
+        raise BadInput("give one of --speculative-tokens-per-second and --speedup, not both")
+    if args.speculative_tokens_per_second is None and args.speedup is None:  # what plain decoding costs
+        print(format_table(work, [cost_line("plain", work, args.tokens_per_second, 1.0)]))
+        return 0
     spec_tps = args.speculative_tokens_per_second or speculative_tokens_per_second(args.tokens_per_second, args.speedup)
     if spec_tps <= 0:
         raise BadInput("speculative tokens/s must be positive")
