@@ -242,3 +242,29 @@ def test_bench_command_with_peer(tmp_path, dataset, monkeypatch, capsys):
     bad.write_text("not json\n")
     assert main(["bench", "--speculator", "ngram", "--dataset", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_own_categories_are_kept_as_named(tmp_path):
+    """Only an MT-bench file has its eight categories grouped as mt_bench; a dataset of
+    one's own with a category called `math` keeps it."""
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["q"]}) + "\n"
+                           for i, c in enumerate(["math", "math", "code", "chat"])))
+    assert [q.group for q in load_questions(own)] == ["math", "math", "code", "chat"]
+    mt = tmp_path / "mt.jsonl"
+    cats = ["writing", "roleplay", "reasoning", "math", "coding", "other"]
+    mt.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["q"]}) + "\n"
+                          for i, c in enumerate(cats)))
+    assert [q.group for q in load_questions(mt)] == ["mt_bench"] * 5 + ["other"]
+
+
+def test_bench_without_matplotlib_refuses_before_any_work(dataset, monkeypatch, capsys):
+    import importlib.util
+
+    from draftwise.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code = main(["bench", "--model", "no-such-model", "--dataset", str(dataset)])
+    err = capsys.readouterr().err
+    assert code == 2 and "draftwise[bench]" in err and "no-such-model" not in err  # before loading anything

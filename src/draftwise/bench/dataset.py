@@ -1,7 +1,10 @@
 """Spec-Bench style prompt sets: one JSON object a line, `{"question_id", "category", "turns"}`.
 
 Spec-Bench reports six categories; its eight MT-bench categories (writing, roleplay, ...)
-are reported together as `mt_bench`, the way its own evaluation script groups them.
+are reported together as `mt_bench`, the way its own evaluation script groups them. That
+grouping applies only to a Spec-Bench file (one holding any of Spec-Bench's own
+categories) or an MT-bench file (at least `MT_BENCH_MIN` of the eight); any other dataset
+keeps its categories as it names them (a category of one's own called `math` stays `math`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from draftwise.errors import BadInput
 MT_BENCH_CATEGORIES = frozenset(
     {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
 )
+MT_BENCH_MIN = 5  # MT-bench categories that make a file an MT-bench file
+SPEC_BENCH_CATEGORIES = frozenset({"translation", "summarization", "qa", "math_reasoning", "rag"})
 
 
-def report_category(category: str) -> str:
-    """The category a question is reported under (MT-bench's eight -> `mt_bench`)."""
-    return "mt_bench" if category in MT_BENCH_CATEGORIES else category
+def report_category(category: str, mt_bench_file: bool = True) -> str:
+    """The category a question is reported under (in an MT-bench file, its eight -> `mt_bench`)."""
+    return "mt_bench" if mt_bench_file and category in MT_BENCH_CATEGORIES else category
 
 
 @dataclass(frozen=True)
@@ -28,10 +33,11 @@ class Question:
     question_id: int | str
     category: str  # as in the file
     turns: tuple[str, ...]  # user messages; later turns see the model's earlier answers
+    mt_bench_file: bool = True  # from a file holding MT-bench's categories (they are grouped)
 
     @property
     def group(self) -> str:
-        return report_category(self.category)
+        return report_category(self.category, self.mt_bench_file)
 
 
 def parse_line(line: str, number: int, source: str) -> Question:
@@ -75,6 +81,9 @@ def load_questions(
                 raise BadInput(f"{path} line {number}: duplicate question_id {q.question_id!r}")
             seen.add(q.question_id)
             questions.append(q)
+    present = {q.category for q in questions}
+    if not present & SPEC_BENCH_CATEGORIES and len(present & MT_BENCH_CATEGORIES) < MT_BENCH_MIN:
+        questions = [Question(q.question_id, q.category, q.turns, mt_bench_file=False) for q in questions]
     if categories:
         wanted = set(categories)
         known = {q.category for q in questions} | {q.group for q in questions}

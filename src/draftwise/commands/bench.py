@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from draftwise.bench import BenchSettings, load_questions, parse_methods, run_bench
     from draftwise.errors import BadInput
 
+    if not (args.roofline or args.quality or args.no_plots) and importlib.util.find_spec("matplotlib") is None:
+        raise BadInput("the benchmark's plots need matplotlib: pip install 'draftwise[bench]' (or pass --no-plots)")
     if args.roofline:
         from draftwise.api import load_model
         from draftwise.bench.roofline import measure, report
