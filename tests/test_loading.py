@@ -362,3 +362,49 @@ def test_real_smollm2_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> N
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "<|im_start|>user\nhi<|im_end|>" in chat
     assert tok.convert_tokens_to_ids("<|im_end|>") in got.config.eos_token_ids
+
+
+def lay_out_hub_cache(cache, repo_id: str, folder, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face cache entry for repo_id holding folder's files, as huggingface_hub writes it."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    shutil.copytree(folder, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_ids_load_from_the_hf_cache_offline(tmp_path, monkeypatch, capsys):
+    """`--model org/name` resolves through huggingface_hub: from a cache laid out here, with
+    the Hub unreachable (HF_HUB_OFFLINE), and one clear line when it is not cached."""
+    import huggingface_hub.constants as hf_constants
+    import transformers as tf
+
+    from conftest import byte_tokenizer
+    from draftwise.api import LLM
+    from draftwise.cli import main
+    from draftwise.sampling import SamplingParams
+
+    src = tmp_path / "src"
+    cfg = tf.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    cache = tmp_path / "hf-cache"
+    lay_out_hub_cache(cache, "tiny-org/tiny-llama", src)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = LLM("tiny-org/tiny-llama", dtype="fp32", progress=False)
+    local = LLM(str(src), dtype="fp32", progress=False)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert hub.generate(["abc"], params)[0].token_ids == local.generate(["abc"], params)[0].token_ids
+    capsys.readouterr()
+    code = main(["generate", "x", "--model", "tiny-org/not-cached", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "not in the Hugging Face cache" in err
+    code = main(["generate", "x", "--model", str(src), "--revision", "v1"])
+    assert code == 2 and "--revision applies to Hugging Face Hub ids" in capsys.readouterr().err

@@ -44,8 +44,9 @@ class LLM:
         max_model_len: int | None = None,
         progress: bool = True,
         quantization: str = "none",
+        revision: str | None = None,
     ) -> None:
-        target, tokenizer = load_model(model, dtype, device, progress, quantization)
+        target, tokenizer = load_model(model, dtype, device, progress, quantization, revision)
         self._model_name = model
         self._setup(target, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress)
 

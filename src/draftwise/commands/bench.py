@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=str(args.dataset), categories=categories, limit=args.limit, quantization=args.quantization,
     )
     llm = LLM(args.model, dtype=args.dtype, device=settings.device, max_batch_size=1,
-              max_model_len=args.max_model_len, progress=not args.quiet, quantization=args.quantization)
+              max_model_len=args.max_model_len, progress=not args.quiet, quantization=args.quantization,
+              revision=args.revision)
     data = run_bench(llm, questions, methods, args.out, settings, progress=not args.quiet, plots=not args.no_plots,
                      interleave=args.interleave)
     print((Path(args.out) / "results.md").read_text())

@@ -45,6 +45,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (default bf16)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--revision", default=None,
+                   help="for a Hugging Face Hub id (org/name): the branch, tag or commit to load (default main)")
     g.add_argument("--max-model-len", type=int, default=None, help="context window to allocate (default: the model's, at most 8192)")
     g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="quantization (default none): int8 = the decoder projections' weights in int8, "
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     spec = speculative_config_from_args(args)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec, max_batch_size=1,
-              max_model_len=args.max_model_len, quantization=args.quantization)
+              max_model_len=args.max_model_len, quantization=args.quantization, revision=args.revision)
     ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode_prompt(prompt)
     streamer = None if args.json else TextStreamer(llm.tokenizer, max((len(s) for s in params.stop), default=1) - 1)
     out = llm.generate([ids], params, on_output=streamer)[0]

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = speculative_config_from_args(args)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec,
-              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, quantization=args.quantization)
+              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, quantization=args.quantization,
+              revision=args.revision)
     app = create_app(llm, served_model_name=args.served_model_name or args.model,
                      api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
                      max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,

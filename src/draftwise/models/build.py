@@ -26,8 +26,8 @@ def default_device() -> str:
 
 
 def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None = None, progress: bool = True,
-               quantization: str = "none"):
-    """A bundled name, GGUF file or HF folder -> (native model, tokenizer)."""
+               quantization: str = "none", revision: str | None = None):
+    """A bundled name, GGUF file, HF folder or Hub id -> (native model, tokenizer)."""
     from draftwise.models.loading import load_weights
     from draftwise.models.packed import pack
     from draftwise.models.quantize import QUANTIZATIONS, quantize
@@ -35,7 +35,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
     if quantization not in QUANTIZATIONS:
         raise BadInput(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
 
-    weights = load_weights(ref, progress=progress)
+    weights = load_weights(ref, progress=progress, revision=revision)
     with torch.device("meta"):
         model = Transformer(weights.config)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)

@@ -70,9 +70,16 @@ class LoadedWeights:
 
 
 def load_weights(
-    model: str, *, cache_dir: Path | None = None, progress: bool = True
+    model: str, *, cache_dir: Path | None = None, progress: bool = True, revision: str | None = None
 ) -> LoadedWeights:
-    """Load a Hugging Face folder, a .gguf file, or a bundled model name."""
+    """Load a Hugging Face folder, a .gguf file, a bundled model name, or a Hugging Face Hub
+    id (`org/name`, fetched into the Hugging Face cache; `revision` pins it)."""
+    from draftwise.models import hub
+
+    if model not in bundled.BUNDLED and hub.looks_like_hub_id(model):
+        return _load_hf_folder(hub.fetch(model, revision, progress))
+    if revision is not None:
+        raise ModelNotFound(f"--revision applies to Hugging Face Hub ids (org/name), not to {model}")
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
