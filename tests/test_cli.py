@@ -120,3 +120,15 @@ def test_serve_takes_the_model_as_vllm_serve_does(monkeypatch, capsys):
     assert code == 2 and "two models" in err
     code, out, err = run_cli(["serve", "--port", "99999"], capsys)
     assert code == 2 and "--port" in err and "shutdown" not in err
+
+
+def test_generate_compare_shows_what_speculation_buys(hf_folder, capsys):
+    code, out, err = run_cli(["generate", "abcabcabc", "--model", str(hf_folder), "--max-tokens", "12",
+                              "--dtype", "fp32", "--speculator", "ngram", "--compare"], capsys)
+    assert code == 0 and "outputs identical" in err and "plain:" in err and "x," in err
+    code, out, err = run_cli(["generate", "abcabcabc", "--model", str(hf_folder), "--max-tokens", "12",
+                              "--dtype", "fp32", "--speculator", "ngram", "--compare", "--json"], capsys)
+    obj = json.loads(out)
+    assert code == 0 and obj["identical"] is True and obj["speedup"] > 0
+    code, out, err = run_cli(["generate", "x", "--model", str(hf_folder), "--compare"], capsys)
+    assert code == 2 and "needs a speculator" in err

@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     add_sampling_args(p)
     add_model_args(p)
     add_speculation_args(p)
+    p.add_argument("--compare", action="store_true",
+                   help="first decode without speculation, then with it, on the same prompt: print both speeds, the "
+                        "speedup, target passes per token, and whether the two outputs are identical")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
     p.set_defaults(run=run)
 
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec, max_batch_size=1,
               max_model_len=args.max_model_len, quantization=args.quantization, revision=args.revision)
     ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode_prompt(prompt)
+    if args.compare:
+        return compare(llm, ids, params, spec, args.json)
     streamer = None if args.json else TextStreamer(llm.tokenizer, max((len(s) for s in params.stop), default=1) - 1)
     out = llm.generate([ids], params, on_output=streamer)[0]
     if args.json:
@@ -155,4 +160,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n[{len(out.token_ids)} tokens, {s['tokens_per_second']:.1f} tokens/s, "
           f"{s['target_passes_per_token']:.2f} target passes per token, mean accepted length "
           f"{s['mean_accepted_length']:.2f}, {method}, finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def compare(llm, ids: list[int], params, spec, as_json: bool) -> int:
+    """Plain decoding, then speculation, on the same prompt and settings: what speculation buys."""
+    from draftwise.errors import BadInput
+
+    if spec is None:
+        raise BadInput("--compare needs a speculator (--speculator NAME) to compare plain decoding with")
+    plain_llm = llm.with_speculation(None)
+    plain_llm.generate([ids], params.model_copy(update={"max_tokens": 4}))  # warm-up: first-call costs
+    llm.generate([ids], params.model_copy(update={"max_tokens": 4}))
+    if not as_json:
+        print("--- plain decoding", file=sys.stderr)
+    plain = plain_llm.generate([ids], params, on_output=None if as_json else TextStreamer(llm.tokenizer, 0))[0]
+    if not as_json:
+        print(f"\n--- {spec.method}", file=sys.stderr)
+    fast = llm.generate([ids], params, on_output=None if as_json else TextStreamer(llm.tokenizer, 0))[0]
+    same = plain.token_ids == fast.token_ids
+    p, f = plain.stats, fast.stats
+    speedup = f["tokens_per_second"] / p["tokens_per_second"] if p["tokens_per_second"] else 0.0
+    if as_json:
+        print(json.dumps({"identical": same, "speedup": round(speedup, 3), "plain": p, spec.method: f,
+                          "text": fast.text}))
+        return 0
+    print(f"\n[plain: {len(plain.token_ids)} tokens, {p['tokens_per_second']:.1f} tokens/s | {spec.method}: "
+          f"{len(fast.token_ids)} tokens, {f['tokens_per_second']:.1f} tokens/s, {speedup:.2f}x, "
+          f"{f['target_passes_per_token']:.2f} target passes per token (plain 1.00), mean accepted length "
+          f"{f['mean_accepted_length']:.2f} | outputs {'identical' if same else 'DIFFERENT'}]", file=sys.stderr)
     return 0
