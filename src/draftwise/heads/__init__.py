@@ -34,6 +34,9 @@ SHIPPED: dict[str, ShippedHead] = {
         ShippedHead("smollm2-135m-eagle", "eagle", "smollm2-135m",
                     "EAGLE-3-style head (1 layer, 8k draft vocabulary) for smollm2-135m",
                     "7eed206e985d216c832f640fdf41ad629d37b46f282c2c777a87c8f59211a341"),
+        ShippedHead("qwen2.5-coder-1.5b-eagle", "eagle", "qwen2.5-coder-1.5b",
+                    "EAGLE-3 head (1 layer, MLP 2048, 8k draft vocabulary, int8 weights) for qwen2.5-coder-1.5b",
+                    "6298e2eb2d23d9a7c61f454429932397ed11e915a1985c326d75b7bf1cd45b2e"),
     ]
 }
 
