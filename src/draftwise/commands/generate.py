@@ -69,7 +69,7 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (the maximum when adaptive)")
     g.add_argument("--draft-quantization", default=None, metavar="Q",
                    help="draft_model: quantization of the draft model, apart from the target's (default: none "
-                        "beside an unquantized target, else w8a8-all, which measured best beside w4a8-all)")
+                        "beside an unquantized target, else w8a8-all)")
     g.add_argument("--speculative-config", default=None,
                    help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')
 
