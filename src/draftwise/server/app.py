@@ -4,7 +4,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /he
 GET /metrics, POST /tokenize, POST /detokenize, GET /version, and the OpenAPI schema at
 /openapi.json with its browsable docs at /docs. A guard in front of every route answers
 503 while draining, 401 without the API key (when one is set; /health stays open), 413
-for bodies over the size cap and 408 for bodies that take longer than `body_timeout`. The engine thread starts and stops with the app.
+for bodies over the size cap and 408 for bodies that take longer than `body_timeout`.
+The engine thread starts and stops with the app.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from draftwise.server.errors import APIError, install_error_handlers
 from draftwise.server.generation import check_text_length, create_chat_completion, create_completion, off_loop
 from draftwise.server.metrics import ServerMetrics
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from draftwise.version import __version__
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 30.0
@@ -93,8 +95,6 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
         yield
         state.engine.stop()
 
-    from draftwise.version import __version__
-
     app = FastAPI(title="draftwise", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json")
     app.state.draftwise = state
@@ -116,8 +116,6 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/version")
     async def version() -> dict:
-        from draftwise.version import __version__
-
         return {"version": __version__}
 
     @app.get("/v1/models")
