@@ -62,6 +62,11 @@ def test_generate_json_and_stats_line(hf_folder, capsys):
     (["generate", "x", "--model", "{folder}", "--draft-quantization", "int8"], "need --speculator"),
     (["generate", "x", "--model", "{folder}", "--speculator", "eagle", "--draft-model", "{folder}/nohead"],
      "not an EAGLE head"),
+    (["generate", "x", "--model", "{folder}", "--adaptive-state", "{folder}/state"], "needs --speculator adaptive"),
+    (["generate", "x", "--model", "{folder}", "--speculator", "adaptive", "--adaptive-state",
+      "{folder}/config.json/state"], "cannot write there"),
+    (["generate", "x", "--model", "{folder}", "--speculative-config",
+      '{{"method": "adaptive", "static": {{"method": "nope"}}}}'], "adaptive: static: unknown speculator"),
 ])
 def test_bad_input_is_one_line_exit_2(hf_folder, capsys, args, message):
     args = [a.format(folder=hf_folder) for a in args]
@@ -81,6 +86,19 @@ def test_draft_model_takes_its_own_quantization(hf_folder, draft_q, want):
     llm = LLM(str(hf_folder), dtype="fp32", quantization="w8a8-all", speculative_config=spec, progress=False)
     assert llm.engine.proposer.draft.quantization == want
     assert llm.engine.model.quantization == "w8a8-all"
+
+
+def test_generate_adaptive_equals_plain_and_takes_a_state_folder(hf_folder, tmp_path, capsys):
+    base = ["generate", "hello hello hello", "--model", str(hf_folder), "--max-tokens", "24", "--dtype", "fp32",
+            "--json"]
+    code, out, err = run_cli(base, capsys)
+    assert code == 0, err
+    plain = json.loads(out)["token_ids"]
+    state = tmp_path / "state"
+    code, out, err = run_cli(base + ["--speculator", "adaptive", "--adaptive-state", str(state)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == plain
+    assert state.is_dir()
 
 
 def test_version_flag(capsys):

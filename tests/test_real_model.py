@@ -149,3 +149,30 @@ def test_shipped_eagle_head_is_exact_and_speculates(smollm2):
         assert committed / passes > 1.5, committed / passes
     finally:
         model.to(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adaptive_is_exact_on_real_model_across_weight_swaps(smollm2, dtype):
+    """adaptive (shipped head as the static part and as the learner's start, suffix cache):
+    greedy output equals plain while the learner trains and its weights are swapped in."""
+    model, tok = smollm2
+    target = model.to(dtype)
+    llm = None
+    try:
+        params = SamplingParams(max_tokens=40)
+        convs = [[{"role": "user", "content": q}] for q in MORE_PROMPTS[:4]]
+        plain = [o.token_ids for o in LLM.from_model(target, tok, max_batch_size=4).chat(convs, params)]
+        llm = LLM.from_model(target, tok, max_batch_size=4, speculative_config={
+            "method": "adaptive", "num_speculative_tokens": 8,
+            "static": {"method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 8},
+            "learner": {"init": "smollm2-135m-eagle", "min_tokens": 16, "train_every": 1, "swap_every": 1,
+                        "batch_size": 2, "max_len": 64}})
+        for _ in range(4):
+            assert [o.token_ids for o in llm.chat(convs, params)] == plain
+            if llm.engine.proposer.swaps >= 1:
+                break
+        assert llm.engine.proposer.swaps >= 1, llm.engine.proposer.learner.error
+    finally:
+        if llm is not None:
+            llm.close()
+        model.to(torch.float32)

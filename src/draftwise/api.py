@@ -80,6 +80,7 @@ class LLM:
         model, tokenizer = self.model, self.tokenizer
         self.speculative_config = parse_speculative_config(speculative_config)
         if getattr(self, "engine", None) is not None:  # free the old KV caches and draft before allocating anew
+            self.engine.close()
             self.engine = None
             gc.collect()
         spec = self.speculative_config
@@ -95,6 +96,11 @@ class LLM:
             max_model_len=max_len,
             max_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         )
+
+    def close(self) -> None:
+        """Stop the speculator's background work and save its state (adaptive: the learned head)."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
     # --- generation ---------------------------------------------------------------------
 

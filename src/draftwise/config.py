@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from draftwise.errors import BadInput
 from draftwise.tree import order_parent_first
+
+
+class LearnerConfig(BaseModel):
+    """adaptive: the EAGLE head learned online from served traffic (speculators/online.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="learn online (false: no learned head at all)")
+    init: str | None = Field(default="auto", description="head to start from: a shipped head name or folder; "
+                             "null: a new head; auto: the shipped head made for the target if there is one")
+    train_threads: int = Field(default=1, ge=1, le=256, description="CPU threads the trainer thread uses")
+    train_every: int = Field(default=2, ge=1, description="engine steps per training step (duty cycle); "
+                             "training also runs while the engine is idle")
+    buffer_tokens: int = Field(default=16384, ge=64, description="replay buffer size, tokens of recent traffic")
+    min_tokens: int = Field(default=64, ge=1, description="tokens in the buffer before training starts")
+    batch_size: int = Field(default=4, ge=1, le=256)
+    max_len: int = Field(default=256, ge=8, le=8192, description="longest training window, tokens")
+    lr: float = Field(default=3e-4, gt=0, lt=1)
+    ttt_steps: int = Field(default=2, ge=1, le=8, description="training-time-test unroll steps")
+    swap_every: int = Field(default=4, ge=1, description="training steps between weight swaps")
+    save_every: int = Field(default=25, ge=1, description="swaps between saves of the adaptive state")
 
 
 class SpeculativeConfig(BaseModel):
@@ -34,6 +55,15 @@ class SpeculativeConfig(BaseModel):
     eagle_total_tokens: int | None = Field(default=None, ge=1, le=256,
                                            description="eagle: tree nodes kept for verification (default: num_speculative_tokens)")
     num_layers: int | None = Field(default=None, ge=1, description="layer_skip: target layers the draft runs (None = calibrate)")
+    static: SpeculativeConfig | None = Field(
+        default=None, description="adaptive: the static speculator (any other method; default: the shipped "
+                                  "EAGLE head of the target if there is one, else ngram)")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="adaptive: the online-learned head")
+    parts: list[Literal["static", "learner", "suffix"]] | None = Field(
+        default=None, min_length=1, description="adaptive: the parts that may draft (default: all three; "
+                                                "e.g. [\"learner\"] measures the learned head alone)")
+    adaptive_state: str | None = Field(default=None, description="adaptive: folder where the learned head and "
+                                       "the controller's estimates are saved and resumed from")
     tree: list[list[int]] | None = Field(
         default=None, description="tree proposers (medusa): choice paths, top-i per depth, e.g. [[0], [0, 0], [1]]")
 
@@ -48,6 +78,8 @@ class SpeculativeConfig(BaseModel):
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.tree is not None:
             order_parent_first(self.tree)  # ValueError with the reason
+        if self.static is not None and self.static.method == "adaptive":
+            raise ValueError("static: an adaptive speculator cannot be the static part of another")
         return self
 
 

@@ -23,6 +23,7 @@ class SpecStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     num_speculative_tokens: list[int] = field(default_factory=list)  # draft length chosen per step
+    drafted_by: dict[str, int] = field(default_factory=dict)  # composite speculators: steps each part drafted
 
     def observe_draft(self, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
@@ -54,6 +55,8 @@ class SpecStats:
             for j, n in enumerate(theirs):
                 mine[j] += n
         self.num_speculative_tokens.extend(other.num_speculative_tokens)
+        for part, n in other.drafted_by.items():
+            self.drafted_by[part] = self.drafted_by.get(part, 0) + n
 
     @property
     def acceptance_rate(self) -> float:
@@ -76,6 +79,7 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         per_pos = [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+        extra = {"drafted_by": dict(self.drafted_by)} if self.drafted_by else {}
         return {
             "output_tokens": self.output_tokens,
             "target_passes": self.target_passes,
@@ -90,4 +94,5 @@ class SpecStats:
             "mean_num_speculative_tokens": round(
                 sum(self.num_speculative_tokens) / len(self.num_speculative_tokens), 3
             ) if self.num_speculative_tokens else 0.0,
+            **extra,
         }

@@ -72,9 +72,24 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
                         "beside an unquantized target, else w8a8-all)")
     g.add_argument("--speculative-config", default=None,
                    help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')
+    g.add_argument("--adaptive-state", default=None, metavar="DIR",
+                   help="--speculator adaptive: save the head it learns from traffic (and its controller's "
+                        "estimates) in DIR now and then and at shutdown, and resume from DIR at start")
 
 
 def speculative_config_from_args(args: argparse.Namespace):
+    from draftwise.errors import BadInput
+
+    spec = _speculative_config(args)
+    state = getattr(args, "adaptive_state", None)
+    if state is not None:
+        if spec is None or spec.method != "adaptive":
+            raise BadInput("--adaptive-state needs --speculator adaptive")
+        spec = spec.model_copy(update={"adaptive_state": state})
+    return spec
+
+
+def _speculative_config(args: argparse.Namespace):
     from draftwise.config import parse_speculative_config
     from draftwise.errors import BadInput
 
@@ -147,8 +162,13 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec, max_batch_size=1,
               max_model_len=args.max_model_len, quantization=args.quantization, revision=args.revision)
     ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode_prompt(prompt)
-    if args.compare:
-        return compare(llm, ids, params, spec, args.json)
+    try:
+        return compare(llm, ids, params, spec, args.json) if args.compare else _generate(llm, ids, params, spec, args)
+    finally:
+        llm.close()  # adaptive: the learner stops and its state is saved
+
+
+def _generate(llm, ids: list[int], params, spec, args: argparse.Namespace) -> int:
     streamer = None if args.json else TextStreamer(llm.tokenizer, max((len(s) for s in params.stop), default=1) - 1)
     out = llm.generate([ids], params, on_output=streamer)[0]
     if args.json:

@@ -118,7 +118,8 @@ class FixedController:
         pass
 
 
-TREE_METHODS = ("eagle", "medusa")  # num_speculative_tokens counts tree nodes, not a chain
+# num_speculative_tokens counts tree nodes, not a chain (adaptive: its parts may draft trees)
+TREE_METHODS = ("eagle", "medusa", "adaptive")
 
 
 def make_controller(config: SpeculativeConfig):
@@ -128,7 +129,11 @@ def make_controller(config: SpeculativeConfig):
     if not adaptive:
         return FixedController(config.num_speculative_tokens)
     if config.method in TREE_METHODS:
-        depth = config.eagle_tree_depth if config.method == "eagle" else (
-            max(len(p) for p in config.tree) if config.tree else None)
+        if config.method == "eagle":
+            depth = config.eagle_tree_depth
+        elif config.method == "medusa" and config.tree:
+            depth = max(len(p) for p in config.tree)
+        else:  # adaptive (chains up to the budget), or medusa's default tree
+            depth = None
         return TreeController(config.num_speculative_tokens, depth)
     return AdaptiveController(config.num_speculative_tokens)

@@ -224,6 +224,11 @@ class Engine:
         if self.proposer is not None:
             self.proposer.end(req)
 
+    def close(self) -> None:
+        """Shut down: the speculator stops its background work and saves its state."""
+        if self.proposer is not None:
+            self.proposer.close()
+
     def run_until_done(self, on_output: Callable[[StepOutput], None] | None = None) -> None:
         while self.has_work:
             for out in self.step():

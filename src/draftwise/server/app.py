@@ -81,6 +81,8 @@ def create_app(llm, *, served_model_name: str | None = None, api_key: str | None
     """An app serving `llm` (an `LLM`); no weights are loaded here."""
     spec = llm.speculative_config
     metrics = ServerMetrics(served_model_name or "draftwise", spec.num_speculative_tokens if spec else 0)
+    if llm.engine.proposer is not None:
+        metrics.watch(spec.method, llm.engine.proposer.report)
     state = ServerState(
         llm=llm, engine=EngineLoop(llm, metrics, max_queue), metrics=metrics,
         model_name=served_model_name or "draftwise", api_key=api_key or None, max_body_bytes=max_body_bytes,

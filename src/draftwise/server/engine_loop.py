@@ -115,6 +115,8 @@ class EngineLoop:
         if self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()  # the speculator stops its background work and saves its state
 
     @property
     def alive(self) -> bool:

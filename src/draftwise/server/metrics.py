@@ -8,6 +8,7 @@ the /metrics handler.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -92,5 +93,28 @@ class ServerMetrics:
         for g in self.waiting:
             g.set(waiting)
 
+    def watch(self, method: str, report) -> None:
+        """Export what `report()` (a speculator's `Proposer.report`) says at each scrape, as
+        gauges `draftwise:<method>_<key>` (e.g. draftwise:adaptive_learner_steps)."""
+        self.registry.register(_ReportCollector(self.model_name, method, report))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReportCollector:
+    """Reads a speculator's report at scrape time (values are plain numbers: reading them
+    from the handler thread while the engine thread updates them is safe)."""
+
+    def __init__(self, model_name: str, method: str, report) -> None:
+        self.model_name, self.method, self.report = model_name, method, report
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for key, value in sorted(dict(self.report()).items()):
+            g = GaugeMetricFamily(f"draftwise:{self.method}_{key}", f"{self.method} speculator: {key}",
+                                  labels=["model_name"])
+            g.add_metric([self.model_name], float(value))
+            yield g

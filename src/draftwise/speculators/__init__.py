@@ -7,7 +7,7 @@ import importlib
 from draftwise.config import SpeculativeConfig
 from draftwise.speculators.base import Draft, Proposer, Target, available_methods, proposer_class
 
-_METHOD_MODULES = ("ngram", "suffix", "draft_model", "layer_skip", "medusa", "mtp", "eagle")
+_METHOD_MODULES = ("ngram", "suffix", "draft_model", "layer_skip", "medusa", "mtp", "eagle", "adaptive")
 
 for _name in _METHOD_MODULES:
     try:

@@ -6,6 +6,7 @@ target's KV cache: rollback lives there, not here.
 
 Lifecycle per request: `begin` once, then per step `propose` and, after verification,
 `on_accept` with how many draft tokens were accepted; `end` when the request finishes.
+Once per engine: `attach_target_cache` before any request, `close` at shutdown.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ class Proposer(ABC):
 
     def end(self, request: RequestState) -> None:
         """The request finished; drop any per-request state."""
+
+    def close(self) -> None:
+        """The engine shuts down: stop background work, save what must survive a restart."""
+
+    def report(self) -> dict[str, float]:
+        """Counters and gauges of the method for metrics (`draftwise:<method>_<key>`); none by default."""
+        return {}
 
 
 # --- registry ---------------------------------------------------------------------------

@@ -97,6 +97,9 @@ class EagleProposer(Proposer):
         self.cache = KVCache(1, max_batch_size, attn.kv_heads, attn.head_dim, self.capacity, target.dtype,
                              target.device)
         self.rows: dict[str, _Row] = {}
+        # first-token accuracy on committed tokens, per request (read by the adaptive speculator)
+        self.track_hits = False
+        self.hits: dict[str, list[int]] = {}  # request id -> [correct, predicted] since last taken
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "EagleProposer":
@@ -118,6 +121,25 @@ class EagleProposer(Proposer):
 
     def end(self, request: RequestState) -> None:
         self.rows.pop(request.request_id, None)
+        self.hits.pop(request.request_id, None)
+
+    def set_head(self, head: EagleHead) -> None:
+        """Draft with `head` from the next step on (a drafting copy of a head of the same shape,
+        e.g. from `with_kernels`). The head cache keeps the pairs the old head ran: they
+        only shape proposals, which verification makes harmless."""
+        self.head = head
+
+    def catch_up(self, requests: Sequence[RequestState]) -> None:
+        """Run the pairs committed since the last draft, without drafting (keeps `hits` current)."""
+        reqs = [r for r in requests if r.request_id in self.rows and self.rows[r.request_id].pending]
+        if reqs:
+            with torch.inference_mode():
+                self._catch_up(reqs)
+
+    def take_hits(self, request: RequestState) -> tuple[int, int]:
+        """(correct, predicted) first-token guesses on committed tokens since the last call."""
+        correct, total = self.hits.pop(request.request_id, [0, 0])
+        return correct, total
 
     def on_hidden(self, request: RequestState, hidden: dict[int, torch.Tensor]) -> None:
         row = self.rows.get(request.request_id)
@@ -181,11 +203,28 @@ class EagleProposer(Proposer):
         x = head.stream_input(feat, emb, fused=True)
         rows = torch.tensor([r.row for r in reqs], device=dev)
         out = head.forward_cached(x, emb, positions, self.cache, rows, slots, mask)  # [n, T, H]
+        if self.track_hits:
+            self._count_hits(reqs, counts, starts, out)
         for j, (r, c) in enumerate(zip(reqs, counts)):
             row = self.rows[r.request_id]
             row.seen += c
             row.pending = []
             row.last = out[j, c - 1].clone()
+
+    def _count_hits(self, reqs: list[RequestState], counts: list[int], starts: list[int],
+                    out: torch.Tensor) -> None:
+        """Would the head's top guess after pair i have been token i+2? For the pairs whose
+        token i+2 is committed already."""
+        for j, (r, c, s) in enumerate(zip(reqs, counts, starts)):
+            ids = r.all_ids
+            n = min(c, len(ids) - (s + 2))
+            if n <= 0:
+                continue
+            guess = self.head.to_target(self._logprobs(out[j, :n]).argmax(-1)).tolist()
+            correct = sum(g == t for g, t in zip(guess, ids[s + 2: s + 2 + n]))
+            got = self.hits.setdefault(r.request_id, [0, 0])
+            got[0] += correct
+            got[1] += n
 
     def _grow(self, reqs: list[RequestState], budgets: list[int],
               root: torch.Tensor) -> list[tuple[list[int], list[int]]]:

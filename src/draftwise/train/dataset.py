@@ -8,23 +8,12 @@ is a function of (seed, epoch) only, so a resumed run sees the same batches.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from draftwise.errors import BadInput
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor  # [b, T+1] tokens 0..T of each window (0-padded)
-    feats: torch.Tensor  # [b, T, len(layers) * H] bf16 target states of tokens 0..T-1
-    lengths: torch.Tensor  # [b] target-run tokens of each window (<= T)
-    prompt_lens: torch.Tensor  # [b] prompt tokens inside each window (may be <= 0)
-
-    def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.feats.to(device), self.lengths.to(device), self.prompt_lens.to(device))
+from draftwise.speculators.eagle_loss import Batch
 
 
 class Distilled:

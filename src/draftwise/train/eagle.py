@@ -1,19 +1,4 @@
-"""Training an EAGLE head on self-distilled data.
-
-Loss per unrolled step s (weight 0.8^s), on the pairs whose label predicts an answer token:
-- cross-entropy of the head's distribution against the target's next-token distribution
-  (soft labels: the target's LM head over its stored final state, restricted to the
-  draft vocabulary and renormalized there, as EAGLE-3 does);
-- feature regression (smooth L1) of the head's output against the feature it stands in
-  for: the target's next final-normed state (eagle1, EAGLE-1's loss) or the fused input
-  the head would see at the next position, fc(features), held fixed (eagle3).
-Total = CE + reg_weight * regression.
-
-Training-time test (EAGLE-3): step 0 runs the pairs with the target's features; step s
-re-runs every position with the head's own step s-1 output of the position before it
-in place of the feature, attending to the true pairs up to s positions back and to its
-own chain of drafted pairs, exactly the view the head has at draft depth s+1.
-"""
+"""Training an EAGLE head on self-distilled data (the objective: speculators/eagle_loss.py)."""
 
 from __future__ import annotations
 
@@ -21,90 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from draftwise.errors import BadInput
 from draftwise.speculators.eagle_checkpoint import save_eagle_head
 from draftwise.speculators.eagle_head import EagleHead, config_for_target, default_eagle3_layers, init_head_from_target
-from draftwise.train.dataset import Batch, Distilled
+from draftwise.speculators.eagle_loss import EagleObjective
+from draftwise.train.dataset import Distilled
 from draftwise.train.loop import TrainSettings, fit
-
-
-def ttt_mask(t: int, step: int, device) -> torch.Tensor:
-    """Attention of step `step`'s queries [T] over the keys of steps 0..step [(step+1) * T]."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    blocks = [j <= i - step] + [j == i - step + s for s in range(1, step + 1)]
-    return torch.cat(blocks, dim=1)  # [T, (step+1) T]
-
-
-def shift_left(x: torch.Tensor) -> torch.Tensor:
-    """x[:, i+1] at position i, zeros at the end: [b, T, ...]."""
-    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
-
-
-class EagleObjective:
-    def __init__(self, head: EagleHead, target, data_layers: list[int], steps: int = 3,
-                 reg_weight: float = 0.1) -> None:
-        cfg, tcfg = head.config, target.config
-        where = {layer: k for k, layer in enumerate(data_layers)}
-        needed = cfg.resolved_layers(tcfg.num_hidden_layers) + [tcfg.num_hidden_layers - 1]
-        if any(layer not in where for layer in needed):
-            raise BadInput(f"the distilled data holds layers {data_layers}; the head needs {needed}")
-        self.head, self.target, self.steps, self.reg_weight = head, target, steps, reg_weight
-        self.h = tcfg.hidden_size
-        self.last = where[tcfg.num_hidden_layers - 1]
-        self.feature_slots = [where[layer] for layer in cfg.resolved_layers(tcfg.num_hidden_layers)]
-
-    def _layer(self, feats: torch.Tensor, slot: int) -> torch.Tensor:
-        return feats[..., slot * self.h: (slot + 1) * self.h]
-
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        head, target, cfg = self.head, self.target, self.head.config
-        b, t = batch.feats.shape[:2]
-        device = batch.feats.device
-        with torch.no_grad():
-            feats = batch.feats.float()
-            normed = target.model.norm(self._layer(feats, self.last))  # [b, T, H] final-normed states
-            rows = head.draft_ids().to(device)
-            probs = F.linear(normed, target.head_weight[rows]).float().softmax(-1)  # [b, T, Vd]
-            labels = shift_left(probs)  # pair i is labelled by the target's distribution at i+1
-            emb = target.model.embed_tokens(batch.ids[:, 1:])  # [b, T, H] token i+1 of pair i
-            if cfg.style == "eagle1":
-                feature = normed
-            else:
-                feature = torch.cat([self._layer(feats, s) for s in self.feature_slots], dim=-1)
-            idx = torch.arange(t, device=device)
-            answer = (idx[None] + 1 < batch.lengths[:, None]) & (idx[None] + 2 >= batch.prompt_lens[:, None])
-        positions = idx.expand(b, t)
-        x = head.stream_input(feature, emb, fused=True)
-        reg_target = shift_left(normed if cfg.style == "eagle1" else x.detach())  # [b, T, H]
-        keys, values, out = [], [], None
-        total = torch.zeros((), device=device)
-        metrics: dict[str, float] = {}
-        for s in range(self.steps):
-            if s > 0:
-                fed = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # own output of position i-1
-                x = head.stream_input(fed, emb, fused=False)
-            q, k, v = head.project(x, emb, positions)
-            keys.append(k)
-            values.append(v)
-            mask = ttt_mask(t, s, device)[None, None]
-            out = head.finish(x, head.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask))  # [b, T, H]
-            valid = answer & (idx[None] >= s)
-            if not valid.any():
-                continue
-            logq = head.logits(out[valid], target.head_weight).float().log_softmax(-1)  # [N, Vd]
-            target_p = labels[valid]
-            ce = -(target_p * logq).sum(-1).mean()
-            reg = F.smooth_l1_loss(out[valid].float(), reg_target[valid].float())
-            total = total + 0.8**s * (ce + self.reg_weight * reg)
-            if s == 0 or s == self.steps - 1:
-                metrics[f"ce{s}"] = float(ce.detach())
-                metrics[f"acc{s}"] = float((logq.argmax(-1) == target_p.argmax(-1)).float().mean())
-            if s == 0:
-                metrics["reg0"] = float(reg.detach())
-        return total, metrics
 
 
 def draft_vocabulary(data: Distilled, vocab: int, size: int) -> torch.Tensor | None:

@@ -1,0 +1,349 @@
+"""`adaptive`: a static speculator, a head learned online from the traffic, and the suffix
+cache, under a controller that picks one of them per request and step (after Together's
+ATLAS; see docs/adaptive.md).
+
+Parts:
+- `static`: any other method (`static` in the config; default: the shipped EAGLE head of
+  the target when there is one, else prompt lookup). It never changes: the floor.
+- `learner`: an EAGLE head (`learner.init`: a shipped head, a folder, or a new head) that
+  keeps training on finished requests (`speculators/online.py`) in a thread of its own;
+  new weights are swapped in between engine steps.
+- `suffix`: the suffix cache, which learns from traffic without training.
+
+It is one `Proposer`: it forwards `begin`, `on_hidden`, `on_accept` and `end` to every part
+(so each stays in step with the committed tokens), and in `propose` asks its `Arbiter`
+(`speculators/adaptive_control.py`) which part drafts for which request. Parts that did not
+draft are scored in `on_accept` against the tokens the target committed: lookup proposals
+by matching, EAGLE heads by their first-token accuracy when they catch up (every
+`SHADOW_EVERY` steps). The engine's controller still sets the budget of each step (tree
+nodes, or chain length for chain parts) and switches speculation off when it does not pay.
+
+Lossless by construction: whichever part drafts, and whatever weights the learner holds,
+the target verifies every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from draftwise.config import SpeculativeConfig
+from draftwise.errors import BadInput
+from draftwise.heads import SHIPPED
+from draftwise.request import RequestState
+from draftwise.speculators.adaptive_control import Arbiter, geometric_tokens
+from draftwise.speculators.adaptive_state import AdaptiveState
+from draftwise.speculators.base import Draft, Proposer, Target, proposer_class, register
+from draftwise.speculators.eagle import EagleProposer
+from draftwise.speculators.eagle_checkpoint import load_eagle_head
+from draftwise.speculators.eagle_head import EagleHead, config_for_target, default_eagle3_layers, init_head_from_target
+from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.speculators.suffix import SuffixProposer
+
+log = logging.getLogger("draftwise.adaptive")
+
+LOOKUP = ("ngram", "suffix")  # methods whose proposals are cheap enough to make for every request
+SHADOW_EVERY = 4  # steps between catch-ups of EAGLE parts that are not drafting (their shadow score)
+NEW_HEAD_VOCAB = 16384  # a new head drafts over the lowest ids (BPE merges: the most frequent first)
+
+
+def shipped_head_for(target_name: str) -> str | None:
+    for head in SHIPPED.values():
+        if head.method == "eagle" and head.target == target_name:
+            return head.name
+    return None
+
+
+def default_static(config: SpeculativeConfig, target: Target) -> SpeculativeConfig:
+    head = shipped_head_for(target.name)
+    if head is not None:
+        return SpeculativeConfig(method="eagle", model=head, num_speculative_tokens=config.num_speculative_tokens,
+                                 eagle_tree_depth=config.eagle_tree_depth, eagle_tree_top_k=config.eagle_tree_top_k)
+    return SpeculativeConfig(method="ngram", num_speculative_tokens=min(config.num_speculative_tokens, 8))
+
+
+def new_head(target_model) -> EagleHead:
+    """A fresh EAGLE-3 head for the target, over the `NEW_HEAD_VOCAB` lowest token ids."""
+    tcfg = target_model.config
+    size = min(tcfg.vocab_size, NEW_HEAD_VOCAB)
+    ids = torch.arange(size) if size < tcfg.vocab_size else None
+    cfg = config_for_target(tcfg, "eagle3", size if ids is not None else None,
+                            default_eagle3_layers(tcfg.num_hidden_layers))
+    return init_head_from_target(cfg, target_model, ids, seed=0)
+
+
+def matched_length(tokens: Sequence[int], parents: Sequence[int] | None, committed: Sequence[int]) -> int:
+    """How many draft tokens greedy verification would have accepted, given the tokens the
+    target then committed: the longest root path of the draft that spells their start."""
+    if parents is None:
+        n = 0
+        while n < len(tokens) and n < len(committed) and tokens[n] == committed[n]:
+            n += 1
+        return n
+    node, depth = -1, 0
+    while depth < len(committed):
+        nxt = next((j for j, p in enumerate(parents) if p == node and tokens[j] == committed[depth]), None)
+        if nxt is None:
+            break
+        node, depth = nxt, depth + 1
+    return depth
+
+
+@dataclass
+class _Pending:
+    chosen: str | None
+    committed: int  # len(output_ids) when drafted
+    shadows: dict[str, tuple[list[int], list[int] | None]] = field(default_factory=dict)
+
+
+@register
+class AdaptiveProposer(Proposer):
+    name = "adaptive"
+
+    def __init__(self, parts: dict[str, Proposer], caps: dict[str, int], learner: OnlineLearner | None = None,
+                 data_layers: Sequence[int] = (), depth: int = 5, state: AdaptiveState | None = None,
+                 save_every: int = 25) -> None:
+        self.parts = parts
+        self.caps = caps  # part -> most tokens it drafts (chain parts), whatever the budget
+        self.learner = learner
+        self.data_layers = list(data_layers)
+        self.depth = depth
+        self.state = state
+        self.save_every = save_every
+        self.arbiter = Arbiter(parts)
+        if state is not None and state.saved is not None:
+            self.arbiter.load_state(state.saved.get("arbiter", {}))
+        self.lookups = [p for p, prop in parts.items() if prop.name in LOOKUP]
+        self.heads = [p for p, prop in parts.items() if isinstance(prop, EagleProposer)]
+        for p in self.heads:
+            self.parts[p].track_hits = True
+        layers = set(self.data_layers)
+        for prop in parts.values():
+            layers |= set(prop.hidden_layers)
+        self.hidden_layers = tuple(sorted(layers))
+        self.pending: dict[str, _Pending] = {}
+        self.features: dict[str, list[torch.Tensor]] = {}  # request id -> [n, F] chunks for the buffer
+        self.swaps = 0
+        self.steps = 0
+        self._proposed_at: float | None = None
+        self._accepted_since_tick: set[str] = set()  # requests seen in on_accept since the last tick
+        self._learner_off_logged = False
+        if learner is not None:
+            learner.on_swap_made = self._maybe_save
+            learner.start()
+
+    # --- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig, target: Target) -> "AdaptiveProposer":
+        static_cfg = config.static or default_static(config, target)
+        try:
+            static_cls = proposer_class(static_cfg.method)
+        except ValueError as e:
+            raise BadInput(f"adaptive: static: {e}") from None
+        state = AdaptiveState(config.adaptive_state, target.name) if config.adaptive_state else None
+        wanted = set(config.parts or ("static", "learner", "suffix"))
+        parts: dict[str, Proposer] = {}
+        caps: dict[str, int] = {}
+        if "static" in wanted:
+            parts["static"] = static_cls.from_config(static_cfg, target)
+            caps["static"] = static_cfg.num_speculative_tokens
+        if "suffix" in wanted and not ("static" in wanted and static_cfg.method == "suffix"):
+            parts["suffix"] = SuffixProposer.from_config(config, target)
+            caps["suffix"] = config.num_speculative_tokens
+        learner, layers = None, []
+        lc = config.learner
+        if lc.enabled and "learner" in wanted:
+            head = state.load_head(target.model) if state is not None else None
+            if head is None:
+                init = shipped_head_for(target.name) if lc.init == "auto" else lc.init
+                head = load_eagle_head(init, target.model) if init else new_head(target.model).to(
+                    device=target.model.device, dtype=target.model.dtype)
+            part = EagleProposer(head, target.model, target.max_batch_size, target.max_model_len,
+                                 config.eagle_tree_top_k, config.eagle_tree_depth, config.eagle_total_tokens)
+            parts["learner"] = part
+            caps["learner"] = config.num_speculative_tokens
+            tcfg = target.model.config
+            layers = sorted(set(head.config.resolved_layers(tcfg.num_hidden_layers)) | {tcfg.num_hidden_layers - 1})
+            settings = LearnerSettings(train_threads=lc.train_threads, train_every=lc.train_every,
+                                       min_tokens=lc.min_tokens, batch_size=lc.batch_size, lr=lc.lr,
+                                       ttt_steps=lc.ttt_steps, swap_every=lc.swap_every)
+            buffer = ReplayBuffer(lc.buffer_tokens, lc.max_len)
+            learner = OnlineLearner(head, target.model, layers, buffer, settings,
+                                    getattr(target.model, "quantization", "none"))
+            if state is not None and state.saved is not None:
+                saved = state.saved.get("learner", {})
+                learner.steps = int(saved.get("steps", 0))
+                learner.swaps_made = int(saved.get("swaps", 0))
+        if not parts:
+            raise BadInput("adaptive: no part left to draft (parts: [\"learner\"] with the learner disabled)")
+        return cls(parts, caps, learner, layers, config.eagle_tree_depth, state, lc.save_every)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def attach_target_cache(self, cache) -> None:
+        for prop in self.parts.values():
+            prop.attach_target_cache(cache)
+
+    def begin(self, request: RequestState) -> None:
+        for prop in self.parts.values():
+            prop.begin(request)
+        if self._learning:
+            self.features[request.request_id] = []
+
+    def on_hidden(self, request: RequestState, hidden: dict[int, torch.Tensor]) -> None:
+        if self._proposed_at is not None:  # the first call after a step: the target pass just ended
+            self.arbiter.observe_pass(time.perf_counter() - self._proposed_at)
+            self._proposed_at = None
+        for prop in self.parts.values():
+            if prop.hidden_layers:
+                prop.on_hidden(request, hidden)
+        chunks = self.features.get(request.request_id)
+        if chunks is not None and self._learning:
+            chunks.append(torch.cat([hidden[i] for i in self.data_layers], dim=-1).to(torch.bfloat16).cpu())
+
+    def on_accept(self, request: RequestState, num_accepted: int) -> None:
+        # a step that drafted nothing does not call `propose`: a request seen twice is a new step
+        if request.request_id in self._accepted_since_tick:
+            self._tick()
+        self._accepted_since_tick.add(request.request_id)
+        for prop in self.parts.values():
+            prop.on_accept(request, num_accepted)
+        rid = request.request_id
+        pend = self.pending.pop(rid, None)
+        if pend is not None:
+            committed = request.output_ids[pend.committed:]
+            if pend.chosen is not None:
+                self.arbiter.observe(rid, pend.chosen, num_accepted)
+                self.arbiter.accepted[pend.chosen] += num_accepted
+            for part, (tokens, parents) in pend.shadows.items():
+                self.arbiter.observe(rid, part, matched_length(tokens, parents, committed), shadow=True)
+        for part in self.heads:
+            correct, total = self.parts[part].take_hits(request)
+            if total and (pend is None or pend.chosen != part):
+                self.arbiter.observe(rid, part, geometric_tokens(correct / total, self.depth), shadow=True)
+
+    def end(self, request: RequestState) -> None:
+        for prop in self.parts.values():
+            prop.end(request)
+        rid = request.request_id
+        self.pending.pop(rid, None)
+        self.arbiter.forget(rid)
+        chunks = self.features.pop(rid, None)
+        if chunks and self._learning:
+            feats = torch.cat(chunks)
+            self.learner.buffer.add(request.all_ids[: feats.shape[0] + 1], feats, len(request.prompt_ids))
+
+    def close(self) -> None:
+        """Stop the learner and save the state (when a folder was given)."""
+        if self.learner is None:
+            return
+        self.learner.stop()
+        if self.state is not None and self.learner.steps:
+            self._save()
+
+    # --- drafting -------------------------------------------------------------------------
+
+    @property
+    def _learning(self) -> bool:
+        return self.learner is not None and self.learner.alive
+
+    def _tick(self) -> None:
+        """One engine step: estimates age, the learner may take a training step."""
+        self.steps += 1
+        self._accepted_since_tick.clear()
+        self.arbiter.step()
+        if self._learning:
+            self.learner.tick()
+            fresh = self.learner.take_ready()  # the swap: one assignment, between target passes
+            if fresh is not None:
+                self.parts["learner"].set_head(fresh)
+                self.swaps += 1
+
+    def _eligible_parts(self) -> list[str]:
+        parts = list(self.parts)
+        if self.learner is not None and not self.learner.alive:
+            if not self._learner_off_logged:
+                log.warning("adaptive: the learner failed (%s); drafting goes on without it", self.learner.error)
+                self._learner_off_logged = True
+            parts.remove("learner")
+        return parts
+
+    def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
+        self._tick()
+        draft = Draft.empty(len(requests))
+        active = [i for i, k in enumerate(num_tokens) if k > 0]
+        if not active:
+            return draft
+        parts = self._eligible_parts()
+        lookups: dict[str, Draft] = {}
+        for part in self.lookups:
+            if part in parts:
+                start = time.perf_counter()
+                lookups[part] = self.parts[part].propose([requests[i] for i in active],
+                                                         [min(num_tokens[i], self.caps[part]) for i in active])
+                self.arbiter.observe_cost(part, (time.perf_counter() - start) / len(active))
+        groups: dict[str, list[int]] = {}
+        for j, i in enumerate(active):
+            req = requests[i]
+            eligible = [p for p in parts if p not in lookups or lookups[p].tokens[j]]
+            chosen = self.arbiter.choose(req.request_id, eligible)
+            shadows = {p: (d.tokens[j], d.parents[j]) for p, d in lookups.items() if p != chosen and d.tokens[j]}
+            self.pending[req.request_id] = _Pending(chosen, len(req.output_ids), shadows)
+            if chosen is None:
+                continue
+            req.stats.drafted_by[chosen] = req.stats.drafted_by.get(chosen, 0) + 1
+            if chosen in lookups:
+                draft.tokens[i], draft.parents[i] = lookups[chosen].tokens[j], lookups[chosen].parents[j]
+            else:
+                groups.setdefault(chosen, []).append(i)
+        for part, members in groups.items():
+            start = time.perf_counter()
+            sub = self.parts[part].propose([requests[i] for i in members],
+                                           [min(num_tokens[i], self.caps[part]) for i in members])
+            self.arbiter.observe_cost(part, (time.perf_counter() - start - sub.prefill_seconds) / len(members))
+            draft.prefill_seconds += sub.prefill_seconds
+            for m, i in enumerate(members):
+                draft.tokens[i], draft.parents[i], draft.probs[i] = sub.tokens[m], sub.parents[m], sub.probs[m]
+        if self.steps % SHADOW_EVERY == 0:  # heads not drafting catch up, for their shadow score
+            for part in self.heads:
+                if part in parts:
+                    self.parts[part].catch_up([requests[i] for i in active if i not in groups.get(part, [])])
+        self._proposed_at = time.perf_counter()
+        return draft
+
+    # --- state and metrics ----------------------------------------------------------------
+
+    def _learner_counters(self) -> dict:
+        ln = self.learner
+        return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer.tokens}
+
+    def _save(self) -> None:
+        self.state.save(self.learner.snapshot(), self.arbiter.state(), self._learner_counters())
+
+    def _maybe_save(self, learner: OnlineLearner) -> None:
+        """In the trainer thread, after each new drafting copy: save every `save_every` of them."""
+        if self.state is not None and learner.swaps_made % self.save_every == 0:
+            try:
+                self._save()
+            except OSError as e:
+                log.warning("adaptive: could not save the state to %s: %s", self.state.folder, e)
+
+    def report(self) -> dict[str, float]:
+        """Counters for metrics: per part drafts / accepted / shadow scores / estimate; learner state."""
+        a = self.arbiter
+        out: dict[str, float] = {"steps_without_draft": a.none_chosen, "swaps": self.swaps}
+        for p in self.parts:
+            out[f"{p}_drafts"] = a.chosen[p]
+            out[f"{p}_accepted_tokens"] = a.accepted[p]
+            out[f"{p}_shadow_scores"] = a.shadowed[p]
+            out[f"{p}_expected_tokens"] = round(a.window_tokens(p), 4)
+        if self.learner is not None:
+            ln = self.learner
+            out.update({"learner_steps": ln.steps, "learner_loss": ln.last_loss if ln.last_loss is not None else 0.0,
+                        "learner_buffer_tokens": ln.buffer.tokens, "learner_alive": float(ln.alive)})
+        return out

@@ -1,0 +1,222 @@
+"""Online learning of an EAGLE head from the traffic it serves: a replay buffer and a trainer.
+
+The adaptive speculator (`speculators/adaptive.py`) hands every finished request to the
+`ReplayBuffer`: its tokens (prompt and output) and the target's hidden states of those
+tokens (the head's feature layers and the last layer, whose LM-head distribution is the
+soft label), exactly what `draftwise train eagle` distils offline. The buffer keeps the
+most recent `buffer_tokens` tokens.
+
+The `OnlineLearner` trains its own fp32 copy of the head with the offline objective
+(`speculators/eagle_loss.py`, training-time test included) on windows drawn from the
+buffer, newest sequences most often, in a thread of its own, never the engine's:
+
+- duty cycle: one training step per `train_every` engine steps (the engine `tick`s the
+  learner once per step), and freely while the engine is idle;
+- cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
+  that setting per thread, so the engine's passes keep theirs);
+- swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
+  kernels, `with_kernels`) *in its own thread* and leaves it in `ready`; the speculator
+  takes it between engine steps, which costs one reference assignment. A new head only
+  changes which tokens are proposed; verification keeps the output the target's own.
+- failure: any exception (out of memory included) switches the learner off with the
+  reason in `error`; serving goes on with the other speculators.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from draftwise.speculators.eagle_head import EagleHead, with_kernels
+from draftwise.speculators.eagle_loss import Batch, EagleObjective
+
+log = logging.getLogger("draftwise.adaptive")
+
+
+@dataclass
+class Stored:
+    ids: torch.Tensor  # [n+1] tokens 0..n
+    feats: torch.Tensor  # [n, len(layers) * H] bf16 target states of tokens 0..n-1
+    prompt_len: int
+
+
+class ReplayBuffer:
+    """The most recent sequences, at most `max_tokens` feature rows in all (thread-safe)."""
+
+    def __init__(self, max_tokens: int, max_len: int) -> None:
+        self.max_tokens, self.max_len = max_tokens, max_len
+        self.items: deque[Stored] = deque()
+        self.tokens = 0
+        self.added = 0  # sequences ever added
+        self._lock = threading.Lock()
+
+    def add(self, ids: list[int], feats: torch.Tensor, prompt_len: int) -> None:
+        n = min(feats.shape[0], len(ids) - 1, self.max_tokens)
+        if n < 2:
+            return
+        # a sequence longer than the buffer keeps its newest part
+        start = feats.shape[0] - n
+        item = Stored(torch.tensor(ids[start: start + n + 1]), feats[start: start + n].to(torch.bfloat16),
+                         prompt_len - start)
+        with self._lock:
+            self.items.append(item)
+            self.tokens += n
+            self.added += 1
+            while self.tokens > self.max_tokens and len(self.items) > 1:
+                self.tokens -= self.items.popleft().feats.shape[0]
+
+    def sample(self, batch_size: int, rng: random.Random) -> Batch | None:
+        """A batch of windows (at most `max_len` pairs each), newer sequences more often
+        (weight = 1 + position in the buffer); None when the buffer is empty."""
+        with self._lock:
+            items = list(self.items)
+        if not items:
+            return None
+        chosen = rng.choices(items, weights=range(1, len(items) + 1), k=batch_size)
+        windows = []
+        for it in chosen:
+            n = it.feats.shape[0]
+            a = rng.randrange(0, max(1, n - self.max_len + 1))
+            m = min(self.max_len, n - a)
+            windows.append((it.ids[a: a + m + 1], it.feats[a: a + m], it.prompt_len - a))
+        t = max(w[1].shape[0] for w in windows)
+        ids = torch.zeros(len(windows), t + 1, dtype=torch.long)
+        feats = torch.zeros(len(windows), t, windows[0][1].shape[-1], dtype=torch.bfloat16)
+        for j, (i, f, _) in enumerate(windows):
+            ids[j, : i.shape[0]] = i
+            feats[j, : f.shape[0]] = f
+        return Batch(ids, feats, torch.tensor([w[1].shape[0] for w in windows]),
+                     torch.tensor([w[2] for w in windows]))
+
+
+@dataclass
+class LearnerSettings:
+    train_threads: int = 1
+    train_every: int = 2
+    min_tokens: int = 64
+    batch_size: int = 4
+    lr: float = 3e-4
+    ttt_steps: int = 2
+    swap_every: int = 4
+    grad_clip: float = 1.0
+    seed: int = 0
+    idle_after: float = 1.0  # seconds without an engine step after which training runs freely
+
+
+class OnlineLearner:
+    """Trains a copy of `head` on `buffer` in a background thread (see the module docstring)."""
+
+    def __init__(self, head: EagleHead, target, data_layers: list[int], buffer: ReplayBuffer,
+                 settings: LearnerSettings, quantization: str = "none") -> None:
+        self.target, self.buffer, self.settings = target, buffer, settings
+        self.quantization = quantization
+        self.draft_dtype = target.dtype
+        self.head = copy.deepcopy(head).to(device=target.device, dtype=torch.float32).train()
+        self.params = [p for p in self.head.parameters() if p.requires_grad]
+        self.objective = EagleObjective(self.head, target, data_layers, settings.ttt_steps)
+        self.opt = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.steps = 0
+        self.swaps_made = 0
+        self.last_loss: float | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.error: str | None = None
+        self.thread_ids: set[int] = set()  # threads training ran on (tests check it is not the engine's)
+        self.ready: EagleHead | None = None  # a drafting copy waiting to be swapped in
+        self.on_swap_made = None  # callback(learner) in the trainer thread after each drafting copy
+        self._tick = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards `head` between training steps and snapshots
+        self._rng = random.Random(settings.seed)
+        self._thread: threading.Thread | None = None
+        self._ticks = 0
+
+    # --- the engine's side --------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="draftwise-learner", daemon=True)
+            self._thread.start()
+
+    def tick(self) -> None:
+        """One engine step happened: every `train_every` of them allow one training step."""
+        self._ticks += 1
+        if self._ticks % self.settings.train_every == 0:
+            self._tick.set()
+
+    def take_ready(self) -> EagleHead | None:
+        """The newest drafting copy, once (None when there is none since the last call)."""
+        with self._lock:
+            head, self.ready = self.ready, None
+        return head
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._tick.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def snapshot(self) -> EagleHead:
+        """A copy of the trained weights (fp32, CPU), consistent between training steps."""
+        with self._lock:
+            return copy.deepcopy(self.head).eval()
+
+    # --- the trainer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(max(1, self.settings.train_threads))  # this thread's intra-op pool only
+        while not self._stop.is_set():
+            if not self._tick.wait(self.settings.idle_after):
+                pass  # the engine is idle: train anyway
+            self._tick.clear()
+            if self._stop.is_set():
+                break
+            if self.buffer.tokens < self.settings.min_tokens:
+                time.sleep(0.05)
+                continue
+            try:
+                self.train_step()
+            except Exception as e:  # noqa: BLE001 - any failure switches learning off, serving goes on
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("adaptive: online learning switched off: %s", self.error)
+                return
+
+    def train_step(self) -> float | None:
+        """One optimizer step on a batch from the buffer; returns the loss (None: nothing to learn)."""
+        self.thread_ids.add(threading.get_ident())
+        batch = self.buffer.sample(self.settings.batch_size, self._rng)
+        if batch is None:
+            return None
+        batch = batch.to(self.head.device)
+        bf16 = self.target.dtype == torch.bfloat16  # the target's own weights enter the loss
+        with self._lock:
+            with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, metrics = self.objective(batch)
+            if not loss.requires_grad:
+                return None
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            self.opt.step()
+            self.steps += 1
+            self.last_loss = float(loss.detach())
+            self.last_metrics = metrics
+        if self.steps % self.settings.swap_every == 0:
+            fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization)
+            with self._lock:
+                self.ready = fresh
+                self.swaps_made += 1
+            if self.on_swap_made is not None:
+                self.on_swap_made(self)
+        return self.last_loss

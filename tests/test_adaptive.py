@@ -1,0 +1,250 @@
+"""The adaptive speculator (speculators/adaptive.py, adaptive_control.py, online.py, adaptive_state.py):
+lossless across weight swaps, a learner that learns off the engine's thread, a controller
+that follows measured acceptance, state that survives a restart, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from draftwise.api import LLM
+from draftwise.errors import BadInput
+from draftwise.sampling import SamplingParams
+from draftwise.speculators.adaptive import AdaptiveProposer, matched_length, new_head
+from draftwise.speculators.adaptive_control import Arbiter
+from draftwise.speculators.eagle_checkpoint import save_eagle_head
+from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["hello world hello world", "the cat sat on the mat", "abcabcabcabc", "def f(x): return x"]
+FAST_LEARNER = {"min_tokens": 16, "train_every": 1, "swap_every": 1, "batch_size": 2, "max_len": 64}
+
+
+def adaptive_llm(target, tokenizer, batch: int = 4, **cfg) -> LLM:
+    spec = {"method": "adaptive", "num_speculative_tokens": 6, "learner": dict(FAST_LEARNER), **cfg}
+    return LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=batch)
+
+
+def run_until_swapped(llm, prompts, params, reference, swaps: int = 2, rounds: int = 12):
+    """Generate round after round (each checked against `reference`) until the learner's
+    weights were swapped in at least `swaps` times while requests were running."""
+    proposer = llm.engine.proposer
+    for _ in range(rounds):
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == reference
+        if proposer.swaps >= swaps:
+            return outs
+        time.sleep(0.2)
+    raise AssertionError(f"only {proposer.swaps} swaps in {rounds} rounds (learner error: {proposer.learner.error})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_adaptive_equals_plain_across_weight_swaps(tokenizer, dtype):
+    target = tiny_model(dtype=dtype)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer)
+    try:
+        run_until_swapped(llm, PROMPTS, params, plain)
+        learner = llm.engine.proposer.learner
+        assert learner.steps > 0 and learner.thread_ids
+        assert threading.get_ident() not in learner.thread_ids  # training never ran on the engine's thread
+    finally:
+        llm.close()
+    assert not llm.engine.proposer.learner._thread  # stopped by close
+
+
+def test_batch_of_one_and_stop_conditions_stay_exact(tokenizer):
+    target = tiny_model()
+    params = SamplingParams(max_tokens=30, stop=["ca"], ignore_eos=False)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=1).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer, batch=1)
+    try:
+        for _ in range(3):
+            assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+    finally:
+        llm.close()
+
+
+def test_sampled_adaptive_is_the_seeded_plain_output(tokenizer):
+    """Coupled sampling (the default): with a seed, the tokens are plain decoding's, whatever
+    part drafts and whatever weights the learner holds."""
+    target = tiny_model()
+    params = SamplingParams(max_tokens=32, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer)
+    try:
+        run_until_swapped(llm, PROMPTS, params, plain, swaps=1)
+    finally:
+        llm.close()
+
+
+def test_every_part_drafts_are_recorded(tokenizer):
+    target = tiny_model()
+    llm = adaptive_llm(target, tokenizer)
+    try:
+        outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=40, ignore_eos=True))
+        report = llm.engine.proposer.report()
+    finally:
+        llm.close()
+    drafted = sum(sum(o.stats.get("drafted_by", {}).values()) for o in outs)
+    assert drafted == sum(report[f"{p}_drafts"] for p in ("static", "suffix", "learner")) > 0
+    assert {"learner_steps", "learner_loss", "learner_buffer_tokens", "swaps"} <= set(report)
+
+
+# --- the learner --------------------------------------------------------------------------
+
+
+def filled_buffer(target, texts, tokenizer, layers, max_len=64) -> ReplayBuffer:
+    buffer = ReplayBuffer(100_000, max_len)
+    for text in texts:
+        ids = tokenizer.encode(text)
+        with torch.inference_mode():
+            out = target(torch.tensor([ids]), torch.arange(len(ids))[None], target.new_cache(1, len(ids) + 1),
+                         hidden_layers=layers)
+        feats = torch.cat([out.hidden[i][0] for i in layers], dim=-1)[:-1]  # the last token never ran
+        buffer.add(ids, feats, 4)
+    return buffer
+
+
+def test_learner_loss_falls_and_first_token_accuracy_rises_on_a_repetitive_stream(tokenizer):
+    target = tiny_model()
+    # the target's own greedy continuations of a few prompts, seen again and again
+    texts = [o.text for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(
+        PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))]
+    texts = [p + t for p, t in zip(PROMPTS, texts)]
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    buffer = filled_buffer(target, texts, tokenizer, layers)
+    learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(batch_size=4, lr=3e-3, swap_every=1000))
+    probe = buffer.sample(4, random.Random(1))
+    with torch.no_grad():
+        loss0, m0 = learner.objective(probe)
+    for _ in range(60):
+        learner.train_step()
+    with torch.no_grad():
+        loss1, m1 = learner.objective(probe)
+    assert float(loss1) < 0.8 * float(loss0)
+    assert m1["acc0"] > m0["acc0"] + 0.2
+
+
+def test_a_failing_learner_is_switched_off_and_serving_goes_on(tokenizer, monkeypatch, caplog):
+    target = tiny_model()
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer)
+    learner = llm.engine.proposer.learner
+
+    def out_of_memory():
+        raise MemoryError("no room for the optimizer state")
+
+    monkeypatch.setattr(learner, "train_step", out_of_memory)
+    try:
+        for _ in range(20):
+            assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+            if learner.error:
+                break
+            time.sleep(0.1)
+        assert learner.error and "MemoryError" in learner.error
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+        assert "learner" not in llm.engine.proposer._eligible_parts()
+    finally:
+        llm.close()
+
+
+# --- the controller -----------------------------------------------------------------------
+
+
+def test_arbiter_prefers_the_higher_measured_acceptance_and_falls_back_after_a_drop():
+    arb = Arbiter(["static", "learner", "suffix"])
+    for _ in range(5):
+        arb.observe_pass(0.1)
+    for p, c in (("static", 0.02), ("learner", 0.02), ("suffix", 0.0001)):
+        arb.observe_cost(p, c)
+    for _ in range(40):
+        arb.step()
+        arb.observe("r", "static", 1.0)
+        arb.observe("r", "learner", 3.0)
+    assert arb.choose("r", ["static", "learner"]) == "learner"
+    for _ in range(40):  # the traffic changed: the learned head's drafts stop being accepted
+        arb.step()
+        arb.observe("r", "learner", 0.0)
+        arb.observe("r", "static", 1.0)
+    assert arb.choose("r", ["static", "learner"]) == "static"
+    assert arb.choose("r", []) is None
+    for _ in range(100):  # nothing accepts: plain decoding pays more than any draft
+        arb.observe("r", "static", 0.0)
+    assert arb.choose("r", ["static"]) is None
+
+
+def test_matched_length_of_chains_and_trees():
+    assert matched_length([5, 6, 7], None, [5, 6, 9, 1]) == 2
+    assert matched_length([5, 6, 7], None, [4]) == 0
+    # tree: 5 -> (6, 8 -> 9)
+    assert matched_length([5, 6, 8, 9], [-1, 0, 0, 2], [5, 8, 9, 3]) == 3
+    assert matched_length([5, 6, 8, 9], [-1, 0, 0, 2], [5, 7]) == 1
+
+
+# --- state --------------------------------------------------------------------------------
+
+
+def test_state_is_saved_on_close_and_resumed(tokenizer, tmp_path):
+    target = tiny_model()
+    state = tmp_path / "state"
+    llm = adaptive_llm(target, tokenizer, adaptive_state=str(state))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    run_until_swapped(llm, PROMPTS, params, plain, swaps=1)
+    llm.close()
+    learner = llm.engine.proposer.learner
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["learner"]["steps"] == learner.steps > 0
+    trained = learner.snapshot().fc.weight.detach()
+
+    again = adaptive_llm(target, tokenizer, adaptive_state=str(state))
+    try:
+        resumed = again.engine.proposer
+        assert resumed.learner.steps == learner.steps
+        assert torch.allclose(resumed.learner.head.fc.weight.detach(), trained, atol=1e-2)  # stored in bf16
+        assert resumed.arbiter.window["learner"].weight == pytest.approx(saved["arbiter"]["window"]["learner"][1])
+        assert [o.token_ids for o in again.generate(PROMPTS, params)] == plain
+    finally:
+        again.close()
+
+
+def test_bad_adaptive_settings_are_refused_with_one_line(tokenizer, tmp_path):
+    target = tiny_model()
+    with pytest.raises(BadInput, match="adaptive: static: unknown speculator 'nope'"):
+        adaptive_llm(target, tokenizer, static={"method": "nope"})
+    with pytest.raises(BadInput, match="cannot be the static part"):
+        adaptive_llm(target, tokenizer, static={"method": "adaptive"})
+    other = tiny_model(hidden_size=32, intermediate_size=64, head_dim=8)
+    save_eagle_head(new_head(other), tmp_path / "other-head")
+    with pytest.raises(BadInput, match="hidden size|features"):
+        adaptive_llm(target, tokenizer, learner={"init": str(tmp_path / "other-head")})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BadInput, match="cannot write there"):
+        adaptive_llm(target, tokenizer, adaptive_state=str(blocker / "state"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("{not json")
+    with pytest.raises(BadInput, match="state.json is damaged"):
+        adaptive_llm(target, tokenizer, adaptive_state=str(broken))
+
+
+def test_adaptive_without_learner_uses_static_and_suffix(tokenizer):
+    target = tiny_model()
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer, learner={"enabled": False})
+    assert set(llm.engine.proposer.parts) == {"static", "suffix"}
+    assert isinstance(llm.engine.proposer, AdaptiveProposer) and llm.engine.proposer.learner is None
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
