@@ -51,7 +51,9 @@ def configs(args, llm_name: str) -> dict[str, dict | None]:
     head = shipped_head_for(llm_name)
     static = json.loads(args.static) if args.static else (
         {"method": "eagle", "model": head, "num_speculative_tokens": args.k} if head else {"method": "ngram"})
-    learner = {"init": head if head else None, "train_threads": 1}
+    # no idle training: the other methods' engines run in this process between this one's requests
+    learner = {"init": head if head else None, "train_threads": 1, "train_when_idle": False,
+               "train_share": args.train_share}
     adaptive = {"method": "adaptive", "num_speculative_tokens": args.k, "static": static, "learner": learner}
     return {"plain": None, "static": {**static, "num_speculative_tokens": static.get("num_speculative_tokens", args.k)},
             "learner": {**adaptive, "parts": ["learner"]}, "adaptive": adaptive}
@@ -116,6 +118,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    ap.add_argument("--train-share", type=float, default=0.2, help="learner.train_share")
     ap.add_argument("--static", default=None, help="JSON speculative config of the static part")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--interleave", action="store_true")

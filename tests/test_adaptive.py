@@ -24,7 +24,7 @@ from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayB
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["hello world hello world", "the cat sat on the mat", "abcabcabcabc", "def f(x): return x"]
-FAST_LEARNER = {"min_tokens": 16, "train_every": 1, "swap_every": 1, "batch_size": 2, "max_len": 64}
+FAST_LEARNER = {"min_tokens": 16, "train_every": 1, "train_share": 1.0, "swap_every": 1, "batch_size": 2, "max_len": 64}
 
 
 def adaptive_llm(target, tokenizer, batch: int = 4, **cfg) -> LLM:

@@ -165,7 +165,7 @@ def test_adaptive_is_exact_on_real_model_across_weight_swaps(smollm2, dtype):
         llm = LLM.from_model(target, tok, max_batch_size=4, speculative_config={
             "method": "adaptive", "num_speculative_tokens": 8,
             "static": {"method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 8},
-            "learner": {"init": "smollm2-135m-eagle", "min_tokens": 16, "train_every": 1, "swap_every": 1,
+            "learner": {"init": "smollm2-135m-eagle", "min_tokens": 16, "train_every": 1, "train_share": 1.0, "swap_every": 1,
                         "batch_size": 2, "max_len": 64}})
         for _ in range(4):
             assert [o.token_ids for o in llm.chat(convs, params)] == plain

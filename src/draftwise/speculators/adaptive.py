@@ -170,6 +170,7 @@ class AdaptiveProposer(Proposer):
             tcfg = target.model.config
             layers = sorted(set(head.config.resolved_layers(tcfg.num_hidden_layers)) | {tcfg.num_hidden_layers - 1})
             settings = LearnerSettings(train_threads=lc.train_threads, train_every=lc.train_every,
+                                       train_share=lc.train_share, idle_after=1.0 if lc.train_when_idle else None,
                                        min_tokens=lc.min_tokens, batch_size=lc.batch_size, lr=lc.lr,
                                        ttt_steps=lc.ttt_steps, swap_every=lc.swap_every)
             buffer = ReplayBuffer(lc.buffer_tokens, lc.max_len)

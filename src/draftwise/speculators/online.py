@@ -10,8 +10,10 @@ The `OnlineLearner` trains its own fp32 copy of the head with the offline object
 (`speculators/eagle_loss.py`, training-time test included) on windows drawn from the
 buffer, newest sequences most often, in a thread of its own, never the engine's:
 
-- duty cycle: one training step per `train_every` engine steps (the engine `tick`s the
-  learner once per step), and freely while the engine is idle;
+- duty cycle: while the engine works, at most one training step per `train_every`
+  engine steps (the engine `tick`s the learner once per step), and after a step of d
+  seconds a rest of d (1 - share) / share, so training takes at most `train_share` of
+  the wall time; while the engine is idle (no step for `idle_after` seconds), freely;
 - cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
   that setting per thread, so the engine's passes keep theirs);
 - swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
@@ -107,7 +109,8 @@ class LearnerSettings:
     swap_every: int = 4
     grad_clip: float = 1.0
     seed: int = 0
-    idle_after: float = 1.0  # seconds without an engine step after which training runs freely
+    train_share: float = 0.2  # at most this share of wall time training while the engine works
+    idle_after: float | None = 1.0  # seconds without an engine step after which training runs anyway (None: never)
 
 
 class OnlineLearner:
@@ -176,21 +179,27 @@ class OnlineLearner:
 
     def _run(self) -> None:
         torch.set_num_threads(max(1, self.settings.train_threads))  # this thread's intra-op pool only
+        s = self.settings
         while not self._stop.is_set():
-            if not self._tick.wait(self.settings.idle_after):
-                pass  # the engine is idle: train anyway
+            ticked = self._tick.wait(s.idle_after)  # False: the engine was idle that long
+            if not ticked and s.idle_after is None:
+                continue
             self._tick.clear()
             if self._stop.is_set():
                 break
-            if self.buffer.tokens < self.settings.min_tokens:
+            if self.buffer.tokens < s.min_tokens:
                 time.sleep(0.05)
                 continue
+            start = time.perf_counter()
             try:
                 self.train_step()
             except Exception as e:  # noqa: BLE001 - any failure switches learning off, serving goes on
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("adaptive: online learning switched off: %s", self.error)
                 return
+            if ticked and s.train_share < 1.0:  # the engine is busy: rest so training keeps its share
+                self._stop.wait((time.perf_counter() - start) * (1.0 - s.train_share) / s.train_share)
+                self._tick.clear()
 
     def train_step(self) -> float | None:
         """One optimizer step on a batch from the buffer; returns the loss (None: nothing to learn)."""
