@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
-METHODS = ("plain", "static", "learner", "adaptive")
+METHODS = ("plain", "static", "learner", "adaptive", "static+suffix")
 
 
 def stream(path: Path, domains: list[str], per_domain: int) -> list[tuple[str, str]]:
@@ -53,10 +53,11 @@ def configs(args, llm_name: str) -> dict[str, dict | None]:
         {"method": "eagle", "model": head, "num_speculative_tokens": args.k} if head else {"method": "ngram"})
     # no idle training: the other methods' engines run in this process between this one's requests
     learner = {"init": head if head else None, "train_threads": 1, "train_when_idle": False,
-               "train_share": args.train_share}
+               "train_share": args.train_share, **json.loads(args.learner)}
     adaptive = {"method": "adaptive", "num_speculative_tokens": args.k, "static": static, "learner": learner}
     return {"plain": None, "static": {**static, "num_speculative_tokens": static.get("num_speculative_tokens", args.k)},
-            "learner": {**adaptive, "parts": ["learner"]}, "adaptive": adaptive}
+            "learner": {**adaptive, "parts": ["learner"]}, "adaptive": adaptive,
+            "static+suffix": {**adaptive, "parts": ["static", "suffix"]}}
 
 
 def quarter_table(records: list[dict], domains: list[str], methods: list[str]) -> list[str]:
@@ -118,7 +119,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
-    ap.add_argument("--train-share", type=float, default=0.2, help="learner.train_share")
+    ap.add_argument("--train-share", type=float, default=0.1, help="learner.train_share")
+    ap.add_argument("--learner", default="{}", help="JSON: more learner settings")
     ap.add_argument("--static", default=None, help="JSON speculative config of the static part")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--interleave", action="store_true")

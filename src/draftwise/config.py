@@ -21,14 +21,16 @@ class LearnerConfig(BaseModel):
                              "null: a new head; auto: the shipped head made for the target if there is one")
     train_threads: int = Field(default=1, ge=1, le=256, description="CPU threads the trainer thread uses")
     train_every: int = Field(default=2, ge=1, description="engine steps per training step at most")
-    train_share: float = Field(default=0.2, gt=0, le=1, description="most share of wall time spent training "
+    train_share: float = Field(default=0.1, gt=0, le=1, description="most share of wall time spent training "
                                "while the engine is busy (the trainer rests in between)")
     train_when_idle: bool = Field(default=True, description="train freely while no request runs")
     buffer_tokens: int = Field(default=16384, ge=64, description="replay buffer size, tokens of recent traffic")
     min_tokens: int = Field(default=64, ge=1, description="tokens in the buffer before training starts")
     batch_size: int = Field(default=4, ge=1, le=256)
     max_len: int = Field(default=256, ge=8, le=8192, description="longest training window, tokens")
-    lr: float = Field(default=3e-4, gt=0, lt=1)
+    lr: float | None = Field(default=None, gt=0, lt=1, description="learning rate (default: 3e-5 from a trained "
+                             "head, which a larger rate unlearns within a hundred steps; 1e-3 for a new head)")
+    warmup: int = Field(default=20, ge=0, description="training steps over which the rate ramps up")
     ttt_steps: int = Field(default=2, ge=1, le=8, description="training-time-test unroll steps")
     swap_every: int = Field(default=4, ge=1, description="training steps between weight swaps")
     save_every: int = Field(default=25, ge=1, description="swaps between saves of the adaptive state")

@@ -131,6 +131,7 @@ class AdaptiveProposer(Proposer):
         self.steps = 0
         self._proposed_at: float | None = None
         self._accepted_since_tick: set[str] = set()  # requests seen in on_accept since the last tick
+        self._engine_threads: int | None = None  # the engine thread's intra-op threads, learned at its first step
         self._learner_off_logged = False
         if learner is not None:
             learner.on_swap_made = self._maybe_save
@@ -159,8 +160,10 @@ class AdaptiveProposer(Proposer):
         lc = config.learner
         if lc.enabled and "learner" in wanted:
             head = state.load_head(target.model) if state is not None else None
+            trained = head is not None
             if head is None:
                 init = shipped_head_for(target.name) if lc.init == "auto" else lc.init
+                trained = bool(init)
                 head = load_eagle_head(init, target.model) if init else new_head(target.model).to(
                     device=target.model.device, dtype=target.model.dtype)
             part = EagleProposer(head, target.model, target.max_batch_size, target.max_model_len,
@@ -171,7 +174,8 @@ class AdaptiveProposer(Proposer):
             layers = sorted(set(head.config.resolved_layers(tcfg.num_hidden_layers)) | {tcfg.num_hidden_layers - 1})
             settings = LearnerSettings(train_threads=lc.train_threads, train_every=lc.train_every,
                                        train_share=lc.train_share, idle_after=1.0 if lc.train_when_idle else None,
-                                       min_tokens=lc.min_tokens, batch_size=lc.batch_size, lr=lc.lr,
+                                       min_tokens=lc.min_tokens, batch_size=lc.batch_size,
+                                       lr=lc.lr or (3e-5 if trained else 1e-3), warmup=lc.warmup,
                                        ttt_steps=lc.ttt_steps, swap_every=lc.swap_every)
             buffer = ReplayBuffer(lc.buffer_tokens, lc.max_len)
             learner = OnlineLearner(head, target.model, layers, buffer, settings,
@@ -244,6 +248,8 @@ class AdaptiveProposer(Proposer):
         if self.learner is None:
             return
         self.learner.stop()
+        if self._engine_threads is not None and self.learner.target.device.type == "cpu":
+            torch.set_num_threads(self._engine_threads)  # (when called on the engine's thread)
         if self.state is not None and self.learner.steps:
             self._save()
 
@@ -258,12 +264,27 @@ class AdaptiveProposer(Proposer):
         self.steps += 1
         self._accepted_since_tick.clear()
         self.arbiter.step()
+        if self.learner is not None:
+            self._share_cores()
         if self._learning:
             self.learner.tick()
             fresh = self.learner.take_ready()  # the swap: one assignment, between target passes
             if fresh is not None:
                 self.parts["learner"].set_head(fresh)
                 self.swaps += 1
+
+    def _share_cores(self) -> None:
+        """On the CPU, while a training step runs, the engine's thread (this one) uses its
+        cores minus the trainer's: two thread pools on the same cores slow both far more
+        than the cores they take (torch keeps the thread count per thread)."""
+        if self.learner.target.device.type != "cpu":
+            return
+        if self._engine_threads is None:
+            self._engine_threads = torch.get_num_threads()
+        full = self._engine_threads
+        want = max(1, full - self.learner.settings.train_threads) if self.learner.busy else full
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _eligible_parts(self) -> list[str]:
         parts = list(self.parts)

@@ -104,12 +104,13 @@ class LearnerSettings:
     train_every: int = 2
     min_tokens: int = 64
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 3e-5
+    warmup: int = 20
     ttt_steps: int = 2
     swap_every: int = 4
     grad_clip: float = 1.0
     seed: int = 0
-    train_share: float = 0.2  # at most this share of wall time training while the engine works
+    train_share: float = 0.1  # at most this share of wall time training while the engine works
     idle_after: float | None = 1.0  # seconds without an engine step after which training runs anyway (None: never)
 
 
@@ -133,6 +134,7 @@ class OnlineLearner:
         self.thread_ids: set[int] = set()  # threads training ran on (tests check it is not the engine's)
         self.ready: EagleHead | None = None  # a drafting copy waiting to be swapped in
         self.on_swap_made = None  # callback(learner) in the trainer thread after each drafting copy
+        self.busy = False  # a training step is running (the engine then leaves it its cores)
         self._tick = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
@@ -191,12 +193,15 @@ class OnlineLearner:
                 time.sleep(0.05)
                 continue
             start = time.perf_counter()
+            self.busy = True
             try:
                 self.train_step()
             except Exception as e:  # noqa: BLE001 - any failure switches learning off, serving goes on
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("adaptive: online learning switched off: %s", self.error)
                 return
+            finally:
+                self.busy = False
             if ticked and s.train_share < 1.0:  # the engine is busy: rest so training keeps its share
                 self._stop.wait((time.perf_counter() - start) * (1.0 - s.train_share) / s.train_share)
                 self._tick.clear()
@@ -209,6 +214,8 @@ class OnlineLearner:
             return None
         batch = batch.to(self.head.device)
         bf16 = self.target.dtype == torch.bfloat16  # the target's own weights enter the loss
+        for group in self.opt.param_groups:  # linear warm-up: Adam's first steps are the largest
+            group["lr"] = self.settings.lr * min(1.0, (self.steps + 1) / max(1, self.settings.warmup))
         with self._lock:
             with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, metrics = self.objective(batch)
