@@ -34,11 +34,11 @@ DATA = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 METHODS = ("plain", "static", "learner", "adaptive", "static+suffix")
 
 
-def stream(path: Path, domains: list[str], per_domain: int) -> list[tuple[str, str]]:
+def stream(path: Path, domains: list[str], per_domain: int, distinct: int | None) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = []
     for d in domains:
-        qs = [r["turns"][0] for r in rows if r["category"] == d]
+        qs = [r["turns"][0] for r in rows if r["category"] == d][:distinct]
         if not qs:
             sys.exit(f"error: no questions of category {d!r} in {path}")
         out += [(d, qs[i % len(qs)]) for i in range(per_domain)]
@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--domains", default="math_reasoning,summarization")
     ap.add_argument("--per-domain", type=int, default=100)
+    ap.add_argument("--distinct", type=int, default=None,
+                    help="cycle through the first N questions of each domain (repetitive traffic)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
@@ -137,7 +139,7 @@ def main() -> int:
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         sys.exit(f"error: unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    reqs = stream(Path(args.data), domains, args.per_domain)
+    reqs = stream(Path(args.data), domains, args.per_domain, args.distinct)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_batch_size=args.concurrency,
@@ -170,7 +172,8 @@ def main() -> int:
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
     plot(records, methods, out / "stream.png", args.window)
     head = (f"{platform.processor() or platform.machine()}, {date.today()}, {args.model} {args.dtype} "
-            f"{args.quantization}, {len(reqs)} requests ({' then '.join(domains)}), concurrency "
+            f"{args.quantization}, {len(reqs)} requests ({' then '.join(domains)}; distinct per domain: "
+            f"{args.distinct or 'all'}), concurrency "
             f"{args.concurrency}, max_tokens {args.max_tokens}, interleaved: {args.interleave}")
     table = quarter_table(records, domains, methods)
     text = "\n".join([head, f"outputs differing from plain: {differ} of {len(outputs)}", "", *table, ""])

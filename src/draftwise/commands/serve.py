@@ -36,6 +36,19 @@ def add_parser(sub) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive, 408 after (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = p.add_argument_group("scale-out on Ray Serve (needs the ray extra: pip install \"draftwise[ray]\")")
+    r.add_argument("--replicas", type=int, default=None,
+                   help="engine replicas behind the one endpoint, each a process with its own engine, batching "
+                        "and speculation (default: one engine in this process, no Ray)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale on ongoing requests, down to this many")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscale on ongoing requests, up to this many")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or head:6379; default: start Ray here)")
+    r.add_argument("--ray-timeout", type=float, default=30.0,
+                   help="seconds to wait for the Ray cluster at --ray-address (default 30)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs per replica (num_gpus; default 0; use 1 with --device cuda)")
     add_model_args(p)
     add_speculation_args(p)
     p.set_defaults(run=run)
@@ -61,9 +74,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("shutdown_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, name) >= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0 seconds")
+    spec = speculative_config_from_args(args)
+    scaled = args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None
+    if args.replicas is not None and args.replicas < 1:
+        raise BadInput("--replicas must be at least 1")
+    if (args.replicas or 1) > 1 or scaled:
+        return run_replicas(args, spec)
     from draftwise.api import LLM
 
-    spec = speculative_config_from_args(args)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, quantization=args.quantization,
               revision=args.revision)
@@ -75,3 +93,41 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, args.host, args.port, args.log_level, args.header_timeout)
     return 0
+
+
+def run_replicas(args: argparse.Namespace, spec) -> int:
+    """`--replicas N` (or autoscaling, or a cluster): the same API served by Ray Serve replicas."""
+    from draftwise.errors import BadInput
+    from draftwise.server.ray_serve import ReplicaSettings, build_application, require_ray, run_application, start_ray
+
+    require_ray()  # before anything slow: one line naming the extra when it is missing
+    lo, hi = args.min_replicas, args.max_replicas
+    if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo > hi):
+        raise BadInput("--min-replicas must be >= 0 and <= --max-replicas, and --max-replicas >= 1")
+    _pull_once(args.model, args.revision)
+    settings = ReplicaSettings(
+        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        revision=args.revision, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+        speculative_config=spec.model_dump(exclude_none=True) if spec else None,
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
+        max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout, body_timeout=args.body_timeout)
+    start_ray(args.ray_address, args.ray_timeout)
+    app = build_application(settings, replicas=args.replicas or 1, min_replicas=lo, max_replicas=hi,
+                            num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica)
+    method = spec.method if spec else "plain decoding"
+    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1 with Ray Serve "
+          f"({args.replicas or lo} replica(s))", flush=True)
+    run_application(app, args.host, args.port)
+    return 0
+
+
+def _pull_once(model: str, revision: str | None) -> None:
+    """Fetch the weights once here, so that replicas only read the shared cache."""
+    from draftwise.models import hub
+    from draftwise.models.bundled import BUNDLED, ensure
+
+    if model in BUNDLED:
+        ensure(model)
+    elif hub.looks_like_hub_id(model):
+        hub.fetch(model, revision)

@@ -214,17 +214,18 @@ class EagleProposer(Proposer):
     def _count_hits(self, reqs: list[RequestState], counts: list[int], starts: list[int],
                     out: torch.Tensor) -> None:
         """Would the head's top guess after pair i have been token i+2? For the pairs whose
-        token i+2 is committed already."""
+        token i+2 is an output token committed already (prompt text is not what it drafts)."""
         for j, (r, c, s) in enumerate(zip(reqs, counts, starts)):
             ids = r.all_ids
+            a = max(0, len(r.prompt_ids) - (s + 2))  # first pair predicting an output token
             n = min(c, len(ids) - (s + 2))
-            if n <= 0:
+            if n <= a:
                 continue
-            guess = self.head.to_target(self._logprobs(out[j, :n]).argmax(-1)).tolist()
-            correct = sum(g == t for g, t in zip(guess, ids[s + 2: s + 2 + n]))
+            guess = self.head.to_target(self._logprobs(out[j, a:n]).argmax(-1)).tolist()
+            correct = sum(g == t for g, t in zip(guess, ids[s + 2 + a: s + 2 + n]))
             got = self.hits.setdefault(r.request_id, [0, 0])
             got[0] += correct
-            got[1] += n
+            got[1] += n - a
 
     def _grow(self, reqs: list[RequestState], budgets: list[int],
               root: torch.Tensor) -> list[tuple[list[int], list[int]]]:

@@ -1,0 +1,233 @@
+"""Scale-out on Ray Serve: several engine replicas behind one OpenAI-compatible endpoint.
+
+`draftwise serve --replicas N` builds a Ray Serve application whose one deployment runs,
+in every replica (a Ray actor, a process of its own), the very app the single-process
+server runs (`create_app` over an `LLM`): continuous batching and speculation inside each
+replica, Ray Serve's proxy in front spreading requests over them, and its autoscaler
+adding or removing replicas on ongoing requests (`--min-replicas/--max-replicas`). So
+everything the single server does holds per request: streaming, sampling options,
+logprobs, the error envelope, the API key, the body cap, the queue limit (429, per
+replica), a client disconnect cancelling its request (Ray cancels the replica's handler,
+which aborts the engine request and frees its cache row), `/health`.
+
+What spans replicas:
+- `/metrics`: each replica pushes its own exposition to one `MetricsHub` actor every
+  `PUSH_SECONDS`; a scrape, whichever replica answers it, returns every series summed
+  over the replicas, and each replica's own copy labelled `replica="<id>"`.
+- weights: replicas load from the shared cache (`~/.cache/draftwise`); the driver pulls a
+  bundled model once before any replica starts, so replicas never download or convert.
+
+Ray is an optional extra (`pip install "draftwise[ray]"`); nothing imports it unless
+`--replicas` is given.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from draftwise.errors import BadInput
+
+HUB_NAME = "draftwise-metrics"
+APP_NAME = "draftwise"
+PUSH_SECONDS = 1.0
+STALE_SECONDS = 30.0  # a replica that stopped pushing this long ago (dead, replaced) drops out
+
+
+def require_ray():
+    try:
+        import ray
+        from ray import serve  # noqa: F401
+    except ImportError as e:  # not installed, or installed without Serve
+        raise BadInput(f"--replicas needs the 'ray' extra ({e.name or 'ray.serve'} is missing): "
+                       f"pip install \"draftwise[ray]\"") from None
+    return ray
+
+
+@dataclass
+class ReplicaSettings:
+    """What each replica needs to build its engine and app (sent to the replicas as is)."""
+
+    model: str
+    dtype: str = "bf16"
+    device: str | None = None
+    quantization: str = "none"
+    revision: str | None = None
+    max_batch_size: int = 8
+    max_model_len: int | None = None
+    speculative_config: dict | None = None
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_queue: int = 64
+    max_body_bytes: int = 4 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    body_timeout: float = 30.0
+
+
+def start_ray(address: str | None, timeout: float = 30.0, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or start a local Ray instance), within `timeout` seconds."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported as one line below
+            failure.append(e)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise BadInput(f"--ray-address {address}: no Ray cluster answered within {timeout:.0f} s")
+    if failure:
+        where = f"--ray-address {address}" if address else "starting a local Ray instance"
+        raise BadInput(f"{where}: {str(failure[0]).splitlines()[0] if str(failure[0]) else type(failure[0]).__name__}")
+
+
+# --- metrics across replicas -------------------------------------------------------------------
+
+
+def metrics_hub():
+    """The named actor replicas push their metrics to (created on first use)."""
+    ray = require_ray()
+
+    @ray.remote(num_cpus=0)
+    class MetricsHub:
+        def __init__(self) -> None:
+            self.texts: dict[str, tuple[float, bytes]] = {}
+
+        def put(self, replica: str, text: bytes) -> None:
+            self.texts[replica] = (time.time(), text)
+
+        def get(self) -> dict[str, bytes]:
+            now = time.time()
+            return {r: t for r, (at, t) in self.texts.items() if now - at < STALE_SECONDS}
+
+    return MetricsHub.options(name=HUB_NAME, namespace="draftwise", get_if_exists=True,
+                              lifetime="detached").remote()
+
+
+def merge_metrics(texts: dict[str, bytes]) -> bytes:
+    """Every series summed over the replicas, then each replica's own copy with a `replica` label."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    totals: dict[tuple[str, str, tuple], float] = {}
+    per_replica: list[tuple[str, str, dict, float]] = []
+    for replica, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text.decode()):
+            families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+            for s in fam.samples:
+                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
+                totals[key] = totals.get(key, 0.0) + s.value
+                per_replica.append((fam.name, s.name, {**s.labels, "replica": replica}, s.value))
+    for (fam, name, labels), value in totals.items():
+        families[fam].add_sample(name, dict(labels), value)
+    for fam, name, labels, value in per_replica:
+        families[fam].add_sample(name, labels, value)
+
+    class Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+# --- the application ---------------------------------------------------------------------------
+
+
+def build_replica_app(settings: ReplicaSettings):
+    """In a replica: load the engine, build the single-server app, share its metrics."""
+    import ray
+    from fastapi import Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from draftwise.api import LLM
+    from draftwise.server.app import create_app
+
+    llm = LLM(settings.model, dtype=settings.dtype, device=settings.device,
+              speculative_config=settings.speculative_config, max_batch_size=settings.max_batch_size,
+              max_model_len=settings.max_model_len, quantization=settings.quantization,
+              revision=settings.revision, progress=False)
+    app = create_app(llm, served_model_name=settings.served_model_name or settings.model,
+                     api_key=settings.api_key, max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
+                     shutdown_timeout=settings.shutdown_timeout, body_timeout=settings.body_timeout)
+    state = app.state.draftwise
+    replica = ray.get_runtime_context().get_actor_id()[:12]
+    hub = metrics_hub()
+
+    def push_forever() -> None:
+        while True:
+            try:
+                hub.put.remote(replica, state.metrics.render())  # fire and forget
+            except Exception:  # noqa: BLE001 - the hub is best effort; serving goes on
+                pass
+            time.sleep(PUSH_SECONDS)
+
+    threading.Thread(target=push_forever, name="draftwise-metrics-push", daemon=True).start()
+
+    # /metrics answers for every replica (replace the single server's route)
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/metrics"]
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        texts = await hub.get.remote()
+        texts[replica] = state.metrics.render()  # this replica's freshest numbers
+        return Response(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def build_application(settings: ReplicaSettings, *, replicas: int = 2, min_replicas: int | None = None,
+                      max_replicas: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0):
+    """The Ray Serve application: one deployment, `replicas` replicas (or autoscaled)."""
+    require_ray()
+    from ray import serve
+
+    data = asdict(settings)
+
+    def builder():
+        return build_replica_app(ReplicaSettings(**data))
+
+    options: dict = {"name": APP_NAME, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                     "max_ongoing_requests": settings.max_batch_size + settings.max_queue + 1,
+                     "graceful_shutdown_timeout_s": settings.shutdown_timeout, "health_check_period_s": 2,
+                     "health_check_timeout_s": 30}
+    if min_replicas is not None or max_replicas is not None:
+        lo = min_replicas if min_replicas is not None else 1
+        options["autoscaling_config"] = {"min_replicas": lo, "initial_replicas": max(lo, min(replicas, max_replicas or replicas)),
+                                         "max_replicas": max_replicas if max_replicas is not None else max(lo, replicas),
+                                         "target_ongoing_requests": max(1, settings.max_batch_size)}
+    else:
+        options["num_replicas"] = replicas
+    deployment = serve.deployment(serve.ingress(builder)(), **options)
+    return deployment.bind()
+
+
+def run_application(app, host: str, port: int, blocking: bool = True):
+    """Start Serve's HTTP proxy on host:port and deploy `app`; with `blocking`, serve until
+    SIGTERM / Ctrl-C, then shut Serve down (replicas drain for `shutdown_timeout`)."""
+    require_ray()
+    import signal
+
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(app, name=APP_NAME, route_prefix="/")
+    if not blocking:
+        return handle
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return None
