@@ -23,6 +23,8 @@ Ray is an optional extra (`pip install "draftwise[ray]"`); nothing imports it un
 
 from __future__ import annotations
 
+import importlib
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +40,8 @@ STALE_SECONDS = 30.0  # a replica that stopped pushing this long ago (dead, repl
 def require_ray():
     try:
         import ray
-        from ray import serve  # noqa: F401
+
+        importlib.import_module("ray.serve")  # the extra installs Serve, not just ray
     except ImportError as e:  # not installed, or installed without Serve
         raise BadInput(f"--replicas needs the 'ray' extra ({e.name or 'ray.serve'} is missing): "
                        f"pip install \"draftwise[ray]\"") from None
@@ -66,27 +69,36 @@ class ReplicaSettings:
 
 
 def start_ray(address: str | None, timeout: float = 30.0, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or start a local Ray instance), within `timeout` seconds."""
+    """Join the cluster at `address` (or start a local Ray instance, loopback only). An
+    address that does not accept a connection within `timeout` seconds is refused before
+    Ray is touched (Ray itself would retry for minutes). Ray must start on the main thread."""
     ray = require_ray()
     if ray.is_initialized():
         return
-    failure: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            kwargs = {"address": address} if address else {"num_cpus": num_cpus}
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - reported as one line below
-            failure.append(e)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise BadInput(f"--ray-address {address}: no Ray cluster answered within {timeout:.0f} s")
-    if failure:
+    if address and address != "auto":
+        _probe(address, timeout)
+    kwargs = {"address": address} if address else {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"}
+    try:
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported as one line
         where = f"--ray-address {address}" if address else "starting a local Ray instance"
-        raise BadInput(f"{where}: {str(failure[0]).splitlines()[0] if str(failure[0]) else type(failure[0]).__name__}")
+        raise BadInput(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _probe(address: str, timeout: float) -> None:
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise BadInput(f"--ray-address {address}: no Ray cluster answered within {timeout:.0f} s "
+                       f"({e.strerror or type(e).__name__})") from None
 
 
 # --- metrics across replicas -------------------------------------------------------------------
@@ -125,6 +137,8 @@ def merge_metrics(texts: dict[str, bytes]) -> bytes:
         for fam in text_string_to_metric_families(text.decode()):
             families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
             for s in fam.samples:
+                if s.name.endswith("_created"):  # creation timestamps: not a quantity to sum
+                    continue
                 key = (fam.name, s.name, tuple(sorted(s.labels.items())))
                 totals[key] = totals.get(key, 0.0) + s.value
                 per_replica.append((fam.name, s.name, {**s.labels, "replica": replica}, s.value))
