@@ -165,3 +165,25 @@ def test_coupled_speculation_samples_the_plain_distribution(tokenizer):
     tv = 0.5 * sum(abs(hp.get(k, 0) - hs.get(k, 0)) for k in set(hp) | set(hs)) / n
     assert tv < 0.25, tv  # sampling noise alone ~0.15 (64 outcomes, 600 samples each)
     assert sum(o.stats["accepted_tokens"] for o in spec) > 0
+
+
+def test_n_samples_each_have_their_own_seed_stream_and_speculation_keeps_them(tokenizer):
+    """SamplingParams(n=3, seed=s) in LLM.generate: three samples, sample i is what a single
+    request seeded s + i gives; with speculation (coupled sampling) the very same tokens."""
+    target = tiny_model()
+    plain = LLM.from_model(target, tokenizer, max_batch_size=4)
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=40, n=3, ignore_eos=True)
+    out = plain.generate(PROMPTS[:2], params)
+    assert [len(o.outputs) for o in out] == [3, 3]
+    assert [c.index for c in out[0].outputs] == [0, 1, 2]
+    assert out[0].token_ids == out[0].outputs[0].token_ids and out[0].text == out[0].outputs[0].text
+    for i in range(3):
+        single = plain.generate(PROMPTS[0], params.model_copy(update={"n": 1, "seed": 40 + i}))[0]
+        assert out[0].outputs[i].token_ids == single.token_ids
+    assert len({tuple(c.token_ids) for c in out[0].outputs}) > 1  # the samples differ
+    spec = LLM.from_model(target, tokenizer, max_batch_size=4,
+                          speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    again = spec.generate(PROMPTS[:2], params)
+    assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in out]
+    greedy = plain.generate(PROMPTS[0], SamplingParams(max_tokens=12, n=2, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids

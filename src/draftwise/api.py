@@ -18,7 +18,22 @@ from draftwise.sampling import SamplingParams, TokenLogprob
 from draftwise.speculators import Target, build_proposer
 
 @dataclass
+class CompletionOutput:
+    """One sample of a prompt (vLLM's name and fields)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
 class RequestOutput:
+    """What one prompt gave: `outputs` holds its `SamplingParams.n` samples (as vLLM's);
+    `text`, `token_ids`, `finish_reason`, `stats` and `logprobs` are the first sample's."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -27,6 +42,7 @@ class RequestOutput:
     finish_reason: str | None
     stats: dict[str, Any] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # per output token, when SamplingParams.logprobs is set
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
 
 class LLM:
@@ -129,11 +145,22 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise BadInput("give one SamplingParams, or one per prompt")
-        reqs = [self.engine.add_request(self.encode_prompt(p), sp) for p, sp in zip(prompts, per_prompt)]
+        groups = []  # per prompt, its n requests
+        for p, sp in zip(prompts, per_prompt):
+            ids = self.encode_prompt(p)
+            groups.append([self.engine.add_request(ids, self._sample_params(sp, i)) for i in range(sp.n)])
         start = time.perf_counter()
         self.engine.run_until_done(on_output)
         elapsed = time.perf_counter() - start
-        return [self._output(r, p, elapsed) for r, p in zip(reqs, prompts)]
+        return [self._output(reqs, p, elapsed) for reqs, p in zip(groups, prompts)]
+
+    @staticmethod
+    def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+        """Sample `index` of n: its own random stream (seed + index) when a seed is given."""
+        if params.n == 1:
+            return params
+        seed = None if params.seed is None else (params.seed + index) % 2**63
+        return params.model_copy(update={"n": 1, "seed": seed})
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None, **kw) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them."""
@@ -141,12 +168,16 @@ class LLM:
             conversations = [conversations]
         return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, **kw)
 
-    def _output(self, req, prompt, elapsed: float) -> RequestOutput:
-        text = req.stop_text if req.stop_text is not None else self.tokenizer.decode(
-            req.output_ids, skip_special_tokens=True)
-        stats = req.stats.to_dict()
-        stats["seconds"] = round(elapsed, 4)
-        stats["tokens_per_second"] = round(len(req.output_ids) / elapsed, 3) if elapsed > 0 else 0.0
-        return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None, req.prompt_ids,
-                             text, list(req.output_ids), req.finish_reason, stats,
-                             list(req.output_logprobs) if req.params.logprobs is not None else None)
+    def _output(self, reqs, prompt, elapsed: float) -> RequestOutput:
+        outs = []
+        for i, req in enumerate(reqs):
+            text = req.stop_text if req.stop_text is not None else self.tokenizer.decode(
+                req.output_ids, skip_special_tokens=True)
+            stats = req.stats.to_dict()
+            stats["seconds"] = round(elapsed, 4)
+            stats["tokens_per_second"] = round(len(req.output_ids) / elapsed, 3) if elapsed > 0 else 0.0
+            outs.append(CompletionOutput(i, text, list(req.output_ids), req.finish_reason, stats,
+                                         list(req.output_logprobs) if req.params.logprobs is not None else None))
+        first = outs[0]
+        return RequestOutput(reqs[0].request_id, prompt if isinstance(prompt, str) else None, reqs[0].prompt_ids,
+                             first.text, first.token_ids, first.finish_reason, first.stats, first.logprobs, outs)

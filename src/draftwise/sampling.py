@@ -42,6 +42,8 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI style, over output")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI style, over output")
     seed: int | None = Field(default=None, ge=0, description="seed of this request's random stream")
+    n: int = Field(default=1, ge=1, le=128, description="samples per prompt (LLM.generate): sample i is seeded "
+                                                         "seed + i, each its own random stream")
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

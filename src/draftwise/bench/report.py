@@ -89,7 +89,7 @@ def write_reports(
             "model": settings.model, "dtype": settings.dtype, "device": settings.device,
             "quantization": settings.quantization,
             "dataset": settings.dataset, "categories": settings.categories, "limit": settings.limit,
-            "max_tokens": settings.max_tokens, "temperature": settings.temperature,
+            "max_tokens": settings.max_tokens, "temperature": settings.temperature, "sampling": settings.sampling,
             "chat_template": settings.chat_template, "warmup": settings.warmup, "batch_size": 1,
         },
         "methods": [{"label": m.label, "kind": m.kind, "config": m.config_dict(), "peer": m.peer} for m in methods],
@@ -132,7 +132,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Dataset: {Path(s['dataset']).name or '-'}"
         f"{' (categories: ' + ', '.join(s['categories']) + ')' if s['categories'] else ''}"
         f"{', first ' + str(s['limit']) + ' per category' if s['limit'] else ''}; "
-        f"{'greedy' if s['temperature'] == 0 else 'temperature ' + str(s['temperature'])}, batch 1, "
+        f"{'greedy' if s['temperature'] == 0 else 'temperature ' + str(s['temperature']) + ', ' + s.get('sampling', 'coupled') + ' sampling'}, batch 1, "
         f"max {s['max_tokens']} new tokens per turn, {'chat template' if s['chat_template'] else 'raw prompts'}.",
         "",
         "| method | tokens/s | speedup | mean accepted length | target passes / token | draft time | "

@@ -68,7 +68,8 @@ def build_prompt(llm, messages: list[dict[str, str]], chat_template: bool) -> li
 
 def sampling_for(settings: BenchSettings, question: Question, turn: int, max_tokens: int | None = None) -> SamplingParams:
     seed = None if settings.temperature == 0 else zlib.crc32(f"{question.question_id}/{turn}".encode())
-    return SamplingParams(max_tokens=max_tokens or settings.max_tokens, temperature=settings.temperature, seed=seed)
+    return SamplingParams(max_tokens=max_tokens or settings.max_tokens, temperature=settings.temperature, seed=seed,
+                          sampling=settings.sampling)
 
 
 def pending(store: RecordStore, questions: Sequence[Question], label: str) -> int:

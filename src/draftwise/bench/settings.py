@@ -16,6 +16,7 @@ class BenchSettings:
     device: str = "cpu"
     max_tokens: int = 1024
     temperature: float = 0.0
+    sampling: str = "coupled"  # coupled | rejection (SamplingParams.sampling), when temperature > 0
     chat_template: bool = True
     warmup: bool = True
     dataset: str = ""
@@ -25,7 +26,7 @@ class BenchSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a record's numbers depend on (a resumed run must match them)."""
-        keys = ("model", "dtype", "device", "max_tokens", "temperature", "chat_template", "quantization")
+        keys = ("model", "dtype", "device", "max_tokens", "temperature", "sampling", "chat_template", "quantization")
         return {k: v for k, v in asdict(self).items() if k in keys}
 
 

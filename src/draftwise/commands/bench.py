@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N questions of each category")
     p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per turn at most (default 1024, as Spec-Bench)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as Spec-Bench)")
+    p.add_argument("--sampling", default="coupled", choices=["coupled", "rejection"],
+                   help="with --temperature > 0: coupled (default; seeded tokens equal plain decoding's) or "
+                        "rejection (classic speculative sampling, the same distribution only)")
     p.add_argument("--no-chat-template", action="store_true", help="send the raw question text instead")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before each method")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results); reruns resume")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.speculator, peers)
     settings = BenchSettings(
         model=args.model, dtype=args.dtype, device=args.device or default_device(), max_tokens=args.max_tokens,
-        temperature=args.temperature, chat_template=not args.no_chat_template, warmup=not args.no_warmup,
+        temperature=args.temperature, sampling=args.sampling, chat_template=not args.no_chat_template, warmup=not args.no_warmup,
         dataset=str(args.dataset), categories=categories, limit=args.limit, quantization=args.quantization,
     )
     llm = LLM(args.model, dtype=args.dtype, device=settings.device, max_batch_size=1,
