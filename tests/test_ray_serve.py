@@ -63,7 +63,8 @@ def replicas(single):
 
     start_ray(None, num_cpus=2)
     port = free_port()
-    settings = ReplicaSettings(model=MODEL, dtype="bf16", max_batch_size=4, max_queue=16, served_model_name=MODEL)
+    settings = ReplicaSettings(model=MODEL, dtype="bf16", max_batch_size=4, max_queue=16, served_model_name=MODEL,
+                               speculative_config={"method": "suffix", "num_speculative_tokens": 8, "adaptive": False})
     run_application(build_application(settings, replicas=2, num_cpus=0.5), "127.0.0.1", port, blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 120)
@@ -127,6 +128,23 @@ def test_greedy_chat_and_completions_equal_the_single_server(single, replicas):
     got = httpx.post(f"{replicas}/v1/completions", json=body, timeout=120).json()
     assert got["choices"][0]["text"] == want["choices"][0]["text"]
     assert got["choices"][0]["logprobs"]["tokens"] == want["choices"][0]["logprobs"]["tokens"]
+
+
+def test_the_suffix_cache_learns_across_replicas(replicas):
+    """A question answered once, by one replica, is drafted from by both afterwards: every
+    later answer (whichever replica serves it) replays it (the replicas run `suffix`)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Describe a lighthouse at dusk in detail."}],
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    first = httpx.post(f"{replicas}/v1/chat/completions", json=body, timeout=120).json()
+    time.sleep(3 * 1.0 + 1)  # sequences travel every PUSH_SECONDS, through the hub and back
+    for _ in range(6):
+        again = httpx.post(f"{replicas}/v1/chat/completions", json=body, timeout=120).json()
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert again["draftwise"]["mean_accepted_length"] > 4, again["draftwise"]
+    text = httpx.get(f"{replicas}/metrics", timeout=10).text
+    per = [line for line in text.splitlines()
+           if line.startswith("vllm:request_success_total{") and 'replica="' in line]
+    assert len(per) == 2  # both replicas report (which served what is Ray's choice)
 
 
 def test_sixteen_concurrent_requests_spread_over_both_replicas(replicas):

@@ -273,3 +273,24 @@ def test_repeats_stay_linear_in_nodes() -> None:
     # an uncompressed trie would hold ~ 300 x 80 nodes for the repeated windows
     assert tree.num_nodes <= 2 * 2400
     assert tree_counts(tree) == window_counts([seg * 4] + [seg] * 4, 80)
+
+
+def test_shared_sequences_reach_another_engines_global_tree(tokenizer):
+    """share(): a finished sequence goes to `outbox`; put into another suffix cache's `inbox`,
+    it is drafted from there at once (what Ray Serve replicas do through their hub)."""
+    from conftest import tiny_model
+    from draftwise.api import LLM
+    from draftwise.sampling import SamplingParams
+
+    target = tiny_model()
+    spec = {"method": "suffix", "num_speculative_tokens": 8, "adaptive": False}
+    a, b, c = (LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=1) for _ in range(3))
+    a.engine.proposer.share()
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompt = "quite a different prompt: "
+    first = a.generate(prompt, params)[0]
+    assert list(a.engine.proposer.outbox) == [first.prompt_token_ids + first.token_ids]
+    b.engine.proposer.inbox.put(a.engine.proposer.outbox.popleft())
+    shared, alone = b.generate(prompt, params)[0], c.generate(prompt, params)[0]
+    assert shared.token_ids == alone.token_ids == first.token_ids
+    assert shared.stats["mean_accepted_length"] > 4 > alone.stats["mean_accepted_length"] + 1

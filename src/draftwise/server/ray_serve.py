@@ -11,6 +11,10 @@ replica), a client disconnect cancelling its request (Ray cancels the replica's 
 which aborts the engine request and frees its cache row), `/health`.
 
 What spans replicas:
+- the suffix cache's learned traffic: every replica's suffix cache (the `suffix` method,
+  or the adaptive speculator's suffix part) sends its finished sequences to one
+  `TrafficHub` actor and takes the other replicas' from it, every `PUSH_SECONDS`; so a
+  question answered by one replica is drafted from by all of them;
 - `/metrics`: each replica pushes its own exposition to one `MetricsHub` actor every
   `PUSH_SECONDS`; a scrape, whichever replica answers it, returns every series summed
   over the replicas, and each replica's own copy labelled `replica="<id>"`.
@@ -124,6 +128,40 @@ def metrics_hub():
                               lifetime="detached").remote()
 
 
+def traffic_hub():
+    """The named actor replicas exchange finished sequences through (created on first use)."""
+    ray = require_ray()
+
+    @ray.remote(num_cpus=0)
+    class TrafficHub:
+        def __init__(self, keep: int = 10000) -> None:
+            self.log: list[tuple[str, list[int]]] = []  # (replica, tokens), in arrival order
+            self.dropped = 0  # entries before log[0] (the log keeps the newest `keep`)
+            self.keep = keep
+
+        def exchange(self, replica: str, sequences: list[list[int]], since: int) -> tuple[list[list[int]], int]:
+            """Add this replica's sequences; return the others' that arrived after position `since`."""
+            self.log += [(replica, seq) for seq in sequences]
+            if len(self.log) > self.keep:
+                cut = len(self.log) - self.keep
+                self.log, self.dropped = self.log[cut:], self.dropped + cut
+            start = max(0, since - self.dropped)
+            theirs = [seq for who, seq in self.log[start:] if who != replica]
+            return theirs, self.dropped + len(self.log)
+
+    return TrafficHub.options(name=HUB_NAME + "-traffic", namespace="draftwise", get_if_exists=True,
+                              lifetime="detached").remote()
+
+
+def suffix_parts(proposer) -> list:
+    """The suffix caches inside a speculator (itself, or the parts of a composite one)."""
+    from draftwise.speculators.suffix import SuffixProposer
+
+    if isinstance(proposer, SuffixProposer):
+        return [proposer]
+    return [p for p in getattr(proposer, "parts", {}).values() if isinstance(p, SuffixProposer)]
+
+
 def merge_metrics(texts: dict[str, bytes]) -> bytes:
     """Every series summed over the replicas, then each replica's own copy with a `replica` label."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -178,12 +216,26 @@ def build_replica_app(settings: ReplicaSettings):
     state = app.state.draftwise
     replica = ray.get_runtime_context().get_actor_id()[:12]
     hub = metrics_hub()
+    suffixes = suffix_parts(llm.engine.proposer)
+    traffic = traffic_hub() if suffixes else None
+    if suffixes:
+        suffixes[0].share()  # one outbox per replica; every suffix part takes the others' sequences
+    seen = 0  # position in the traffic hub's log already taken
 
     def push_forever() -> None:
+        nonlocal seen
         while True:
             try:
                 hub.put.remote(replica, state.metrics.render())  # fire and forget
-            except Exception:  # noqa: BLE001 - the hub is best effort; serving goes on
+                if traffic is not None:
+                    mine = []
+                    while suffixes[0].outbox:
+                        mine.append(suffixes[0].outbox.popleft())
+                    theirs, seen = ray.get(traffic.exchange.remote(replica, mine, seen), timeout=30)
+                    for part in suffixes:
+                        for seq in theirs:
+                            part.inbox.put(seq)
+            except Exception:  # noqa: BLE001 - the hubs are best effort; serving goes on
                 pass
             time.sleep(PUSH_SECONDS)
 

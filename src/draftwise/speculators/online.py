@@ -126,7 +126,8 @@ class OnlineLearner:
         self.params = [p for p in self.head.parameters() if p.requires_grad]
         self.objective = EagleObjective(self.head, target, data_layers, settings.ttt_steps)
         self.opt = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
-        self.steps = 0
+        self.steps = 0  # training steps, carried over a resumed state
+        self._fresh_steps = 0  # steps of this optimizer (the warm-up restarts with it)
         self.swaps_made = 0
         self.last_loss: float | None = None
         self.last_metrics: dict[str, float] = {}
@@ -215,7 +216,7 @@ class OnlineLearner:
         batch = batch.to(self.head.device)
         bf16 = self.target.dtype == torch.bfloat16  # the target's own weights enter the loss
         for group in self.opt.param_groups:  # linear warm-up: Adam's first steps are the largest
-            group["lr"] = self.settings.lr * min(1.0, (self.steps + 1) / max(1, self.settings.warmup))
+            group["lr"] = self.settings.lr * min(1.0, (self._fresh_steps + 1) / max(1, self.settings.warmup))
         with self._lock:
             with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, metrics = self.objective(batch)
@@ -226,6 +227,7 @@ class OnlineLearner:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
             self.opt.step()
             self.steps += 1
+            self._fresh_steps += 1
             self.last_loss = float(loss.detach())
             self.last_metrics = metrics
         if self.steps % self.settings.swap_every == 0:

@@ -14,6 +14,11 @@ finished requests (prompt + output, added in `end`, oldest evicted past
 `suffix_max_cached_requests` or `max_cached_tokens`). The draft with the higher score
 (sum of node probabilities = expected accepted tokens under the counts) wins.
 
+Sharing (several engines, e.g. Ray Serve replicas): with `share()` on, every finished
+sequence is also left in `outbox` for someone to carry elsewhere, and sequences put in
+`inbox` (from other engines, by any thread) join the global tree at the next `propose`,
+on the engine's thread, so the tree is never touched by two threads.
+
 The tree is path-compressed: an edge is a (sequence, start, length) label into the held
 sequences, and a node exists only where paths branch or windows end, so a tree holds
 O(tokens) nodes whatever the repetition. A window seen once ends in an *open leaf* that
@@ -27,6 +32,7 @@ finished request is inserted into the global tree in one go).
 from __future__ import annotations
 
 import heapq
+import queue
 from array import array
 from collections import deque
 from operator import attrgetter
@@ -318,6 +324,12 @@ class SuffixProposer(Proposer):
         self._cached: deque[_Seq] = deque()
         self._cached_tokens = 0
         self._local: dict[str, tuple[SuffixTree, _Seq]] = {}
+        self.outbox: deque[list[int]] | None = None  # finished sequences for other engines (share())
+        self.inbox: queue.SimpleQueue[list[int]] = queue.SimpleQueue()  # theirs, added at the next propose
+
+    def share(self, keep: int = 1000) -> None:
+        """Leave every finished sequence (prompt + output) in `outbox` (the newest `keep`)."""
+        self.outbox = deque(maxlen=keep)
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Any = None) -> "SuffixProposer":
@@ -338,10 +350,17 @@ class SuffixProposer(Proposer):
 
     def end(self, request: RequestState) -> None:
         self._local.pop(request.request_id, None)
+        tokens = request.prompt_ids + request.output_ids
+        if self.outbox is not None:
+            self.outbox.append(tokens)
+        self.remember(tokens)
+
+    def remember(self, tokens: list[int]) -> None:
+        """Add a finished sequence to the global tree (evicting the oldest past the limits)."""
         if self.max_cached_requests <= 0 or self.max_cached_tokens <= 0:
             return
         seq = _Seq()
-        self.global_tree.extend(seq, request.prompt_ids + request.output_ids)
+        self.global_tree.extend(seq, tokens)
         seq.active = []  # finished: no window grows any more
         self._cached.append(seq)
         self._cached_tokens += len(seq.tokens)
@@ -353,6 +372,8 @@ class SuffixProposer(Proposer):
             self._cached_tokens -= len(old.tokens)
 
     def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
+        while not self.inbox.empty():
+            self.remember(self.inbox.get_nowait())
         draft = Draft.empty(len(requests))
         for i, (request, k) in enumerate(zip(requests, num_tokens)):
             if k <= 0:
