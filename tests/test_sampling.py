@@ -243,3 +243,10 @@ def test_sample_frequencies() -> None:
     draws = sample(p.expand(40_000, 4), torch.Generator().manual_seed(3))  # [40000]
     freq = torch.bincount(draws, minlength=4) / 40_000
     assert (freq - p).abs().sum().item() / 2 < 0.01
+
+
+def test_coupled_is_the_default_only_with_a_seed():
+    assert SamplingParams(temperature=1.0, seed=3).coupled
+    assert not SamplingParams(temperature=1.0).coupled  # no seed: classic rejection sampling, higher acceptance
+    assert SamplingParams(temperature=1.0, sampling="coupled").coupled
+    assert not SamplingParams(temperature=1.0, seed=3, sampling="rejection").coupled

@@ -40,6 +40,6 @@ class RequestState:
         else a draw from the request's generator."""
         if self.params.greedy:
             return int(q.argmax())
-        if self.params.sampling == "coupled":
+        if self.params.coupled:
             return coupled_pick(q, self.noise_seed, len(self.output_ids) + ahead)
         return int(sample(q[None], self.generator)[0])

@@ -5,14 +5,19 @@ functions below apply them (penalties, temperature, top-k, top-p, min-p) and are
 by plain decoding and by verification, so both sample from the very same distribution.
 `token_logprobs` reports the log-probabilities of emitted tokens when a request asks.
 
-Randomness keyed by position (`sampling="coupled"`, the default): the token at output
+Randomness keyed by position (`sampling="coupled"`, the default for a request with a
+seed): the token at output
 position t is argmax_v p_t(v) / E_t(v), with E_t(v) ~ Exp(1) drawn from a generator seeded
 by (seed, t) alone (`position_noise`). That is the Gumbel-max trick (log p - log E is log p
 plus Gumbel noise), so the token is an exact sample of p_t; and because the noise does
 not depend on how many draws came before, plain decoding, every speculator and every
 batch composition commit the very same tokens for the same seed (verify.py,
-`verify_coupled`). `sampling="rejection"` draws from the request's generator in call
-order instead (classic speculative sampling: the same distribution, not the same tokens).
+`verify_coupled`). `sampling="rejection"` (the default without a seed) draws from the
+request's generator in call order instead (classic speculative sampling: the same
+distribution, not the same tokens). Measured on qwen2.5-coder-1.5b with its 0.5B draft
+(4 tokens a step, 2026-12-02): mean accepted length 2.18 coupled vs 3.49 rejection at
+temperature 1.0, 2.59 vs 3.17 at 0.7; with the EAGLE head's point-mass tree 1.42 vs 1.53
+and 1.59 vs 1.62: the price of reproducibility, paid only when a seed asks for it.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    sampling: Literal["coupled", "rejection"] = Field(
-        default="coupled", description="coupled: randomness keyed by (seed, output position), so a seed gives the "
-                                       "same tokens with or without speculation at any batch; rejection: classic "
-                                       "speculative sampling (the same distribution only)")
+    sampling: Literal["coupled", "rejection"] | None = Field(
+        default=None, description="coupled: randomness keyed by (seed, output position), so a seed gives the "
+                                  "same tokens with or without speculation at any batch; rejection: classic "
+                                  "speculative sampling (the same distribution only; a stochastic draft is "
+                                  "accepted more often); default: coupled when a seed is set, else rejection")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="return each output token's log-probability and the N most likely "
                                              "alternatives (None = off)")
@@ -63,6 +69,11 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def coupled(self) -> bool:
+        """Position-keyed randomness (see the module docstring)?"""
+        return self.sampling == "coupled" or (self.sampling is None and self.seed is not None)
 
 
 # --- from logits to a distribution ---------------------------------------------------------

@@ -73,7 +73,7 @@ def verify_rows(
         probs = target_distribution(
             logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i]
         )  # [n+1, vocab]
-        coupled = (req.noise_seed, len(req.output_ids)) if req.params.sampling == "coupled" else None
+        coupled = (req.noise_seed, len(req.output_ids)) if req.params.coupled else None
         res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy,
                      coupled)
         if req.params.logprobs is not None:  # rows that emitted: the root, then each accepted node

@@ -88,7 +88,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> Sampl
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=body.logprob_count(),
-            sampling=body.sampling or "coupled",
+            sampling=body.sampling,
         )
     except ValidationError as e:
         raise APIError(400, one_line(e)) from None

@@ -5,7 +5,8 @@ ignored; a few harmless OpenAI fields (`user`, `store`, `metadata`, ...) are acc
 ignored. Options this server cannot honour exactly (echo, tools, logit_bias, ...) are
 accepted by the schema and refused by `unsupported()` with a clear 400.
 Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-return_token_ids; draftwise's own: sampling ("coupled", the default, or "rejection").
+return_token_ids; draftwise's own: sampling ("coupled", the default with a seed, or "rejection", the
+default without).
 
 Client strings are checked in one place (`ClientModel`): a lone surrogate (JSON allows
 `"\ud800"`, which is no Unicode text) is refused with a 400 before anything tries to
