@@ -239,7 +239,7 @@ def build_replica_app(settings: ReplicaSettings):
                 pass
             time.sleep(PUSH_SECONDS)
 
-    threading.Thread(target=push_forever, name="draftwise-metrics-push", daemon=True).start()
+    threading.Thread(target=push_forever, name="draftwise-replica-sync", daemon=True).start()
 
     # /metrics answers for every replica (replace the single server's route)
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/metrics"]
