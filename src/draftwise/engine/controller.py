@@ -43,6 +43,7 @@ from draftwise.engine.costs import MAX_EXPLORE_GAP, CostModel
 from draftwise.verify import expected_tokens
 from draftwise.engine.tree_controller import TreeController
 from draftwise.request import RequestState
+from draftwise.speculators import proposer_class
 
 OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
 
@@ -118,17 +119,17 @@ class FixedController:
         pass
 
 
-# num_speculative_tokens counts tree nodes, not a chain (adaptive: its parts may draft trees)
-TREE_METHODS = ("eagle", "medusa", "adaptive")
-
-
 def make_controller(config: SpeculativeConfig):
-    """Chains: AdaptiveController; trees: TreeController (engine/tree_controller.py); either
-    FixedController when `adaptive` is false."""
+    """Chains: AdaptiveController; methods that draft trees (`Proposer.drafts_trees`):
+    TreeController (engine/tree_controller.py); either FixedController when `adaptive` is false."""
     adaptive = config.adaptive if config.adaptive is not None else True
     if not adaptive:
         return FixedController(config.num_speculative_tokens)
-    if config.method in TREE_METHODS:
+    try:
+        trees = proposer_class(config.method).drafts_trees
+    except ValueError:  # an unknown method is refused where the proposer is built
+        trees = False
+    if trees:
         if config.method == "eagle":
             depth = config.eagle_tree_depth
         elif config.method == "medusa" and config.tree:

@@ -103,6 +103,7 @@ class _Pending:
 @register
 class AdaptiveProposer(Proposer):
     name = "adaptive"
+    drafts_trees = True
 
     def __init__(self, parts: dict[str, Proposer], caps: dict[str, int], learner: OnlineLearner | None = None,
                  data_layers: Sequence[int] = (), depth: int = 5, state: AdaptiveState | None = None,

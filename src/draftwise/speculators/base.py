@@ -17,6 +17,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
+from draftwise.config import SpeculativeConfig
 from draftwise.request import RequestState
 
 
@@ -50,9 +51,18 @@ class Proposer(ABC):
     """Base class of all speculation methods."""
 
     name: ClassVar[str]
+    # num_speculative_tokens counts the nodes of a token tree (eagle, medusa, adaptive), not a
+    # chain's length: the engine then picks a node budget per step (engine/tree_controller.py)
+    drafts_trees: ClassVar[bool] = False
     # target layers whose outputs this proposer reads (-1 = last layer, before the final
     # norm); the engine then calls `on_hidden` after every target pass
     hidden_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig, target: "Target") -> "Proposer":
+        """Build the method from its config for `target` (how `build_proposer` makes every
+        registered method); BadInput (one line) on what cannot work."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a speculative config")
 
     def attach_target_cache(self, cache) -> None:
         """The engine hands over its target KV cache once, before any request; a proposer

@@ -81,6 +81,7 @@ class _Tree:
 @register
 class EagleProposer(Proposer):
     name = "eagle"
+    drafts_trees = True
 
     def __init__(self, head: EagleHead, target, max_batch_size: int, max_model_len: int,
                  top_k: int = 4, depth: int = 5, total_tokens: int | None = None) -> None:

@@ -159,6 +159,7 @@ def load_medusa(path: str | Path) -> MedusaHeads:
 @register
 class MedusaProposer(Proposer):
     name = "medusa"
+    drafts_trees = True
     hidden_layers = (-1,)
 
     def __init__(self, model, heads: MedusaHeads, tree: TreeShape | None = None) -> None:
