@@ -248,3 +248,24 @@ def test_adaptive_without_learner_uses_static_and_suffix(tokenizer):
     assert set(llm.engine.proposer.parts) == {"static", "suffix"}
     assert isinstance(llm.engine.proposer, AdaptiveProposer) and llm.engine.proposer.learner is None
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+
+
+def test_train_share_zero_trains_only_while_the_engine_is_idle(tokenizer):
+    target = tiny_model()
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    buffer = filled_buffer(target, ["hello world " * 8], tokenizer, layers)
+    busy = OnlineLearner(head, target, layers, buffer, LearnerSettings(train_share=0.0, train_every=1, min_tokens=4,
+                                                                        idle_after=0.3))
+    busy.start()
+    try:
+        for _ in range(40):  # the engine steps every 10 ms: no training step
+            busy.tick()
+            time.sleep(0.01)
+        assert busy.steps == 0
+        deadline = time.monotonic() + 20
+        while busy.steps == 0 and time.monotonic() < deadline:  # idle: it trains
+            time.sleep(0.1)
+        assert busy.steps > 0
+    finally:
+        busy.stop()

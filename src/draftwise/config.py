@@ -21,8 +21,10 @@ class LearnerConfig(BaseModel):
                              "null: a new head; auto: the shipped head made for the target if there is one")
     train_threads: int = Field(default=1, ge=1, le=256, description="CPU threads the trainer thread uses")
     train_every: int = Field(default=2, ge=1, description="engine steps per training step at most")
-    train_share: float = Field(default=0.1, gt=0, le=1, description="most share of wall time spent training "
-                               "while the engine is busy (the trainer rests in between)")
+    train_share: float | None = Field(default=None, ge=0, le=1, description="most share of wall time spent "
+                                      "training while requests run (0: learn only while idle; default: 0.1 on "
+                                      "a GPU or a CPU of more than 4 cores, else 0: on a small CPU a training "
+                                      "step takes a core serving needs, see docs/adaptive.md)")
     train_when_idle: bool = Field(default=True, description="train freely while no request runs")
     buffer_tokens: int = Field(default=16384, ge=64, description="replay buffer size, tokens of recent traffic")
     min_tokens: int = Field(default=64, ge=1, description="tokens in the buffer before training starts")

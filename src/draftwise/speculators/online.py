@@ -13,7 +13,8 @@ buffer, newest sequences most often, in a thread of its own, never the engine's:
 - duty cycle: while the engine works, at most one training step per `train_every`
   engine steps (the engine `tick`s the learner once per step), and after a step of d
   seconds a rest of d (1 - share) / share, so training takes at most `train_share` of
-  the wall time; while the engine is idle (no step for `idle_after` seconds), freely;
+  the wall time (`train_share` 0: never while it works); while the engine is idle (no
+  step for `idle_after` seconds), freely;
 - cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
   that setting per thread, so the engine's passes keep theirs);
 - swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
@@ -185,7 +186,8 @@ class OnlineLearner:
         s = self.settings
         while not self._stop.is_set():
             ticked = self._tick.wait(s.idle_after)  # False: the engine was idle that long
-            if not ticked and s.idle_after is None:
+            if (not ticked and s.idle_after is None) or (ticked and s.train_share <= 0):
+                self._tick.clear()
                 continue
             self._tick.clear()
             if self._stop.is_set():
