@@ -25,6 +25,7 @@ the target verifies every token.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -81,8 +82,6 @@ def default_train_share(target_model) -> float:
     CPU of more than 4 cores; 0 (learn between requests only) on a smaller CPU, where a
     training step takes a core serving needs (measured on 2 cores: serving ran 0.7-0.9x
     plain with learning on at 0.1, against 1.1-1.6x without; docs/adaptive.md)."""
-    import os
-
     if target_model.device.type != "cpu" or (os.cpu_count() or 1) > 4:
         return 0.1
     return 0.0

@@ -222,7 +222,8 @@ class EagleProposer(Proposer):
             n = min(c, len(ids) - (s + 2))
             if n <= a:
                 continue
-            guess = self.head.to_target(self._logprobs(out[j, a:n]).argmax(-1)).tolist()
+            logits = self.head.logits(out[j, a:n], self.target.head_weight)  # argmax: no softmax needed
+            guess = self.head.to_target(logits.argmax(-1)).tolist()
             correct = sum(g == t for g, t in zip(guess, ids[s + 2 + a: s + 2 + n]))
             got = self.hits.setdefault(r.request_id, [0, 0])
             got[0] += correct

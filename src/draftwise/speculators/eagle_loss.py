@@ -37,6 +37,18 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.ids.to(device), self.feats.to(device), self.lengths.to(device), self.prompt_lens.to(device))
 
+    @classmethod
+    def of_windows(cls, windows: list[tuple[torch.Tensor, torch.Tensor, int]]) -> "Batch":
+        """Right-padded batch of windows (ids [n+1], feats [n, F], prompt tokens inside)."""
+        t = max(f.shape[0] for _, f, _ in windows)
+        ids = torch.zeros(len(windows), t + 1, dtype=torch.long)
+        feats = torch.zeros(len(windows), t, windows[0][1].shape[-1], dtype=windows[0][1].dtype)
+        for j, (i, f, _) in enumerate(windows):
+            ids[j, : i.shape[0]] = i
+            feats[j, : f.shape[0]] = f
+        return cls(ids, feats, torch.tensor([f.shape[0] for _, f, _ in windows]),
+                   torch.tensor([p for _, _, p in windows]))
+
 
 def ttt_mask(t: int, step: int, device) -> torch.Tensor:
     """Attention of step `step`'s queries [T] over the keys of steps 0..step [(step+1) * T]."""

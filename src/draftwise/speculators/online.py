@@ -57,7 +57,6 @@ class ReplayBuffer:
         self.max_tokens, self.max_len = max_tokens, max_len
         self.items: deque[Stored] = deque()
         self.tokens = 0
-        self.added = 0  # sequences ever added
         self._lock = threading.Lock()
 
     def add(self, ids: list[int], feats: torch.Tensor, prompt_len: int) -> None:
@@ -71,7 +70,6 @@ class ReplayBuffer:
         with self._lock:
             self.items.append(item)
             self.tokens += n
-            self.added += 1
             while self.tokens > self.max_tokens and len(self.items) > 1:
                 self.tokens -= self.items.popleft().feats.shape[0]
 
@@ -89,14 +87,7 @@ class ReplayBuffer:
             a = rng.randrange(0, max(1, n - self.max_len + 1))
             m = min(self.max_len, n - a)
             windows.append((it.ids[a: a + m + 1], it.feats[a: a + m], it.prompt_len - a))
-        t = max(w[1].shape[0] for w in windows)
-        ids = torch.zeros(len(windows), t + 1, dtype=torch.long)
-        feats = torch.zeros(len(windows), t, windows[0][1].shape[-1], dtype=torch.bfloat16)
-        for j, (i, f, _) in enumerate(windows):
-            ids[j, : i.shape[0]] = i
-            feats[j, : f.shape[0]] = f
-        return Batch(ids, feats, torch.tensor([w[1].shape[0] for w in windows]),
-                     torch.tensor([w[2] for w in windows]))
+        return Batch.of_windows(windows)
 
 
 @dataclass
@@ -131,7 +122,6 @@ class OnlineLearner:
         self._fresh_steps = 0  # steps of this optimizer (the warm-up restarts with it)
         self.swaps_made = 0
         self.last_loss: float | None = None
-        self.last_metrics: dict[str, float] = {}
         self.error: str | None = None
         self.thread_ids: set[int] = set()  # threads training ran on (tests check it is not the engine's)
         self.ready: EagleHead | None = None  # a drafting copy waiting to be swapped in
@@ -221,7 +211,7 @@ class OnlineLearner:
             group["lr"] = self.settings.lr * min(1.0, (self._fresh_steps + 1) / max(1, self.settings.warmup))
         with self._lock:
             with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, metrics = self.objective(batch)
+                loss, _ = self.objective(batch)
             if not loss.requires_grad:
                 return None
             self.opt.zero_grad(set_to_none=True)
@@ -231,7 +221,6 @@ class OnlineLearner:
             self.steps += 1
             self._fresh_steps += 1
             self.last_loss = float(loss.detach())
-            self.last_metrics = metrics
         if self.steps % self.settings.swap_every == 0:
             fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization)
             with self._lock:

@@ -69,13 +69,4 @@ class Distilled:
         return [batches[i] for i in perm]
 
     def collate(self, indices: list[int]) -> Batch:
-        rows = [self.item(i) for i in indices]
-        t = max(r[1].shape[0] for r in rows)
-        width = rows[0][1].shape[-1]
-        ids = torch.zeros(len(rows), t + 1, dtype=torch.long)
-        feats = torch.zeros(len(rows), t, width, dtype=rows[0][1].dtype)
-        for j, (i, f, _) in enumerate(rows):
-            ids[j, : i.shape[0]] = i
-            feats[j, : f.shape[0]] = f
-        lengths = torch.tensor([r[1].shape[0] for r in rows])
-        return Batch(ids, feats, lengths, torch.tensor([r[2] for r in rows]))
+        return Batch.of_windows([self.item(i) for i in indices])
