@@ -123,11 +123,11 @@ def run_replicas(args: argparse.Namespace, spec) -> int:
 
 
 def _pull_once(model: str, revision: str | None) -> None:
-    """Fetch the weights once here, so that replicas only read the shared cache."""
-    from draftwise.models import hub
-    from draftwise.models.bundled import BUNDLED, ensure
+    """Fetch and convert the weights once here (`load_weights` fills the download and the
+    conversion caches), so that replicas only read the shared cache."""
+    import gc
 
-    if model in BUNDLED:
-        ensure(model)
-    elif hub.looks_like_hub_id(model):
-        hub.fetch(model, revision)
+    from draftwise.models.loading import load_weights
+
+    load_weights(model, revision=revision)
+    gc.collect()  # the driver does not keep the tensors

@@ -13,9 +13,9 @@ which aborts the engine request and frees its cache row), `/health`.
 What spans replicas:
 - the suffix cache's learned traffic: every replica's suffix cache (the `suffix` method,
   or the adaptive speculator's suffix part) sends its finished sequences to one
-  `TrafficHub` actor and takes the other replicas' from it, every `PUSH_SECONDS`; so a
+  `ReplicaHub` actor and takes the other replicas' from it, every `PUSH_SECONDS`; so a
   question answered by one replica is drafted from by all of them;
-- `/metrics`: each replica pushes its own exposition to one `MetricsHub` actor every
+- `/metrics`: each replica pushes its own exposition to the same hub every
   `PUSH_SECONDS`; a scrape, whichever replica answers it, returns every series summed
   over the replicas, and each replica's own copy labelled `replica="<id>"`.
 - weights: replicas load from the shared cache (`~/.cache/draftwise`); the driver pulls a
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 from draftwise.errors import BadInput
 
-HUB_NAME = "draftwise-metrics"
+HUB_NAME = "draftwise-replicas"
 APP_NAME = "draftwise"
 PUSH_SECONDS = 1.0
 STALE_SECONDS = 30.0  # a replica that stopped pushing this long ago (dead, replaced) drops out
@@ -108,14 +108,18 @@ def _probe(address: str, timeout: float) -> None:
 # --- metrics across replicas -------------------------------------------------------------------
 
 
-def metrics_hub():
-    """The named actor replicas push their metrics to (created on first use)."""
+def replica_hub():
+    """The named actor the replicas share (created by the first one to ask): each replica's
+    latest metrics, and the finished sequences of every replica's suffix cache."""
     ray = require_ray()
 
     @ray.remote(num_cpus=0)
-    class MetricsHub:
-        def __init__(self) -> None:
-            self.texts: dict[str, tuple[float, bytes]] = {}
+    class ReplicaHub:
+        def __init__(self, keep: int = 10000) -> None:
+            self.texts: dict[str, tuple[float, bytes]] = {}  # replica -> (when, its exposition)
+            self.log: list[tuple[str, list[int]]] = []  # (replica, tokens), in arrival order
+            self.dropped = 0  # entries before log[0] (the log keeps the newest `keep`)
+            self.keep = keep
 
         def put(self, replica: str, text: bytes) -> None:
             self.texts[replica] = (time.time(), text)
@@ -123,21 +127,6 @@ def metrics_hub():
         def get(self) -> dict[str, bytes]:
             now = time.time()
             return {r: t for r, (at, t) in self.texts.items() if now - at < STALE_SECONDS}
-
-    return MetricsHub.options(name=HUB_NAME, namespace="draftwise", get_if_exists=True,
-                              lifetime="detached").remote()
-
-
-def traffic_hub():
-    """The named actor replicas exchange finished sequences through (created on first use)."""
-    ray = require_ray()
-
-    @ray.remote(num_cpus=0)
-    class TrafficHub:
-        def __init__(self, keep: int = 10000) -> None:
-            self.log: list[tuple[str, list[int]]] = []  # (replica, tokens), in arrival order
-            self.dropped = 0  # entries before log[0] (the log keeps the newest `keep`)
-            self.keep = keep
 
         def exchange(self, replica: str, sequences: list[list[int]], since: int) -> tuple[list[list[int]], int]:
             """Add this replica's sequences; return the others' that arrived after position `since`."""
@@ -149,7 +138,7 @@ def traffic_hub():
             theirs = [seq for who, seq in self.log[start:] if who != replica]
             return theirs, self.dropped + len(self.log)
 
-    return TrafficHub.options(name=HUB_NAME + "-traffic", namespace="draftwise", get_if_exists=True,
+    return ReplicaHub.options(name=HUB_NAME, namespace="draftwise", get_if_exists=True,
                               lifetime="detached").remote()
 
 
@@ -215,9 +204,8 @@ def build_replica_app(settings: ReplicaSettings):
                      shutdown_timeout=settings.shutdown_timeout, body_timeout=settings.body_timeout)
     state = app.state.draftwise
     replica = ray.get_runtime_context().get_actor_id()[:12]
-    hub = metrics_hub()
+    hub = replica_hub()
     suffixes = suffix_parts(llm.engine.proposer)
-    traffic = traffic_hub() if suffixes else None
     if suffixes:
         suffixes[0].share()  # one outbox per replica; every suffix part takes the others' sequences
     seen = 0  # position in the traffic hub's log already taken
@@ -227,11 +215,11 @@ def build_replica_app(settings: ReplicaSettings):
         while True:
             try:
                 hub.put.remote(replica, state.metrics.render())  # fire and forget
-                if traffic is not None:
+                if suffixes:
                     mine = []
                     while suffixes[0].outbox:
                         mine.append(suffixes[0].outbox.popleft())
-                    theirs, seen = ray.get(traffic.exchange.remote(replica, mine, seen), timeout=30)
+                    theirs, seen = ray.get(hub.exchange.remote(replica, mine, seen), timeout=30)
                     for part in suffixes:
                         for seq in theirs:
                             part.inbox.put(seq)
