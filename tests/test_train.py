@@ -100,6 +100,26 @@ def test_train_eagle_end_to_end_loss_drops_resume_continues(target_folder, promp
     got = LLM.from_model(target, tok, max_batch_size=2, speculative_config=spec).generate(prompts, params)
     assert [g.token_ids for g in got] == [p.token_ids for p in plain]
 
+    # --init: a new run continues from the trained head (its shape and draft vocabulary win)
+    again = tmp_path / "again"
+    train_cli("eagle", target_folder, prompts_file, again, "--epochs", "1", "--draft-vocab", "64", "--ttt-steps", "2",
+              "--init", str(out), "--lr", "1e-4")
+    assert losses(again)[0] < first[0] and losses(again)[0] < sum(first[:3]) / 3
+    cfg = json.loads((again / "config.json").read_text())
+    assert cfg["draftwise_eagle"]["draft_vocab_size"] == 128 and cfg["training"]["init"] == str(out)
+
+
+def test_train_init_that_is_no_head_is_refused_before_distilling(target_folder, prompts_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["train", "eagle", "--target", str(target_folder), "--data", str(prompts_file), "--out", str(out),
+                 "--init", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init" in err and "not a head folder" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "data").exists()
+    code = main(["train", "medusa", "--target", str(target_folder), "--data", str(prompts_file), "--out", str(out),
+                 "--init", "smollm2-135m-eagle"])
+    assert code == 2 and "Medusa" in capsys.readouterr().err
+
 
 def test_train_medusa_saves_loadable_heads(target_folder, prompts_file, tmp_path):
     from draftwise.speculators.medusa import load_medusa

@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
                    help="width of the head's MLP (default: the target's; smaller drafts faster on a CPU)")
     e.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="how the saved head stores its weights (int8: per-row scales, a quarter of fp32)")
+    e.add_argument("--init", default=None, metavar="HEAD",
+                   help="continue training a head (a folder or a shipped name, e.g. qwen2.5-coder-1.5b-eagle) on this "
+                        "data instead of starting fresh; its shape and draft vocabulary are kept (use a lower --lr)")
     e.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll steps (default 3)")
     e.add_argument("--reg-weight", type=float, default=None, help="feature regression weight (default 0.1; eagle1: 10)")
     m = p.add_argument_group("medusa")
@@ -73,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from draftwise.train.loop import TrainSettings
 
     out = Path(args.out)
+    if args.init is not None:  # refuse before an hour of distillation, not after
+        from draftwise.errors import BadInput
+        from draftwise.heads import resolve
+
+        if args.method != "eagle":
+            raise BadInput("--init continues an EAGLE head; Medusa heads always start fresh")
+        if not (resolve(args.init) / "config.json").is_file():
+            raise BadInput(f"--init {args.init}: not a head folder (no config.json) nor a shipped head name")
     device = args.device or default_device()
     progress = not args.quiet
     prompts = read_prompts(args.data)[: args.limit]
@@ -100,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
         _, result = train_eagle(target, data, out, settings, style=args.style, draft_vocab=args.draft_vocab,
                                 steps=args.ttt_steps, reg_weight=args.reg_weight, resume=args.resume,
-                                intermediate_size=args.intermediate_size, weights=args.weights, notes=notes)
+                                intermediate_size=args.intermediate_size, weights=args.weights, notes=notes,
+                                init=args.init)
     else:
         from draftwise.train.medusa import train_medusa
 
