@@ -146,7 +146,7 @@ def main() -> int:
                progress=False)
     cfgs = configs(args, args.model)
     llms = {m: base.with_speculation(cfgs[m]) for m in methods}
-    params = SamplingParams(max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     chunks = [list(range(i, min(i + args.concurrency, len(reqs)))) for i in range(0, len(reqs), args.concurrency)]
     order = [(c, m) for c in range(len(chunks)) for m in methods] if args.interleave else \
         [(c, m) for m in methods for c in range(len(chunks))]

@@ -160,10 +160,10 @@ def batched_invariance(model: Transformer, contexts=(37, 90, 150, 700)) -> tuple
 def engine_checks(llm: LLM, rows: list, label: str, max_tokens: int, failures: list,
                   model_name: str | None = None) -> None:
     """Plain vs each speculator (greedy), and a seeded sampled run twice; appends rows."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [llm.encode_prompt(p) for p in PROMPTS]
     llm.set_speculation(None)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=8))  # warm-up
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
     plain, sec = generate_timed(llm, prompts, params)
     ref = [o.token_ids for o in plain]
     tokens = sum(len(r) for r in ref)

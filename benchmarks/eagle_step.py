@@ -88,11 +88,11 @@ def main() -> None:
     times = {name: defaultdict(list) for name in runs}
     for name, llm in runs.items():
         instrument(llm, times[name])
-    params = SamplingParams(max_tokens=args.tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
     chat = [[{"role": "user", "content": p}] for p in PROMPTS]
-    plain.chat(chat[:1], SamplingParams(max_tokens=8))  # warm-up
+    plain.chat(chat[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
     for llm in runs.values():
-        llm.chat(chat[:1], SamplingParams(max_tokens=8))
+        llm.chat(chat[:1], SamplingParams(temperature=0.0, max_tokens=8))
     for t in times.values():
         t.clear()
     plain_pass, mal = [], defaultdict(list)

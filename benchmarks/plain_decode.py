@@ -55,7 +55,7 @@ def main() -> None:
 
     llm = LLM.from_model(model, tok, max_batch_size=1, max_model_len=2048)
     ids = llm.chat_prompt(PROMPT)
-    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     hf_ids = torch.tensor([ids])
 
     def ours() -> float:
@@ -75,7 +75,7 @@ def main() -> None:
         import llama_cpp  # noqa: F401
 
         peer = LlamaCppPeer(gguf_path(args.model), list(model.config.eos_token_ids), tok, None, llm.engine.max_model_len)
-        greedy_long = SamplingParams(max_tokens=args.tokens)  # llama.cpp peer stops only at EOS or max_tokens
+        greedy_long = SamplingParams(temperature=0.0, max_tokens=args.tokens)  # llama.cpp peer stops only at EOS or max_tokens
 
         def llamacpp() -> float:
             gen = peer.generate(ids, PROMPT, greedy_long)

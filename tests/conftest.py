@@ -101,7 +101,7 @@ def check_seeded_and_top1_greedy(llm, target, tokenizer, prompts, max_tokens: in
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in llm.generate(prompts, sp)]
     greedy = LLM.from_model(target, tokenizer, max_batch_size=len(prompts)).generate(
-        prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     top1 = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=1.5, top_k=1, seed=3,
                                                 ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]

@@ -48,7 +48,7 @@ def run_until_swapped(llm, prompts, params, reference, swaps: int = 2, rounds: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_adaptive_equals_plain_across_weight_swaps(tokenizer, dtype):
     target = tiny_model(dtype=dtype)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
     llm = adaptive_llm(target, tokenizer)
     try:
@@ -63,7 +63,7 @@ def test_greedy_adaptive_equals_plain_across_weight_swaps(tokenizer, dtype):
 
 def test_batch_of_one_and_stop_conditions_stay_exact(tokenizer):
     target = tiny_model()
-    params = SamplingParams(max_tokens=30, stop=["ca"], ignore_eos=False)
+    params = SamplingParams(temperature=0.0, max_tokens=30, stop=["ca"], ignore_eos=False)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=1).generate(PROMPTS, params)]
     llm = adaptive_llm(target, tokenizer, batch=1)
     try:
@@ -90,7 +90,7 @@ def test_every_part_drafts_are_recorded(tokenizer):
     target = tiny_model()
     llm = adaptive_llm(target, tokenizer)
     try:
-        outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=40, ignore_eos=True))
+        outs = llm.generate(PROMPTS * 2, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
         report = llm.engine.proposer.report()
     finally:
         llm.close()
@@ -118,7 +118,7 @@ def test_learner_loss_falls_and_first_token_accuracy_rises_on_a_repetitive_strea
     target = tiny_model()
     # the target's own greedy continuations of a few prompts, seen again and again
     texts = [o.text for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(
-        PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))]
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))]
     texts = [p + t for p, t in zip(PROMPTS, texts)]
     head = new_head(target)
     layers = sorted(set(head.config.resolved_layers(2)) | {1})
@@ -137,7 +137,7 @@ def test_learner_loss_falls_and_first_token_accuracy_rises_on_a_repetitive_strea
 
 def test_a_failing_learner_is_switched_off_and_serving_goes_on(tokenizer, monkeypatch, caplog):
     target = tiny_model()
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
     llm = adaptive_llm(target, tokenizer)
     learner = llm.engine.proposer.learner
@@ -199,7 +199,7 @@ def test_state_is_saved_on_close_and_resumed(tokenizer, tmp_path):
     target = tiny_model()
     state = tmp_path / "state"
     llm = adaptive_llm(target, tokenizer, adaptive_state=str(state))
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
     run_until_swapped(llm, PROMPTS, params, plain, swaps=1)
     llm.close()
@@ -242,7 +242,7 @@ def test_bad_adaptive_settings_are_refused_with_one_line(tokenizer, tmp_path):
 
 def test_adaptive_without_learner_uses_static_and_suffix(tokenizer):
     target = tiny_model()
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
     llm = adaptive_llm(target, tokenizer, learner={"enabled": False})
     assert set(llm.engine.proposer.parts) == {"static", "suffix"}

@@ -11,7 +11,7 @@ from draftwise.sampling import SamplingParams
 
 def req(drafted: int, accepted: int) -> RequestState:
     """A request whose `drafted` draft tokens were verified one per draft (k = 1)."""
-    r = RequestState("r", [1], SamplingParams())
+    r = RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))
     for i in range(drafted):
         r.stats.observe_draft(1, int(i < accepted))
     return r
@@ -86,7 +86,7 @@ def test_first_pass_of_a_size_is_a_warm_up():
 
 def test_acceptance_per_position_does_not_depend_on_draft_length():
     """Drafts of 4: tokens after a rejection were never tested."""
-    r = RequestState("r", [1], SamplingParams())
+    r = RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))
     for accepted in [0, 1, 2, 4, 0, 1, 3, 0, 1, 0] * 20:
         r.stats.observe_draft(4, accepted)
     c = AdaptiveController(4, prior_weight=0.0)
@@ -99,7 +99,7 @@ def test_runs_of_acceptance_draft_longer_than_iid():
     """Copying methods are right in runs: half the drafts fail at once, the rest are taken
     whole. Per position that is worth long drafts; an i.i.d. rate at the same first-token
     acceptance is not."""
-    runs, iid = RequestState("a", [1], SamplingParams()), RequestState("b", [1], SamplingParams())
+    runs, iid = RequestState("a", [1], SamplingParams(temperature=0.0, max_tokens=128)), RequestState("b", [1], SamplingParams(temperature=0.0, max_tokens=128))
     for i in range(40):
         runs.stats.observe_draft(4, 4 if i % 2 else 0)
         iid.stats.observe_draft(4, [0, 1, 0, 2][i % 4])  # a_1 = 0.5, a_2 = 0.5, a_3 = 0
@@ -139,7 +139,7 @@ def tree_controller(accepted_at: dict[int, int], pass_per_token: float = 0.0, dr
 
 def test_tree_controller_turns_speculation_off_when_nothing_is_accepted():
     c = tree_controller({16: 0, 4: 0}, pass_per_token=0.01, draft=0.02)
-    r = RequestState("r", [1], SamplingParams())
+    r = RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))
     assert c.expected_tokens(16) == 1.0 and c.expected_tokens(8) == 1.0
     assert c.choose([r]) == [0]
 
@@ -150,16 +150,16 @@ def test_tree_controller_reads_acceptance_per_depth_and_picks_the_best_rate():
     assert c.expected_tokens(16) == pytest.approx(4.0)
     assert c.expected_tokens(12) == pytest.approx(4.0)  # unmeasured: borrows 16's per-depth acceptance
     assert c.expected_tokens(2) == pytest.approx(2.0)  # borrowed from 4, cut at depth 2 (depth 1: 2 tokens)
-    assert c.choose([RequestState("r", [1], SamplingParams())])[0] >= 12
+    assert c.choose([RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))])[0] >= 12
     costly = tree_controller({16: 3, 4: 1}, pass_per_token=0.2, draft=0.01)  # big passes cost: fewer nodes
-    assert costly.choose([RequestState("r", [1], SamplingParams())])[0] < 12
+    assert costly.choose([RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))])[0] < 12
 
 
 def test_tree_controller_learns_from_request_stats():
     from draftwise.engine.tree_controller import TreeController
 
     c = TreeController(8, depth=4)
-    r = RequestState("r", [1], SamplingParams())
+    r = RequestState("r", [1], SamplingParams(temperature=0.0, max_tokens=128))
     assert c.choose([r]) == [8]  # nothing measured yet: the configured budget
     budget = 8
     for _ in range(5):

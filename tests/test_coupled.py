@@ -185,5 +185,5 @@ def test_n_samples_each_have_their_own_seed_stream_and_speculation_keeps_them(to
                           speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     again = spec.generate(PROMPTS[:2], params)
     assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in out]
-    greedy = plain.generate(PROMPTS[0], SamplingParams(max_tokens=12, n=2, ignore_eos=True))[0]
+    greedy = plain.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, n=2, ignore_eos=True))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids

@@ -43,7 +43,7 @@ def test_greedy_eagle_equals_plain(tokenizer, style, dtype):
     target = tiny_model("qwen2", dtype, seed=0, num_hidden_layers=4)
     head = random_head(target, style)
     n = 24 if dtype == torch.float32 else 16
-    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = eagle_llm(target, tokenizer, head).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -56,7 +56,7 @@ def test_sampled_eagle_is_seed_reproducible_and_top_k1_is_greedy(tokenizer):
     sp = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == [o.token_ids for o in llm.generate(PROMPTS, sp)]
     plain = LLM.from_model(target, tokenizer, max_batch_size=4)
-    greedy = plain.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    greedy = plain.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     top1 = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=1.3, top_k=1, seed=2, ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
 
@@ -65,7 +65,7 @@ def test_dynamic_tree_is_valid_and_ranked(tokenizer):
     target = tiny_model("llama", torch.float32, seed=2, num_hidden_layers=4)
     llm = eagle_llm(target, tokenizer, random_head(target), k=12, eagle_tree_top_k=3, eagle_tree_depth=4)
     engine, proposer = llm.engine, llm.engine.proposer
-    reqs = [engine.add_request(tokenizer.encode(p), SamplingParams(max_tokens=30)) for p in PROMPTS]
+    reqs = [engine.add_request(tokenizer.encode(p), SamplingParams(temperature=0.0, max_tokens=30)) for p in PROMPTS]
     engine.step()  # prefill
     budgets = [12, 5, 1, 9]
     draft = proposer.propose(reqs, budgets)
@@ -153,7 +153,7 @@ def test_loads_public_eagle3_layout_and_matches_reference_math(tokenizer, tmp_pa
     ids = tokenizer.encode("the cat sat on")
     want = _reference_eagle3_logits(sd, cfg_json, target, ids, [1, 3, 4])
     llm = eagle_llm(target, tokenizer, tmp_path, k=1, batch=1)
-    req = llm.engine.add_request(ids, SamplingParams(max_tokens=8))
+    req = llm.engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=8))
     llm.engine.step()
     proposer = llm.engine.proposer
     with torch.inference_mode():
@@ -181,7 +181,7 @@ def test_loads_public_eagle1_layout_and_stays_exact(tokenizer, tmp_path):
     assert loaded.config.style == "eagle1" and loaded.config.feature_norm and not loaded.config.own_lm_head
     for k, v in head.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS[:2], params)
     spec = eagle_llm(target, tokenizer, tmp_path).generate(PROMPTS[:2], params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -241,7 +241,7 @@ def test_greedy_eagle_on_w4a8_all_target_equals_plain(tokenizer):
 
     target = quantize(tiny_model("qwen2", torch.bfloat16, seed=0, num_hidden_layers=4), "w4a8-all")
     head = random_head(target, "eagle3")
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     llm = eagle_llm(target, tokenizer, head)
     spec = llm.generate(PROMPTS, params)

@@ -31,7 +31,7 @@ def test_greedy_equals_transformers_generate(tokenizer):
     model = tiny_model("llama", torch.float32)
     llm = LLM.from_model(model, tokenizer)
     prompt = tokenizer.encode("The quick brown fox")
-    out = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0]
     hf = hf_twin(model)
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
     assert out.token_ids == ref[0, len(prompt):].tolist()
@@ -42,7 +42,7 @@ def test_greedy_equals_transformers_generate(tokenizer):
 def test_batch_of_different_lengths_equals_one_by_one(tokenizer, dtype):
     llm = LLM.from_model(tiny_model("qwen2", dtype), tokenizer, max_batch_size=4)
     prompts = ["a", "hello there, friend", "xyz xyz", "The rain in Spain stays mainly"]
-    params = SamplingParams(max_tokens=25, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
     together = llm.generate(prompts, params)
     for p, out in zip(prompts, together):
         assert llm.generate([p], params)[0].token_ids == out.token_ids
@@ -50,7 +50,7 @@ def test_batch_of_different_lengths_equals_one_by_one(tokenizer, dtype):
 
 def test_more_prompts_than_rows_queue_and_finish(tokenizer):
     llm = LLM.from_model(tiny_model(), tokenizer, max_batch_size=2)
-    outs = llm.generate([f"prompt {i}" for i in range(5)], SamplingParams(max_tokens=8, ignore_eos=True))
+    outs = llm.generate([f"prompt {i}" for i in range(5)], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [8] * 5
     assert llm.engine.free_rows == [0, 1] and not llm.engine.running
 
@@ -66,13 +66,13 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
 
 def test_stop_token_ids_string_and_eos(tokenizer):
     llm = LLM.from_model(tiny_model(), tokenizer)
-    free = llm.generate(["stop test"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    free = llm.generate(["stop test"], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     third = free.token_ids[2]
     first_at = free.token_ids.index(third)
-    out = llm.generate(["stop test"], SamplingParams(max_tokens=30, stop_token_ids=[third]))[0]
+    out = llm.generate(["stop test"], SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[third]))[0]
     assert out.token_ids == free.token_ids[: first_at + 1] and out.finish_reason == "stop"
     stop = free.text[5:8]
-    out = llm.generate(["stop test"], SamplingParams(max_tokens=30, stop=[stop], ignore_eos=True))[0]
+    out = llm.generate(["stop test"], SamplingParams(temperature=0.0, max_tokens=30, stop=[stop], ignore_eos=True))[0]
     assert out.text == free.text[: free.text.index(stop)] and out.finish_reason == "stop"
     # EOS: bias the head so that EOS is the greedy choice
     model = tiny_model()
@@ -80,7 +80,7 @@ def test_stop_token_ids_string_and_eos(tokenizer):
         model.lm_head.weight[EOS_ID] = model.model.embed_tokens.weight.new_zeros(model.config.hidden_size)
         model.lm_head.weight[EOS_ID, 0] = 1e4
         model.model.norm.weight.fill_(1.0)
-    out = LLM.from_model(model, tokenizer).generate(["x"], SamplingParams(max_tokens=30))[0]
+    out = LLM.from_model(model, tokenizer).generate(["x"], SamplingParams(temperature=0.0, max_tokens=30))[0]
     assert out.finish_reason == "stop" and len(out.token_ids) <= 30
 
 
@@ -93,15 +93,15 @@ def test_chat_template_is_applied(tokenizer):
 def test_bad_inputs_raise_clear_errors(tokenizer):
     llm = LLM.from_model(tiny_model(), tokenizer, max_model_len=64)
     with pytest.raises(BadInput, match="exceeds the context window of 64"):
-        llm.generate(["x" * 60], SamplingParams(max_tokens=10))
+        llm.generate(["x" * 60], SamplingParams(temperature=0.0, max_tokens=10))
     with pytest.raises(BadInput, match="empty"):
-        llm.generate([[]], SamplingParams())
+        llm.generate([[]], SamplingParams(temperature=0.0, max_tokens=128))
     with pytest.raises(BadInput, match="token ids"):
-        llm.generate([[1, 999]], SamplingParams())
+        llm.generate([[1, 999]], SamplingParams(temperature=0.0, max_tokens=128))
     with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(temperature=-1)
+        SamplingParams(max_tokens=128, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0)
+        SamplingParams(temperature=0.0, max_tokens=128, top_p=0)
 
 
 @pytest.mark.parametrize("spec", [None, {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}])
@@ -110,7 +110,7 @@ def test_logprobs_are_the_models_own(tokenizer, spec):
     model's logits at that position, bit for bit the same with speculation as without."""
     model = tiny_model(std=0.1)
     prompt = "abcabcabcabcabc"
-    params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
     out = LLM.from_model(model, tokenizer, speculative_config=spec).generate(prompt, params)[0]
     plain = LLM.from_model(model, tokenizer).generate(prompt, params)[0]
     assert [(x.token, x.logprob, x.top) for x in out.logprobs] == [(x.token, x.logprob, x.top) for x in plain.logprobs]
@@ -123,9 +123,9 @@ def test_logprobs_are_the_models_own(tokenizer, spec):
         assert x.token == out.token_ids[i] and x.logprob == pytest.approx(ref[i, x.token].item(), abs=1e-4)
         assert [t for t, _ in x.top] == ref[i].topk(2).indices.tolist()
     stopped = LLM.from_model(model, tokenizer, speculative_config=spec).generate(
-        prompt, SamplingParams(max_tokens=20, ignore_eos=True, logprobs=0, stop_token_ids=[out.token_ids[5]]))[0]
+        prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=0, stop_token_ids=[out.token_ids[5]]))[0]
     assert len(stopped.logprobs) == len(stopped.token_ids) <= 6 and stopped.logprobs[0].top == []
-    assert LLM.from_model(model, tokenizer).generate(prompt, SamplingParams(max_tokens=3))[0].logprobs is None
+    assert LLM.from_model(model, tokenizer).generate(prompt, SamplingParams(temperature=0.0, max_tokens=3))[0].logprobs is None
 
 
 def test_stop_string_check_decodes_only_the_newest_tokens(tokenizer, monkeypatch):
@@ -140,13 +140,13 @@ def test_stop_string_check_decodes_only_the_newest_tokens(tokenizer, monkeypatch
         return real(self, ids, *args, **kwargs)
 
     monkeypatch.setattr(type(tokenizer), "decode", counting)
-    out = llm.generate(["abc"], SamplingParams(max_tokens=120, stop=["never-to-appear"], ignore_eos=True))[0]
+    out = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=120, stop=["never-to-appear"], ignore_eos=True))[0]
     assert len(out.token_ids) == 120
     window = len("never-to-appear") + 8
     assert max(decoded) <= 120 and sum(decoded) <= 120 * window + 2 * 120  # the final text decode included
     monkeypatch.undo()
-    free = llm.generate(["abc"], SamplingParams(max_tokens=60, ignore_eos=True))[0].text
+    free = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0].text
     stop = free[40:43]
-    cut = llm.generate(["abc"], SamplingParams(max_tokens=60, stop=[stop], ignore_eos=True))[0]
+    cut = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=60, stop=[stop], ignore_eos=True))[0]
     assert cut.text == free[: free.index(stop)] and cut.finish_reason == "stop"
 

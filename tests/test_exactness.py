@@ -66,7 +66,7 @@ def test_tree_speculation_equals_plain_decoding(dtype, variant, tokenizer):
                        max_position_embeddings=2048, variant=variant)
     torch.manual_seed(4)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61, 20, 300, 90)]
-    params = SamplingParams(max_tokens=70, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True)
     plain = LLM.from_model(model, tokenizer, max_batch_size=3).generate(prompts, params)
     reqs = oracle_tree_outputs(model, tokenizer, prompts, params, plain, max_batch_size=3)
     assert [r.output_ids for r in reqs] == [o.token_ids for o in plain]
@@ -80,7 +80,7 @@ def test_prefill_does_not_depend_on_its_batch():
     model = tiny_model("llama", torch.bfloat16, max_position_embeddings=1024)
     torch.manual_seed(5)
     prompts = [torch.randint(0, 260, (n,)).tolist() for n in (9, 200, 70, 131)]
-    params = SamplingParams(max_tokens=1)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
 
     def run(group: list[int]):
         cache = model.new_cache(len(prompts), 400)
@@ -143,7 +143,7 @@ def test_static_shape_passes_are_exact_too(dtype, tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     check_tree_pass(model, [torch.randint(0, 260, (1, n)) for n in (58, 130)], [torch.randint(0, 260, (1, 6))] * 2)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 150, 61)]
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)
     reqs = oracle_tree_outputs(model, tokenizer, prompts, params, plain, max_batch_size=2)
     assert [r.output_ids for r in reqs] == [o.token_ids for o in plain]

@@ -25,7 +25,7 @@ def skip_llm(model, tokenizer, num_layers, k=4, shared=False, batch=4) -> LLM:
 @pytest.mark.parametrize("dtype,shared", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
 def test_greedy_layer_skip_equals_plain(tokenizer, dtype, shared):
     target = tiny_model("qwen2", dtype, num_hidden_layers=3)
-    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = skip_llm(target, tokenizer, 2, shared=shared).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -36,7 +36,7 @@ def test_greedy_layer_skip_equals_plain(tokenizer, dtype, shared):
 def test_all_layers_accepts_everything(tokenizer, shared):
     target = tiny_model("llama", torch.float32)
     llm = skip_llm(target, tokenizer, len(target.model.layers), k=5, shared=shared, batch=2)
-    outs = llm.generate(["hello", "abcabc"], SamplingParams(max_tokens=31, ignore_eos=True))
+    outs = llm.generate(["hello", "abcabc"], SamplingParams(temperature=0.0, max_tokens=31, ignore_eos=True))
     for out in outs:
         assert out.stats["acceptance_rate"] == 1.0
         assert out.stats["mean_accepted_length"] == pytest.approx(6.0)
@@ -50,8 +50,8 @@ def test_calibration_picks_a_measured_layer_count(tokenizer):
     assert prop.num_layers in prop.calibration
     for alpha, cost, speedup in prop.calibration.values():
         assert 0.0 <= alpha <= 1.0 and 0.0 < cost < 1.0 and speedup > 0
-    out = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True))
-    plain = LLM.from_model(target, tokenizer).generate(PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True))
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    plain = LLM.from_model(target, tokenizer).generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert [o.token_ids for o in out] == [p.token_ids for p in plain]
 
 
@@ -81,7 +81,7 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache(tokenizer):
     target = tiny_model("llama", torch.float32)
 
     def request(rid, prompt, row):
-        req = RequestState(rid, prompt, SamplingParams(max_tokens=8), row=row)
+        req = RequestState(rid, prompt, SamplingParams(temperature=0.0, max_tokens=8), row=row)
         req.output_ids = [7]
         return req
 

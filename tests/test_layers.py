@@ -15,7 +15,7 @@ LAYERS = [
     ["errors", "paths", "version"],
     ["kernels"],
     ["cache", "sampling", "metrics"],
-    ["models", "verify", "request", "config", "tree", "heads"],
+    ["models", "verify", "request", "outputs", "config", "tree", "heads"],
     ["speculators"],
     ["engine"],
     ["api", "server", "train", "bench"],

@@ -42,7 +42,7 @@ def medusa_llm(model, tokenizer, heads=None, k=10, tree=None, model_path=None, b
 @pytest.mark.parametrize("dtype,own", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
 def test_greedy_medusa_equals_plain(tokenizer, dtype, own):
     target = tiny_model("qwen2", dtype)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = medusa_llm(target, tokenizer, random_heads(target, own_lm_head=own)).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -54,8 +54,8 @@ def test_tree_step_logits_match_each_path_alone(tokenizer):
     target = tiny_model("llama", torch.float32)
     llm = medusa_llm(target, tokenizer, random_heads(target), k=12, batch=2)
     eng = llm.engine
-    eng.add_request(tokenizer.encode("hi"), SamplingParams(max_tokens=8, ignore_eos=True))
-    req = eng.add_request(tokenizer.encode("hello there"), SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.add_request(tokenizer.encode("hi"), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    req = eng.add_request(tokenizer.encode("hello there"), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     eng.step()  # prefill both; req lives in row 1
     draft = eng.proposer.propose([req], [12])
     tokens, parents = draft.tokens[0], draft.parents[0]
@@ -75,7 +75,7 @@ def test_configured_tree_shape_and_budget_are_respected(tokenizer):
     tree = [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0], [0, 0, 0, 0]]  # depth 4 > 3 heads: cut
     llm = medusa_llm(target, tokenizer, random_heads(target), k=5, tree=tree, batch=1)
     eng = llm.engine
-    req = eng.add_request(tokenizer.encode("hello"), SamplingParams(max_tokens=4, ignore_eos=True))
+    req = eng.add_request(tokenizer.encode("hello"), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     eng.step()
     draft = eng.proposer.propose([req], [5])
     assert draft.parents[0] == TreeShape.from_paths(tree).truncate(5).parents == [-1, -1, 0, -1, 0]
@@ -115,7 +115,7 @@ def test_public_medusa_checkpoint_loads_and_decodes(tokenizer, tmp_path, fmt):
         x = x + F.silu(x @ sd[f"0.{j}.linear.weight"].T + sd[f"0.{j}.linear.bias"])
     torch.testing.assert_close(loaded(h)[0], x @ sd["0.2.weight"].T)
 
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = medusa_llm(target, tokenizer, model_path=tmp_path).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]

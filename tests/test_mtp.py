@@ -54,7 +54,7 @@ def mtp_llm(model, tokenizer, mods=None, k=3, path=None, batch=4) -> LLM:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_mtp_equals_plain(tokenizer, dtype):
     target = tiny_model("qwen3", dtype)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     for mods in (random_mtp(target), copy_mtp(target)):
         spec = mtp_llm(target, tokenizer, mods).generate(PROMPTS, params)
@@ -63,7 +63,7 @@ def test_greedy_mtp_equals_plain(tokenizer, dtype):
 
 def test_copy_modules_get_accepted(tokenizer):
     target = tiny_model("qwen3", torch.float32, tie_word_embeddings=True)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = mtp_llm(target, tokenizer, copy_mtp(target), k=2).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -111,7 +111,7 @@ def test_incremental_drafts_match_from_scratch(tokenizer):
         return draft
 
     prop.propose = recording
-    outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=24, ignore_eos=True))
+    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     assert sum(o.stats["accepted_tokens"] for o in outs) > 0, "acceptance must move the caches unevenly"
     assert len(seen) > 10
     for ids, drafted in seen:
@@ -129,7 +129,7 @@ def test_checkpoint_round_trip_and_errors(tokenizer, tmp_path):
         assert torch.equal(loaded.state_dict()[k], v)
     assert "layers.1.block.self_attn.q_proj.bias" in loaded.state_dict()  # qwen2 block
 
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     plain = LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)
     spec = mtp_llm(target, tokenizer, path=tmp_path).generate(PROMPTS, params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
@@ -156,7 +156,7 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache():
     g = torch.Generator().manual_seed(0)
 
     def request(rid, prompt, row, prop_list):
-        req = RequestState(rid, prompt, SamplingParams(max_tokens=8), row=row)
+        req = RequestState(rid, prompt, SamplingParams(temperature=0.0, max_tokens=8), row=row)
         req.output_ids = [7]
         h = torch.randn(len(prompt), hid, generator=g)
         for prop in prop_list:

@@ -13,7 +13,7 @@ from draftwise.speculators.ngram import NgramProposer
 
 
 def make_request(prompt: list[int], output: list[int] | None = None, rid: str = "r") -> RequestState:
-    return RequestState(request_id=rid, prompt_ids=list(prompt), params=SamplingParams(), output_ids=list(output or []))
+    return RequestState(request_id=rid, prompt_ids=list(prompt), params=SamplingParams(temperature=0.0, max_tokens=128), output_ids=list(output or []))
 
 
 def propose_one(proposer: NgramProposer, request: RequestState, k: int) -> list[int]:

@@ -118,7 +118,7 @@ def test_quantized_model_tracks_the_original(method):
 def test_greedy_speculation_is_exact_within_quantization(tokenizer, method):
     q = quantize(tiny_model("qwen2", torch.bfloat16, std=0.1), method)  # peaked: repetitive text
     prompts = ["abcabcabcabc", "one two one two one"]
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = LLM.from_model(q, tokenizer, max_batch_size=2).generate(prompts, params)
     spec = LLM.from_model(q, tokenizer, max_batch_size=2,
                           speculative_config={"method": "ngram", "adaptive": False}).generate(prompts, params)

@@ -76,7 +76,7 @@ def test_greedy_speculation_equals_plain_on_real_model(smollm2, method):
     model, tok = smollm2
     bf16 = model.to(torch.bfloat16)
     try:
-        params = SamplingParams(max_tokens=64)
+        params = SamplingParams(temperature=0.0, max_tokens=64)
         plain = LLM.from_model(bf16, tok, max_batch_size=2).chat(PROMPTS, params)
         spec_llm = LLM.from_model(bf16, tok, max_batch_size=2,
                                   speculative_config={"method": method, "num_speculative_tokens": 5})
@@ -118,7 +118,7 @@ def test_greedy_tree_and_lookup_speculation_equal_plain_in_bf16(smollm2):
         plain_llm = LLM.from_model(bf16, tok, max_batch_size=6)
         prompts = [plain_llm.chat_prompt(c) for c in convs]
         assert max(len(p) for p in prompts) > 128
-        params = SamplingParams(max_tokens=40)
+        params = SamplingParams(temperature=0.0, max_tokens=40)
         plain = plain_llm.generate(prompts, params)
         ngram = LLM.from_model(bf16, tok, max_batch_size=6, speculative_config={
             "method": "ngram", "num_speculative_tokens": 4, "adaptive": False}).generate(prompts, params)
@@ -138,7 +138,7 @@ def test_shipped_eagle_head_is_exact_and_speculates(smollm2):
         convs = [[{"role": "user", "content": q}] for q in (
             "Explain photosynthesis to a ten-year-old.", "Write a short poem about the moon.",
             "What are the main benefits of public libraries?", "Give me five interesting facts about bees.")]
-        params = SamplingParams(max_tokens=48)
+        params = SamplingParams(temperature=0.0, max_tokens=48)
         plain = LLM.from_model(bf16, tok, max_batch_size=4).chat(convs, params)
         eagle = LLM.from_model(bf16, tok, max_batch_size=4, speculative_config={
             "method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 8, "adaptive": False,
@@ -159,7 +159,7 @@ def test_adaptive_is_exact_on_real_model_across_weight_swaps(smollm2, dtype):
     target = model.to(dtype)
     llm = None
     try:
-        params = SamplingParams(max_tokens=40)
+        params = SamplingParams(temperature=0.0, max_tokens=40)
         convs = [[{"role": "user", "content": q}] for q in MORE_PROMPTS[:4]]
         plain = [o.token_ids for o in LLM.from_model(target, tok, max_batch_size=4).chat(convs, params)]
         llm = LLM.from_model(target, tok, max_batch_size=4, speculative_config={

@@ -47,7 +47,7 @@ def offline(tokenizer):
     def ref(prompt, max_tokens: int, chat: bool = False):
         key = (json.dumps(prompt), max_tokens, chat)
         if key not in cache:
-            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             run = llm.chat if chat else llm.generate
             cache[key] = run(prompt, params)[0]
         return cache[key]
@@ -160,7 +160,7 @@ def test_chat_stream_and_not_match_offline(client, offline):
 def test_logprobs_completions_and_chat(client, server, tokenizer):
     """Logprobs are the target's own (raw) log-probabilities of each emitted token, as offline
     generation computes them with the same speculation, in both OpenAI shapes, streamed or not."""
-    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     ref = server.llm.generate(PROMPTS[0], params)[0]
     assert len(ref.logprobs) == 12 and [lp.token for lp in ref.logprobs] == ref.token_ids
     resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=3, **greedy(12))
@@ -187,6 +187,24 @@ def test_logprobs_completions_and_chat(client, server, tokenizer):
     assert all(c.bytes == list(names.raw(t)) for c, t in zip(content, chat.choices[0].model_extra["token_ids"]))
     plain = client.chat.completions.create(model=MODEL, messages=messages, **greedy(10))
     assert plain.choices[0].logprobs is None
+
+
+def test_logit_bias_min_tokens_and_stop_string_options(client, http, offline):
+    forced = client.completions.create(model=MODEL, prompt=PROMPTS[0], logit_bias={str(ord("z")): 100},
+                                       **greedy(6))
+    assert forced.choices[0].text == "zzzzzz"
+    ref = offline(PROMPTS[0], 12)
+    first = ref.token_ids[0]
+    banned = client.completions.create(model=MODEL, prompt=PROMPTS[0], **greedy(
+        12, min_tokens=3, stop_token_ids=[first], ignore_eos=False))
+    assert first not in banned.choices[0].model_extra["token_ids"][:3]
+    stop = ref.text[4:6]
+    kept = client.completions.create(model=MODEL, prompt=PROMPTS[0], stop=[stop],
+                                     **greedy(12, include_stop_str_in_output=True))
+    assert kept.choices[0].text == ref.text[: ref.text.index(stop) + 2] and kept.choices[0].finish_reason == "stop"
+    for bad in ({"9x": 1}, {"3": 101}):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logit_bias": bad})
+        assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
 
 
 def test_concurrent_requests_with_different_settings(client, offline):

@@ -39,7 +39,7 @@ def run(llm: LLM, params: SamplingParams) -> list:
 def test_greedy_speculative_equals_plain(tokenizer, method, dtype):
     target = tiny_model("qwen2", dtype, seed=0)
     draft = noisy_copy(target, 0.05)
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     plain = run(LLM.from_model(target, tokenizer, max_batch_size=4), params)
     spec = run(spec_llm(target, tokenizer, method, draft=draft), params)
     for p, s in zip(plain, spec):
@@ -52,7 +52,7 @@ def test_greedy_speculative_equals_plain(tokenizer, method, dtype):
 def test_draft_identical_to_target_accepts_everything(tokenizer):
     target = tiny_model("llama", torch.float32)
     llm = spec_llm(target, tokenizer, "draft_model", draft=target, k=5)
-    out = llm.generate(["hello"], SamplingParams(max_tokens=31, ignore_eos=True))[0]
+    out = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=31, ignore_eos=True))[0]
     st = out.stats
     assert st["acceptance_rate"] == 1.0
     assert st["mean_accepted_length"] == pytest.approx(6.0)
@@ -61,13 +61,13 @@ def test_draft_identical_to_target_accepts_everything(tokenizer):
 
 def test_greedy_penalties_and_stops_hold_under_speculation(tokenizer):
     target = tiny_model("qwen2", torch.float32)
-    params = SamplingParams(max_tokens=40, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
     plain = run(LLM.from_model(target, tokenizer, max_batch_size=4), params)
     spec = run(spec_llm(target, tokenizer, "ngram"), params)
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
-    free = run(LLM.from_model(target, tokenizer, max_batch_size=4), SamplingParams(max_tokens=40, ignore_eos=True))
+    free = run(LLM.from_model(target, tokenizer, max_batch_size=4), SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     stop = free[0].text[10:12]
-    params = SamplingParams(max_tokens=40, stop=[stop], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, stop=[stop], ignore_eos=True)
     assert run(spec_llm(target, tokenizer, "ngram"), params)[0].text == free[0].text[: free[0].text.index(stop)]
 
 

@@ -16,7 +16,7 @@ from draftwise.speculators.suffix import SuffixProposer, SuffixTree, _Seq
 
 
 def make_request(prompt: list[int], output: list[int] | None = None, rid: str = "r") -> RequestState:
-    return RequestState(request_id=rid, prompt_ids=list(prompt), params=SamplingParams(), output_ids=list(output or []))
+    return RequestState(request_id=rid, prompt_ids=list(prompt), params=SamplingParams(temperature=0.0, max_tokens=128), output_ids=list(output or []))
 
 
 def finish(proposer: SuffixProposer, prompt: list[int], output: list[int], rid: str) -> None:
@@ -286,7 +286,7 @@ def test_shared_sequences_reach_another_engines_global_tree(tokenizer):
     spec = {"method": "suffix", "num_speculative_tokens": 8, "adaptive": False}
     a, b, c = (LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=1) for _ in range(3))
     a.engine.proposer.share()
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     prompt = "quite a different prompt: "
     first = a.generate(prompt, params)[0]
     assert list(a.engine.proposer.outbox) == [first.prompt_token_ids + first.token_ids]

@@ -95,7 +95,7 @@ def test_train_eagle_end_to_end_loss_drops_resume_continues(target_folder, promp
     target, tok = load_model(str(target_folder), "fp32", "cpu", progress=False)
     spec = {"method": "eagle", "model": str(out), "num_speculative_tokens": 6, "adaptive": False}
     prompts = ["Say something about rivers.", "hello"]
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     plain = LLM.from_model(target, tok, max_batch_size=2).generate(prompts, params)
     got = LLM.from_model(target, tok, max_batch_size=2, speculative_config=spec).generate(prompts, params)
     assert [g.token_ids for g in got] == [p.token_ids for p in plain]

@@ -294,7 +294,7 @@ def test_first_two_tokens_with_sampling_options_and_penalties() -> None:
     gen = torch.Generator().manual_seed(40)
     logit_table = torch.randn(V + 1, V + 1, V, generator=gen) * 2  # [V+1, V+1, V]
     prompt = [1, 1, 4]
-    params = SamplingParams(
+    params = SamplingParams(max_tokens=128, 
         temperature=0.8, top_k=5, top_p=0.9, min_p=0.1,
         repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
     )
@@ -327,7 +327,7 @@ def test_first_two_tokens_with_sampling_options_and_penalties() -> None:
 
 def test_top_k_one_makes_every_committed_token_the_argmax() -> None:
     gen = torch.Generator().manual_seed(50)
-    params = SamplingParams(temperature=1.0, top_k=1)
+    params = SamplingParams(max_tokens=128, temperature=1.0, top_k=1)
     for _ in range(200):
         logits = torch.randn(4, V, generator=gen)
         tokens = torch.randint(0, V, (3,), generator=gen).tolist()

@@ -1,48 +1,68 @@
-"""The Python API, in the shape vLLM users know: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+"""The Python API, in the shape vLLM users know: `LLM(model=...).generate(prompts, SamplingParams(...))`.
+
+vLLM code runs with only its import line changed: its engine arguments that mean something
+here are taken (`model, tokenizer, dtype, seed, max_model_len, quantization,
+speculative_config, max_num_seqs, revision`), the others are refused by name with what to
+use instead (`VLLM_REFUSED`); prompts may be strings, token ids or vLLM's prompt dicts.
+"""
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from tqdm import tqdm
 
 from draftwise.config import SpeculativeConfig, parse_speculative_config
 from draftwise.engine.controller import make_controller
 from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
-from draftwise.models.build import DTYPES, default_device, load_model, parse_dtype  # noqa: F401 (the public API)
+from draftwise.models.build import DTYPES, default_device, load_model, load_tokenizer, parse_dtype  # noqa: F401
 from draftwise.models.transformer import Transformer
-from draftwise.sampling import SamplingParams, TokenLogprob
+from draftwise.outputs import CompletionOutput, RequestOutput, completion  # noqa: F401 (the public API)
+from draftwise.sampling import SamplingParams
 from draftwise.speculators import Target, build_proposer
 
-@dataclass
-class CompletionOutput:
-    """One sample of a prompt (vLLM's name and fields)."""
+# vLLM engine arguments with no meaning here: the value that is what draftwise does anyway
+# (accepted), and what to use instead of any other value
+_ONE_PROCESS = "draftwise runs one model per process; scale out with `draftwise serve --replicas N` (Ray Serve)"
+VLLM_REFUSED: dict[str, tuple[Any, str]] = {
+    "tensor_parallel_size": (1, _ONE_PROCESS),
+    "pipeline_parallel_size": (1, _ONE_PROCESS),
+    "data_parallel_size": (1, _ONE_PROCESS),
+    "distributed_executor_backend": (None, _ONE_PROCESS),
+    "gpu_memory_utilization": (None, "the KV cache holds max_num_seqs x max_model_len tokens; set those instead"),
+    "swap_space": (None, "draftwise keeps every running request's cache in memory; lower max_num_seqs instead"),
+    "cpu_offload_gb": (None, "draftwise does not offload weights; use quantization (e.g. 'w4a8-all') to shrink them"),
+    "kv_cache_dtype": ("auto", "the KV cache takes the model's dtype; choose it with dtype"),
+    "block_size": (None, "draftwise's KV cache is one contiguous row per request, not paged"),
+    "enable_prefix_caching": (False, "draftwise does not share prefixes between requests"),
+    "max_num_batched_tokens": (None, "prompts are prefilled in full; limit the batch with max_num_seqs"),
+    "enforce_eager": (True, "draftwise always runs eagerly (no CUDA graphs); leave it out"),
+    "trust_remote_code": (False, "draftwise runs no model code from the Hub; it reads the supported "
+                                 "architectures' weights itself"),
+    "tokenizer_mode": ("auto", "the tokenizer is the model's (transformers' fast one)"),
+    "tokenizer_revision": (None, "the tokenizer comes at the model's revision"),
+    "download_dir": (None, "models go to the standard Hugging Face cache; set HF_HOME to move it"),
+    "hf_token": (None, "log in with `hf auth login` or set HF_TOKEN"),
+    "enable_lora": (False, "draftwise serves no LoRA adapters; merge the adapter into the weights"),
+    "task": ("generate", "draftwise generates text only"),
+    "load_format": ("auto", "draftwise reads safetensors and GGUF by itself"),
+    "disable_log_stats": (None, "draftwise logs no engine stats from LLM; read RequestOutput.stats"),
+}
+VLLM_DTYPES = {"auto": "bf16", "half": "fp16", "float": "fp32"}  # vLLM's spellings beside ours
 
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    stats: dict[str, Any] = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None
 
-
-@dataclass
-class RequestOutput:
-    """What one prompt gave: `outputs` holds its `SamplingParams.n` samples (as vLLM's);
-    `text`, `token_ids`, `finish_reason`, `stats` and `logprobs` are the first sample's."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    stats: dict[str, Any] = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None  # per output token, when SamplingParams.logprobs is set
-    outputs: list[CompletionOutput] = field(default_factory=list)
+def check_vllm_arguments(kwargs: dict[str, Any]) -> None:
+    """Refuse, by name, engine arguments that have no meaning here (unless they ask for what
+    draftwise does anyway) and names that are not arguments at all."""
+    for name, value in kwargs.items():
+        if name not in VLLM_REFUSED:
+            raise BadInput(f"LLM() got an unknown argument {name!r}")
+        neutral, instead = VLLM_REFUSED[name]
+        if neutral is None or value != neutral:
+            raise BadInput(f"LLM(): {name} is not supported: {instead}")
 
 
 class LLM:
@@ -53,26 +73,44 @@ class LLM:
         self,
         model: str,
         *,
-        dtype: str = "bf16",
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        seed: int | None = None,
         device: str | None = None,
         speculative_config: str | dict | SpeculativeConfig | None = None,
-        max_batch_size: int = 8,
+        max_batch_size: int | None = None,
+        max_num_seqs: int | None = None,
         max_model_len: int | None = None,
         progress: bool = True,
-        quantization: str = "none",
+        quantization: str | None = None,
         revision: str | None = None,
+        **vllm_arguments: Any,
     ) -> None:
-        target, tokenizer = load_model(model, dtype, device, progress, quantization, revision)
+        """`dtype`: bf16 / fp32 / fp16 (or vLLM's auto = bf16, half, float); `max_num_seqs`
+        (vLLM) or `max_batch_size`: requests decoded together (default 8); `seed`: requests
+        without a seed get seeds drawn from it (reproducible runs); `tokenizer`: another
+        tokenizer than the model's (a folder or Hub id)."""
+        check_vllm_arguments(vllm_arguments)
+        if max_batch_size is not None and max_num_seqs is not None and max_batch_size != max_num_seqs:
+            raise BadInput("give max_num_seqs or max_batch_size (the same thing), not two different values")
+        batch = max_num_seqs or max_batch_size or 8
+        dtype = VLLM_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        target, tok = load_model(model, dtype, device, progress, quantization or "none", revision)
+        if tokenizer is not None and tokenizer != model:
+            tok = load_tokenizer(tokenizer, revision)
         self._model_name = model
-        self._setup(target, tokenizer, speculative_config, max_batch_size, max_model_len, dtype, progress)
+        self._seed = seed
+        self._setup(target, tok, speculative_config, batch, max_model_len, dtype, progress)
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer, *, speculative_config=None, max_batch_size: int = 8,
-                   max_model_len: int | None = None, draft_model: Transformer | None = None) -> "LLM":
+                   max_model_len: int | None = None, draft_model: Transformer | None = None,
+                   seed: int | None = None) -> "LLM":
         """Wrap an already built native model (tests, notebooks); `draft_model` serves a
         `draft_model` speculative config without loading one by name."""
         self = cls.__new__(cls)
         self._draft_model = draft_model
+        self._seed = seed
         self._setup(model, tokenizer, speculative_config, max_batch_size, max_model_len, model.dtype, False)
         return self
 
@@ -87,6 +125,7 @@ class LLM:
         other = type(self).__new__(type(self))
         other._draft_model = getattr(self, "_draft_model", None)
         other._model_name = getattr(self, "_model_name", "the target")
+        other._seed = self._seed
         other._setup(self.model, self.tokenizer, speculative_config, *self._settings)
         return other
 
@@ -111,6 +150,7 @@ class LLM:
             max_batch_size=max_batch_size,
             max_model_len=max_len,
             max_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+            seed=self._seed,
         )
 
     def close(self) -> None:
@@ -120,28 +160,54 @@ class LLM:
 
     # --- generation ---------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | Sequence[int] | dict[str, Any]) -> list[int]:
+        """A prompt as token ids: a string, token ids, or vLLM's {"prompt": ...} /
+        {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self.encode_prompt(prompt["prompt"])
+            raise BadInput(f"a prompt dict needs 'prompt' or 'prompt_token_ids' (got keys {sorted(prompt)})")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation rendered with the tokenizer's chat template."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template: str | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the tokenizer's chat template (or
+        `chat_template`); `chat_template_kwargs` go to the template (e.g. Qwen3's
+        {"enable_thinking": False})."""
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise BadInput("this model's tokenizer has no chat template; pass a plain prompt instead")
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        if continue_final_message and add_generation_prompt:
+            raise BadInput("continue_final_message needs add_generation_prompt=False")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=add_generation_prompt, tokenize=False,
+                continue_final_message=continue_final_message, chat_template=chat_template,
+                **(chat_template_kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - jinja and transformers raise many kinds
+            raise BadInput(f"the chat template failed on these messages: {e}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def generate(
         self,
-        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        prompts: str | Sequence[int] | dict[str, Any] | Sequence[str | Sequence[int] | dict[str, Any]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        use_tqdm: bool = False,
         on_output: Callable[[StepOutput], None] | None = None,
+        lora_request: None = None,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (strings, token ids or prompt dicts) with its sampling
+        params (one for all, or one each; default vLLM's: temperature 1.0, 16 tokens)."""
+        if lora_request is not None:
+            raise BadInput(VLLM_REFUSED["enable_lora"][1])
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
+        params = sampling_params if sampling_params is not None else SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise BadInput("give one SamplingParams, or one per prompt")
@@ -149,8 +215,19 @@ class LLM:
         for p, sp in zip(prompts, per_prompt):
             ids = self.encode_prompt(p)
             groups.append([self.engine.add_request(ids, self._sample_params(sp, i)) for i in range(sp.n)])
+        bar = tqdm(total=sum(len(g) for g in groups), desc="generating", unit="request", disable=not use_tqdm)
+
+        def seen(out: StepOutput) -> None:
+            if out.finished:
+                bar.update(1)
+            if on_output is not None:
+                on_output(out)
+
         start = time.perf_counter()
-        self.engine.run_until_done(on_output)
+        try:
+            self.engine.run_until_done(seen)
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - start
         return [self._output(reqs, p, elapsed) for reqs, p in zip(groups, prompts)]
 
@@ -162,22 +239,31 @@ class LLM:
         seed = None if params.seed is None else (params.seed + index) % 2**63
         return params.model_copy(update={"n": 1, "seed": seed})
 
-    def chat(self, conversations, sampling_params: SamplingParams | None = None, **kw) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, **kw)
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+             on_output: Callable[[StepOutput], None] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, vLLM's arguments."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        ids = [self.chat_prompt(c, add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message, chat_template=chat_template,
+                                chat_template_kwargs=chat_template_kwargs) for c in conversations]
+        return self.generate(ids, sampling_params, use_tqdm=use_tqdm, on_output=on_output)
 
     def _output(self, reqs, prompt, elapsed: float) -> RequestOutput:
         outs = []
         for i, req in enumerate(reqs):
             text = req.stop_text if req.stop_text is not None else self.tokenizer.decode(
-                req.output_ids, skip_special_tokens=True)
+                req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
             stats = req.stats.to_dict()
             stats["seconds"] = round(elapsed, 4)
             stats["tokens_per_second"] = round(len(req.output_ids) / elapsed, 3) if elapsed > 0 else 0.0
-            outs.append(CompletionOutput(i, text, list(req.output_ids), req.finish_reason, stats,
-                                         list(req.output_logprobs) if req.params.logprobs is not None else None))
-        first = outs[0]
-        return RequestOutput(reqs[0].request_id, prompt if isinstance(prompt, str) else None, reqs[0].prompt_ids,
-                             first.text, first.token_ids, first.finish_reason, first.stats, first.logprobs, outs)
+            outs.append(completion(i, req, text, stats, self._decode_one))
+        first, req = outs[0], reqs[0]
+        text_prompt = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+        return RequestOutput(req.request_id, text_prompt, req.prompt_ids, first.text, first.token_ids,
+                             first.finish_reason, first.stats,
+                             list(req.output_logprobs) if req.params.logprobs is not None else None, outs)
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])

@@ -38,6 +38,9 @@ class LearnerConfig(BaseModel):
     save_every: int = Field(default=25, ge=1, description="swaps between saves of the adaptive state")
 
 
+VLLM_METHODS = {"eagle3": "eagle", "deepseek_mtp": "mtp", "mtp": "mtp"}  # vLLM's method names -> ours
+
+
 class SpeculativeConfig(BaseModel):
     """What to speculate with, in the shape of vLLM's `speculative_config`."""
 
@@ -72,6 +75,26 @@ class SpeculativeConfig(BaseModel):
                                        "the controller's estimates are saved and resumed from")
     tree: list[list[int]] | None = Field(
         default=None, description="tree proposers (medusa): choice paths, top-i per depth, e.g. [[0], [0, 0], [1]]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_names(cls, data: Any) -> Any:
+        """vLLM's spellings: no method with a model means a draft model, "[ngram]" as the
+        model means ngram, eagle3 / deepseek_mtp name our eagle / mtp, a draft tensor
+        parallel size of 1 is what runs here."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("model") == "[ngram]":
+            data.pop("model")
+            data.setdefault("method", "ngram")
+        if "method" not in data and data.get("model"):
+            data["method"] = "draft_model"
+        if isinstance(data.get("method"), str):
+            data["method"] = VLLM_METHODS.get(data["method"], data["method"])
+        if data.get("draft_tensor_parallel_size", 1) == 1:
+            data.pop("draft_tensor_parallel_size", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "SpeculativeConfig":

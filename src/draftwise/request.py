@@ -25,6 +25,9 @@ class RequestState:
     noise_seed: int = 0  # key of the position noise (sampling="coupled"): the seed, else drawn at admission
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None: EOS, length)
+    max_tokens: int = 0  # params.max_tokens, or the room left in the context window when that is None
+    banned: list[int] = field(default_factory=list)  # ids refused before params.min_tokens (EOS, stop tokens)
     stop_text: str | None = None  # text up to (not including) a matched stop string
     stats: SpecStats = field(default_factory=SpecStats)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set

@@ -34,24 +34,33 @@ MAX_LOGPROBS = 20  # alternatives per token at most, as vLLM's default max_logpr
 
 
 class SamplingParams(BaseModel):
-    """Options of one request, in the shape vLLM users know."""
+    """Options of one request, vLLM's names and defaults (temperature 1.0, 16 tokens; the
+    CLI's `generate` and `bench` default to greedy instead, and say so in --help)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    max_tokens: int = Field(default=128, ge=1, description="new tokens to generate at most")
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_k: int = Field(default=0, ge=0, description="keep the k most likely tokens; 0 = off")
+    max_tokens: int | None = Field(default=16, ge=1, description="new tokens to generate at most; None = up to "
+                                                                  "the context window")
+    min_tokens: int = Field(default=0, ge=0, description="no EOS / stop token / stop string before this many "
+                                                         "new tokens")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass kept")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="drop tokens below min_p x max prob")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="HF style, over prompt and output")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI style, over output")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI style, over output")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> value added to its logit "
+                                                                           "before anything else (-100 bans)")
     seed: int | None = Field(default=None, ge=0, description="seed of this request's random stream")
     n: int = Field(default=1, ge=1, le=128, description="samples per prompt (LLM.generate): sample i is seeded "
                                                          "seed + i, each its own random stream")
-    stop: list[str] = Field(default_factory=list, description="stop strings (not included in the text)")
+    stop: list[str] = Field(default_factory=list, description="stop strings (not in the text unless "
+                                                              "include_stop_str_in_output)")
     stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    skip_special_tokens: bool = Field(default=True, description="leave special tokens out of the text")
     sampling: Literal["coupled", "rejection"] | None = Field(
         default=None, description="coupled: randomness keyed by (seed, output position), so a seed gives the "
                                   "same tokens with or without speculation at any batch; rejection: classic "
@@ -60,6 +69,16 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="return each output token's log-probability and the N most likely "
                                              "alternatives (None = off)")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, v: dict[int, float]) -> dict[int, float]:
+        for token, bias in v.items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0 (got {token})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias} for token {token})")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -169,6 +188,39 @@ def apply_penalties(
     return out
 
 
+def row_depths(n: int, parents: Sequence[int] | None) -> list[int]:
+    """Output positions ahead of the next one that each verification row samples: row 0 the
+    next position (0), row j+1 the position after draft node j (its depth + 1)."""
+    if parents is None:
+        return list(range(n + 1))
+    depth: list[int] = []
+    for p in parents:
+        depth.append(depth[p] + 1 if p >= 0 else 1)
+    return [0] + depth
+
+
+def apply_logit_rules(logits: Tensor, params: SamplingParams, done: int, parents: Sequence[int] | None,
+                      banned: Sequence[int]) -> Tensor:
+    """logit_bias added; the `banned` ids set to -inf at rows whose output position (`done`
+    tokens already out, plus the row's depth) comes before min_tokens. Both before penalties,
+    as vLLM's logits processors."""
+    vocab = logits.shape[-1]
+    if params.logit_bias:
+        ids = [t for t in params.logit_bias if t < vocab]
+        if ids:
+            bias = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
+            bias[ids] = torch.tensor([params.logit_bias[t] for t in ids], dtype=logits.dtype, device=bias.device)
+            logits = logits + bias
+    if params.min_tokens > done and banned:
+        early = [r for r, d in enumerate(row_depths(logits.shape[0] - 1, parents)) if done + d < params.min_tokens]
+        ids = [t for t in banned if t < vocab]
+        if early and ids:
+            logits = logits.clone()  # never the caller's tensor
+            rows = torch.tensor(early, device=logits.device)[:, None]
+            logits[rows, torch.tensor(ids, device=logits.device)[None, :]] = float("-inf")
+    return logits
+
+
 def _top_k_mask(logits: Tensor, k: int) -> Tensor:
     """Keep tokens whose logit is at least the k-th largest (ties kept, as vLLM)."""
     kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [rows, 1]
@@ -196,18 +248,22 @@ def target_distribution(
     output_ids: Sequence[int],
     draft_tokens: Sequence[int] = (),
     parents: Sequence[int] | None = None,
+    banned: Sequence[int] = (),
 ) -> Tensor:
     """The distribution to sample from at each verification row.
 
     logits: [n+1, vocab]; row 0 follows the last committed token, row j+1 follows draft node j
     (whose history adds the draft tokens on the path root -> j; `parents` as in `Draft`).
-    Returns [n+1, vocab] fp32 probabilities (one-hot at the argmax when greedy).
+    `banned`: token ids that may not come before output position `params.min_tokens` (the
+    request's EOS and stop tokens). Returns [n+1, vocab] fp32 probabilities (one-hot at the
+    argmax when greedy).
     """
     if logits.dim() != 2 or logits.shape[0] != len(draft_tokens) + 1:
         raise ValueError(f"logits {tuple(logits.shape)} do not match a draft of {len(draft_tokens)} tokens")
     if parents is not None and len(parents) != len(draft_tokens):
         raise ValueError(f"{len(parents)} parents for {len(draft_tokens)} draft tokens")
-    x = apply_penalties(logits.float(), params, prompt_ids, output_ids, draft_tokens, parents)  # [n+1, vocab]
+    x = apply_logit_rules(logits.float(), params, len(output_ids), parents, banned)  # [n+1, vocab]
+    x = apply_penalties(x, params, prompt_ids, output_ids, draft_tokens, parents)  # [n+1, vocab]
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
     x = x / params.temperature
@@ -268,15 +324,18 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # of the token at its position: 1 + how many tokens are more likely
 
 
 def token_logprobs(logits: Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
     """Logits `[n, vocab]` of the positions that emitted `tokens` (n of them)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp[torch.arange(len(tokens), device=lp.device), torch.as_tensor(list(tokens), device=lp.device)].tolist()
+    picked = lp[torch.arange(len(tokens), device=lp.device), torch.as_tensor(list(tokens), device=lp.device)]  # [n]
+    chosen = picked.tolist()
+    ranks = (1 + (lp > picked[:, None]).sum(dim=-1)).tolist()  # [n]
     if top > 0:
         values, ids = lp.topk(top, dim=-1)
         tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     else:
         tops = [[] for _ in tokens]
-    return [TokenLogprob(t, c, tp) for t, c, tp in zip(tokens, chosen, tops)]
+    return [TokenLogprob(t, c, tp, r) for t, c, tp, r in zip(tokens, chosen, tops, ranks)]

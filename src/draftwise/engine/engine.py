@@ -58,7 +58,10 @@ class Engine:
         max_batch_size: int = 8,
         max_model_len: int | None = None,
         max_speculative_tokens: int = 0,
+        seed: int | None = None,
     ) -> None:
+        """`seed`: requests that set none get seeds drawn from this one (a reproducible run, as
+        vLLM's engine seed); None: from torch's global generator."""
         self.model = model
         self.tokenizer = tokenizer
         self.proposer = proposer
@@ -73,6 +76,7 @@ class Engine:
         self.running: list[RequestState] = []
         self.totals = SpecStats()
         self._ids = itertools.count()
+        self._seeds = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         self.eos_ids = set(model.config.eos_token_ids)
 
     # --- requests -----------------------------------------------------------------------
@@ -84,17 +88,27 @@ class Engine:
             raise BadInput("the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise BadInput(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        if max_tokens < 1 or len(prompt_ids) + max_tokens > self.max_model_len:
             raise BadInput(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"context window of {self.max_model_len} tokens"
             )
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise BadInput(f"{name} token ids must be in [0, {vocab})")
+        banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+        seed = params.seed if params.seed is not None else self.next_seed()
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed)
-        req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen, noise_seed=seed)
+        req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen, noise_seed=seed,
+                           max_tokens=max_tokens, banned=banned if params.min_tokens else [])
         self.waiting.append(req)
         return req
+
+    def next_seed(self) -> int:
+        """The seed of a request that set none."""
+        return int(torch.randint(0, 2**62, (), generator=self._seeds).item())
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its cache row."""
@@ -146,7 +160,7 @@ class Engine:
             return Draft.empty(len(reqs))
         budgets = []
         for req, k in zip(reqs, self.controller.choose(reqs)):
-            room = req.params.max_tokens - len(req.output_ids) - 1  # the bonus token comes on top
+            room = req.max_tokens - len(req.output_ids) - 1  # the bonus token comes on top
             k = max(0, min(k, room, self.slack - 1))
             req.stats.num_speculative_tokens.append(k)
             budgets.append(k)
@@ -183,13 +197,14 @@ class Engine:
         for tok in res.tokens:
             req.output_ids.append(tok)
             new.append(tok)
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:  # banned before min_tokens
+                req.stop_reason = tok if tok in p.stop_token_ids else None
                 self._finish(req, "stop")
                 break
-            if p.stop and self._hit_stop_string(req):
+            if p.stop and len(req.output_ids) >= p.min_tokens and self._hit_stop_string(req):
                 self._finish(req, "stop")
                 break
-            if len(req.output_ids) >= p.max_tokens:
+            if len(req.output_ids) >= req.max_tokens:
                 self._finish(req, "length")
                 break
         req.stats.output_tokens = len(req.output_ids)
@@ -205,12 +220,15 @@ class Engine:
         a hit, for the text up to the stop string."""
         longest = max(len(s) for s in req.params.stop)
         tail_ids = req.output_ids[-(longest + 8):]
-        tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
-        hits = [i for s in req.params.stop if (i := tail.find(s)) >= 0]
+        skip = req.params.skip_special_tokens
+        tail = self.tokenizer.decode(tail_ids, skip_special_tokens=skip)
+        hits = [(i, s) for s in req.params.stop if (i := tail.find(s)) >= 0]
         if hits:
+            at, stop = min(hits)
             prev = self.tokenizer.decode(req.output_ids[: len(req.output_ids) - len(tail_ids)],
-                                         skip_special_tokens=True)
-            req.stop_text = prev + tail[: min(hits)]
+                                         skip_special_tokens=skip)
+            req.stop_text = prev + tail[: at + (len(stop) if req.params.include_stop_str_in_output else 0)]
+            req.stop_reason = stop
         return bool(hits)
 
     def _finish(self, req: RequestState, reason: str) -> None:

@@ -71,7 +71,8 @@ def verify_rows(
     for i, req in enumerate(requests):
         n = sizes[i] - 1
         probs = target_distribution(
-            logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i]
+            logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i],
+            req.banned,
         )  # [n+1, vocab]
         coupled = (req.noise_seed, len(req.output_ids)) if req.params.coupled else None
         res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy,

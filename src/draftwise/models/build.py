@@ -45,3 +45,19 @@ def load_model(ref: str, dtype: str | torch.dtype = "bf16", device: str | None =
     except ValueError as e:  # a setting this model or machine cannot take, with its reason
         raise BadInput(f"--quantization {quantization}: {e}") from None
     return pack(model), weights.tokenizer
+
+
+def load_tokenizer(ref: str, revision: str | None = None):
+    """A tokenizer on its own: a folder, or a Hub id (the standard cache, HF_HUB_OFFLINE honoured)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    local = Path(ref).expanduser()
+    try:
+        if local.exists():
+            return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+        return AutoTokenizer.from_pretrained(ref, revision=revision)
+    except Exception as e:  # noqa: BLE001 - transformers and the hub raise many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"tokenizer {ref!r} could not be loaded: {first}") from None

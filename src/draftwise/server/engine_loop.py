@@ -232,14 +232,14 @@ class EngineLoop:
         self._count_stats(track, req.stats)
         m.observe_tokens(generation=len(out.new_token_ids))
         if req.finished:
-            text = req.stop_text if req.stop_text is not None else self._decode(req.output_ids)
+            text = req.stop_text if req.stop_text is not None else self._decode(req.output_ids, req)
             event = Event(track.index, text[track.printed:], list(out.new_token_ids), True, req.finish_reason,
                           stats=req.stats.to_dict(), logprobs=out.new_logprobs)
             del self._tracks[req.request_id]
             self._release(1)
             m.observe_finished(req.finish_reason or "stop", now - track.sub.arrival)
         else:
-            self._advance_text(track, req.output_ids)
+            self._advance_text(track, req)
             upto = max(track.printed, len(track.text) - held_back(track.text, track.stops))
             event = Event(track.index, track.text[track.printed:upto], list(out.new_token_ids),
                           logprobs=out.new_logprobs)
@@ -254,19 +254,20 @@ class EngineLoop:
         self.metrics.observe_tokens(passes=s.target_passes - passes)
         track.seen = (s.drafts, s.draft_tokens, s.accepted_tokens, tuple(s.accepted_per_position), s.target_passes)
 
-    def _advance_text(self, track: Track, ids: list[int]) -> None:
+    def _advance_text(self, track: Track, req) -> None:
         """Extend track.text by decoding only the newest tokens (with one step of context before them).
 
         Text ending in U+FFFD is half of a multi-byte character: wait for the rest.
         """
-        before = self._decode(ids[track.prefix_offset:track.read_offset])
-        now = self._decode(ids[track.prefix_offset:])
+        ids = req.output_ids
+        before = self._decode(ids[track.prefix_offset:track.read_offset], req)
+        now = self._decode(ids[track.prefix_offset:], req)
         if len(now) > len(before) and now.startswith(before) and not now.endswith("\ufffd"):
             track.text += now[len(before):]
             track.prefix_offset, track.read_offset = track.read_offset, len(ids)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, ids: list[int], req) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
 
     def _update_queue_gauges(self) -> None:
         running = len(self.engine.running)

@@ -87,6 +87,10 @@ def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> Sampl
             stop=stops,
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
             logprobs=body.logprob_count(),
             sampling=body.sampling,
         )

@@ -2,9 +2,10 @@
 
 Unknown fields are refused (400 "unrecognized request argument") rather than silently
 ignored; a few harmless OpenAI fields (`user`, `store`, `metadata`, ...) are accepted and
-ignored. Options this server cannot honour exactly (echo, tools, logit_bias, ...) are
+ignored. Options this server cannot honour exactly (echo, tools, ...) are
 accepted by the schema and refused by `unsupported()` with a clear 400.
-Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens,
+include_stop_str_in_output, skip_special_tokens,
 return_token_ids; draftwise's own: sampling ("coupled", the default with a seed, or "rejection", the
 default without).
 
@@ -85,8 +86,21 @@ class SamplingFields(ClientModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
     sampling: Literal["coupled", "rejection"] | None = None  # draftwise: how sampled tokens are drawn
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (got {key!r})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias})")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -97,8 +111,6 @@ class SamplingFields(ClientModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of the first option this server refuses, else None."""
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported by this server"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         if self.stop is not None and isinstance(self.stop, list) and len(self.stop) > 16:
