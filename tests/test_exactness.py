@@ -123,7 +123,7 @@ def test_batched_rows_equal_single_rows(dtype, variant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_shape_passes_are_exact_too(dtype, tokenizer):
-    """The CUDA path's static shapes (every cache row, STATIC_T tokens, keys over the whole
+    """The CUDA path's static shapes (every cache row, BLOCK tokens, keys over the whole
     cache), forced on the CPU: chunked passes still equal one-token passes, tree nodes their
     paths, and speculation through the engine gives plain decoding's output, equal to the
     output of the same model run without static shapes (attention in the same torch

@@ -92,7 +92,7 @@ def test_long_new_prompt_beside_a_long_context_stays_in_the_cache(tokenizer):
     prop.on_accept(a, 0)
     a.output_ids.append(9)
     prop.begin(b)
-    assert prop.seen["a"] + len(b.all_ids) > prop.cache.capacity
+    assert prop.book.seen["a"] + len(b.all_ids) > prop.cache.capacity
     both = prop.propose([a, b], [2, 2])
     alone = LayerSkipProposer(target, 1, max_batch_size=2, max_model_len=170, k_max=2)
     alone.begin(b)

@@ -13,7 +13,7 @@ from draftwise.cache import KVCache
 from draftwise.errors import BadInput
 from draftwise.models.transformer import padded_linear
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.layer_skip import partial_inputs
+from draftwise.models.partial import partial_inputs
 from draftwise.speculators.mtp import MTPModules, load_mtp, save_mtp
 
 PROMPTS = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "x = 1\nx = 1\nx = 1\n", "zz"]

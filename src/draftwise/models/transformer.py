@@ -19,8 +19,11 @@ Notable features:
 - Static shapes on CUDA: there the library kernels choose their reduction order from the
   whole shape (measured on an H200: fp32 matmuls for 1 row against more, the norms' mean
   for 4-15 rows, batched matmuls for their batch count), so padding rows is not enough.
-  Every pass over at most STATIC_T tokens runs at one shape instead: all cache rows,
-  STATIC_T tokens each, keys over the whole cache (`Transformer.static_shapes`).
+  Every pass over at most BLOCK tokens runs at one shape instead: all cache rows,
+  BLOCK tokens each, keys over the whole cache (`Transformer.static_shapes`).
+- Attention has three paths, chosen once per pass by `plan_attention` (a tagged plan the
+  layers carry out): the C kernel for decode / verify passes on the CPU, a blocked torch
+  recipe for those elsewhere, fused SDPA for long prefills.
 
 Parameter names are Hugging Face's, so HF checkpoints load without renaming.
 """
@@ -35,14 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftwise.cache import KVCache
+from draftwise.cache import BLOCK, KVCache
 from draftwise.kernels import attention as attention_kernel
-from draftwise.models.attention import BLOCK, ROW_MULTIPLE, KeyLayout, attention, key_layout, padded_rows
+from draftwise.models.attention import ROW_MULTIPLE, KeyLayout, attention, key_layout, padded_rows
 from draftwise.models.config import ModelConfig
 
-KEY_BUCKET = BLOCK  # key length and cache capacity are multiples of this
+# BLOCK (64, from the cache): key lengths and cache capacities are whole blocks, a cache
+# keeps one block of spare slots past its capacity, and a static-shape pass (CUDA) runs
+# BLOCK tokens per row.
 SDPA_FROM = 128  # passes over more tokens than this (prefill) use the fused SDPA kernel
-STATIC_T = KEY_BUCKET  # static-shape passes: tokens per row (the cache keeps this many spare slots)
 
 
 @dataclass
@@ -164,16 +168,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         step.cache.write(self.index, k, v, step.slots, step.rows)
-        if step.sees is not None:  # decode / verify on the CPU: the C kernel reads the cache in place
+        plan = step.plan
+        if isinstance(plan, KernelAttention):  # the C kernel reads the whole cache in place
             keys, values = step.cache.layer(self.index, step.cache.capacity)
-            out = attention_kernel.forward(q, keys, values, step.cache_rows, step.lengths, step.sees)
+            out = attention_kernel.forward(q, keys, values, plan.cache_rows, plan.lengths, plan.sees)
         else:
             keys, values = step.cache.layer(self.index, step.key_len)  # [b, kv_heads, S, hd]
             keys, values = (keys[:b], values[:b]) if step.rows is None else (keys[step.rows], values[step.rows])
-            if step.layout is None:  # long prefill: fused kernel, memory-lean
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+            if isinstance(plan, SdpaAttention):
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, enable_gqa=True)
             else:
-                out = attention(q, keys, values, step.layout)
+                out = attention(q, keys, values, plan.layout)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return proj(self.o_proj, out)
 
@@ -207,22 +212,61 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-@dataclass
+# --- one pass's shared inputs, and its attention plan ------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelAttention:
+    """Decode / verify passes on the CPU: the C kernel (kernels/attention.py) reads the cache in place."""
+
+    sees: torch.Tensor  # [batch, T, T] uint8: new token i sees new token j
+    lengths: torch.Tensor  # [batch] committed slots
+    cache_rows: torch.Tensor  # [batch] cache rows (`rows`, or 0..batch-1)
+
+
+@dataclass(frozen=True)
+class BlockedAttention:
+    """Decode / verify passes elsewhere: the blocked torch recipe of models/attention.py."""
+
+    layout: KeyLayout
+
+
+@dataclass(frozen=True)
+class SdpaAttention:
+    """Passes over more than SDPA_FROM tokens (long prefills): the fused kernel, memory-lean."""
+
+    mask: torch.Tensor  # [batch, 1, T, key_len] bool
+
+
+AttentionPlan = KernelAttention | BlockedAttention | SdpaAttention
+
+
+@dataclass(frozen=True)
 class StepInputs:
     """What every layer of one forward pass shares."""
 
     cache: KVCache
     slots: torch.Tensor  # [batch, T] cache slots the new tokens are written to
     rows: torch.Tensor | None  # [batch] cache rows of the batch, None = all rows in order
-    key_len: int
+    key_len: int  # keys read per row (whole blocks)
     cos: torch.Tensor  # [batch, 1, T, head_dim]
     sin: torch.Tensor
-    layout: KeyLayout | None  # decode / verify passes (T <= SDPA_FROM) in torch operations
-    mask: torch.Tensor | None  # [batch, 1, T, key_len] bool, for the SDPA path (long prefill)
-    # decode / verify passes in the C kernel (kernels/attention.py), else None:
-    sees: torch.Tensor | None = None  # [batch, T, T] uint8: new token i sees new token j
-    lengths: torch.Tensor | None = None  # [batch] committed slots
-    cache_rows: torch.Tensor | None = None  # [batch] cache rows (`rows`, or 0..batch-1)
+    plan: AttentionPlan
+
+
+def plan_attention(*, lengths: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None, key_len: int,
+                   tree_mask: torch.Tensor, kernel: bool, static: bool) -> AttentionPlan:
+    """The attention path of a pass, chosen here and nowhere else: SDPA for more than
+    SDPA_FROM tokens, else the C kernel when the model runs there (`kernel`), else the
+    blocked recipe (with a fixed tree tail at static shapes)."""
+    b, t = slots.shape
+    if t > SDPA_FROM:
+        return SdpaAttention(mask=build_mask(lengths, slots, key_len, tree_mask))
+    if kernel:
+        cache_rows = torch.arange(b, device=slots.device) if rows is None else rows
+        return KernelAttention(sees=tree_mask.to(torch.uint8).contiguous(), lengths=lengths.contiguous(),
+                               cache_rows=cache_rows.contiguous())
+    return BlockedAttention(layout=key_layout(lengths, tree_mask, key_len, 2 * BLOCK if static else None))
 
 
 def step_inputs(
@@ -233,24 +277,18 @@ def step_inputs(
     cache `rows` and see the row's committed slots plus the new tokens `tree_mask` allows
     (causal order when None). positions [b, T] are the RoPE positions. `static`: keys over
     the whole cache and a fixed tree tail, so the shapes do not depend on the lengths.
-    `kernel`: passes up to SDPA_FROM tokens run attention in the C kernel."""
+    `kernel`: the model may run attention in the C kernel (`plan_attention` decides)."""
     b, t = positions.shape
     device = positions.device
     slots = lengths[:, None] + torch.arange(t, device=device)  # [b, T]
-    key_len = cache.capacity if static else min(cache.capacity, -(-(int(slots.max()) + 1) // KEY_BUCKET) * KEY_BUCKET)
+    key_len = cache.capacity if static else min(cache.capacity, -(-(int(slots.max()) + 1) // BLOCK) * BLOCK)
     if tree_mask is None:
         tree_mask = torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
     freqs = positions[..., None].float() * inv_freq.to(device)  # [b, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, T, hd]
-    if t > SDPA_FROM:
-        return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), None,
-                          build_mask(lengths, slots, key_len, tree_mask))
-    if kernel:
-        cache_rows = torch.arange(b, device=device) if rows is None else rows
-        return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), None, None,
-                          tree_mask.to(torch.uint8).contiguous(), lengths.contiguous(), cache_rows.contiguous())
-    layout = key_layout(lengths, tree_mask, key_len, 2 * BLOCK if static else None)
-    return StepInputs(cache, slots, rows, key_len, emb.cos(), emb.sin(), layout, None)
+    plan = plan_attention(lengths=lengths, slots=slots, rows=rows, key_len=key_len, tree_mask=tree_mask,
+                          kernel=kernel, static=static)
+    return StepInputs(cache=cache, slots=slots, rows=rows, key_len=key_len, cos=emb.cos(), sin=emb.sin(), plan=plan)
 
 
 class Inner(nn.Module):
@@ -276,7 +314,7 @@ class Transformer(nn.Module):
         # the LM head as the forward pass runs it, when not `head_weight` as is: a quantized
         # copy (models/quantize.py, the "-all" settings) or a packed one (models/packed.py)
         self.head_proj: nn.Module | None = None
-        # run passes over <= STATIC_T tokens at one shape (`_static_forward`); None: on CUDA
+        # run passes over <= BLOCK tokens at one shape (`_static_forward`); None: on CUDA
         self.static_shapes: bool | None = None
         # decode / verify attention in the C kernel (kernels/attention.py); None: wherever it runs
         self.attention_kernel: bool | None = None
@@ -301,7 +339,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.config
-        cap = min(capacity, c.max_position_embeddings) + KEY_BUCKET  # room for padding slots
+        cap = min(capacity, c.max_position_embeddings) + BLOCK  # room for padding slots
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, cap, self.dtype, self.device)
 
     @torch.inference_mode()
@@ -316,18 +354,22 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,  # [batch, n] indices into T; None = all
         hidden_layers: Sequence[int] = (),  # layer outputs to return (-1 = before final norm)
         compute_logits: bool = True,
-        _static: bool = False,  # set by `_static_forward`: this pass is at the static shape
     ) -> ModelOutput:
-        b, t = ids.shape
-        device = ids.device
-        lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
-        static = self.runs_static_shapes
-        if static and not _static and t <= STATIC_T and int(cache.lengths.max()) + STATIC_T <= cache.capacity:
+        t = ids.shape[1]
+        if self.runs_static_shapes and t <= BLOCK and int(cache.lengths.max()) + BLOCK <= cache.capacity:
             return self._static_forward(ids, positions, cache, tree_mask, rows, logits_at, hidden_layers,
                                         compute_logits)
+        return self._forward(ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits)
+
+    def _forward(self, ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits,
+                 static: bool = False) -> ModelOutput:
+        """The pass itself (`static`: at the static shape `_static_forward` built)."""
+        b = ids.shape[0]
+        device = ids.device
+        lengths = cache.lengths[:b] if rows is None else cache.lengths[rows]  # [batch]
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, _static,
+        step = step_inputs(self.inv_freq, positions, cache, lengths, rows, tree_mask, static,
                            self.attention_in_kernel())
         x = self.model.embed_tokens(ids)
         wanted = {(i if i >= 0 else len(self.model.layers) + i) for i in hidden_layers}
@@ -361,7 +403,7 @@ class Transformer(nn.Module):
 
     def _static_forward(self, ids, positions, cache, tree_mask, rows, logits_at, hidden_layers, compute_logits):
         """The pass at one shape whatever it holds: every cache row (rows the pass does not
-        name run filler tokens in their spare slots, which nothing reads), STATIC_T tokens
+        name run filler tokens in their spare slots, which nothing reads), BLOCK tokens
         each (the padding continues each row's chain or hangs off its tree), keys over the
         whole cache; logits for every position, then the ones asked for."""
         b, t = ids.shape
@@ -370,18 +412,17 @@ class Transformer(nn.Module):
         spare = [r for r in range(n) if r not in set(named)]
         all_rows = None if named + spare == list(range(n)) else torch.tensor(named + spare, device=device)
         lengths = cache.lengths if all_rows is None else cache.lengths[all_rows]
-        steps = torch.arange(STATIC_T, device=device)
-        pad_ids = ids.new_zeros(n, STATIC_T)
+        steps = torch.arange(BLOCK, device=device)
+        pad_ids = ids.new_zeros(n, BLOCK)
         pad_ids[:b, :t] = ids
         pad_pos = lengths[:, None] + steps
         pad_pos[:b, :t] = positions
-        pad_pos[:b, t:] = positions[:, -1:] + 1 + steps[: STATIC_T - t]
+        pad_pos[:b, t:] = positions[:, -1:] + 1 + steps[: BLOCK - t]
         mask = None
         if tree_mask is not None:
-            mask = torch.ones(STATIC_T, STATIC_T, dtype=torch.bool, device=device).tril().repeat(n, 1, 1)
+            mask = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).tril().repeat(n, 1, 1)
             mask[:b, :t, :t] = tree_mask
-        out = self.forward(pad_ids, pad_pos, cache, tree_mask=mask, rows=all_rows, hidden_layers=hidden_layers,
-                           compute_logits=compute_logits, _static=True)
+        out = self._forward(pad_ids, pad_pos, cache, mask, all_rows, None, hidden_layers, compute_logits, static=True)
         hidden = {k: v[:b, :t] for k, v in out.hidden.items()}
         if out.logits is None:
             return ModelOutput(None, hidden)

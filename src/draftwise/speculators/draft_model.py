@@ -21,8 +21,8 @@ import torch
 from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.request import RequestState
-from draftwise.sampling import target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
+from draftwise.speculators.chain import CacheBook, draft_chain
 
 
 def check_same_vocabulary(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
@@ -56,8 +56,7 @@ class DraftModelProposer(Proposer):
         self.draft = draft
         self.target_vocab = target_vocab
         self.cache = draft.new_cache(max_batch_size, max_model_len + k_max + 2)
-        self.seen: dict[str, int] = {}  # request id -> tokens of all_ids in the draft cache
-        self._drafted: dict[str, int] = {}  # request id -> draft tokens of the last step it ran
+        self.book = CacheBook()  # what the draft cache holds of each request
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "DraftModelProposer":
@@ -76,70 +75,46 @@ class DraftModelProposer(Proposer):
                    config.num_speculative_tokens)
 
     def begin(self, request: RequestState) -> None:
-        self.seen[request.request_id] = 0
+        self.book.begin(request.request_id)
         self.cache.set_length(request.row, 0)
 
     def end(self, request: RequestState) -> None:
-        self.seen.pop(request.request_id, None)
-        self._drafted.pop(request.request_id, None)
+        self.book.end(request.request_id)
 
     def on_accept(self, request: RequestState, num_accepted: int) -> None:
-        # the draft ran the context plus its first k-1 draft tokens; keep those accepted
-        rid = request.request_id
-        kept = self.seen[rid] + min(num_accepted, self._drafted.pop(rid, 0))
-        self.seen[rid] = kept
-        self.cache.set_length(request.row, kept)
+        self.cache.set_length(request.row, self.book.accept(request.request_id, num_accepted))
 
     # --- drafting ---------------------------------------------------------------------
 
     def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
-        active = [i for i, k in enumerate(num_tokens) if k > 0]
-        draft = Draft.empty(len(requests))
-        if not active:
-            return draft
-        reqs = [requests[i] for i in active]
-        fresh = [r for r in reqs if self.seen[r.request_id] == 0]
-        if fresh:  # first draft of these requests: prefill their prompts (timed apart)
-            start = time.perf_counter()
-            self._catch_up(fresh, prompt_only=True)
-            draft.prefill_seconds = time.perf_counter() - start
-        logits = self._catch_up(reqs)  # [n, vocab] after each request's last committed token
-        probs_rows: list[list[torch.Tensor]] = [[] for _ in reqs]
-        live = list(range(len(reqs)))
-        for step in range(max(num_tokens[i] for i in active)):
-            for j in live:
-                req, i = reqs[j], active[j]
-                q = self._distribution(req, logits[j], draft.tokens[i])  # [vocab]
-                tok = req.draw(q, ahead=len(draft.tokens[i]))
-                draft.tokens[i].append(tok)
-                probs_rows[j].append(q)
-            live = [j for j in live if len(draft.tokens[active[j]]) < num_tokens[active[j]]]
-            if not live:
-                break
-            logits = self._feed_last(reqs, live, draft, active, logits)
-        for j, req in enumerate(reqs):
-            i = active[j]
-            self._drafted[req.request_id] = len(draft.tokens[i]) - 1  # fed to the draft: all but the last
-            if not req.params.greedy:
-                draft.probs[i] = torch.stack(probs_rows[j])  # [k, vocab]
-        return draft
+        prefill_seconds = 0.0
 
-    def _distribution(self, req: RequestState, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:
-        """The draft's distribution under the request's sampling settings, over the target vocab."""
-        logits = logits.float()
-        if logits.shape[-1] != self.target_vocab:  # embedding tables padded to different sizes
-            fixed = logits.new_full((self.target_vocab,), float("-inf"))
-            n = min(self.target_vocab, logits.shape[-1])
-            fixed[:n] = logits[:n]
-            logits = fixed
-        return target_distribution(logits[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
+        def next_logits(depth: int, live: list[int], draft: Draft) -> torch.Tensor:
+            nonlocal prefill_seconds
+            reqs = [requests[i] for i in live]
+            if depth > 0:
+                return self._feed_last(reqs, [draft.tokens[i][-1] for i in live])
+            fresh = [r for r in reqs if self.book.seen[r.request_id] == 0]
+            if fresh:  # first draft of these requests: prefill their prompts (timed apart)
+                start = time.perf_counter()
+                self._catch_up(fresh, prompt_only=True)
+                prefill_seconds = time.perf_counter() - start
+            return self._catch_up(reqs)  # [n, vocab] after each request's last committed token
+
+        draft = draft_chain(requests, num_tokens, next_logits, self.target_vocab)
+        draft.prefill_seconds = prefill_seconds
+        for req, tokens in zip(requests, draft.tokens):
+            if tokens:
+                self.book.drafted(req.request_id, len(tokens))
+        return draft
 
     def _catch_up(self, reqs: list[RequestState], prompt_only: bool = False) -> torch.Tensor:
         """Run each request's unseen committed tokens (of its prompt only, with
         `prompt_only`); logits after the last one `[n, vocab]`. Requests with the same
         number of unseen tokens share a pass (no padding, so a row near the end of its
         cache never gets slots written past it)."""
-        pending = [r.all_ids[self.seen[r.request_id]: len(r.prompt_ids) if prompt_only else None] for r in reqs]
+        seen = self.book.seen
+        pending = [r.all_ids[seen[r.request_id]: len(r.prompt_ids) if prompt_only else None] for r in reqs]
         logits: list[torch.Tensor | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for j, p in enumerate(pending):
@@ -147,25 +122,23 @@ class DraftModelProposer(Proposer):
         device = self.draft.device
         for t, members in groups.items():
             ids = torch.tensor([pending[j] for j in members], device=device)  # [n, t]
-            starts = torch.tensor([self.seen[reqs[j].request_id] for j in members], device=device)
+            starts = torch.tensor([seen[reqs[j].request_id] for j in members], device=device)
             pos = starts[:, None] + torch.arange(t, device=device)
             rows = torch.tensor([reqs[j].row for j in members], device=device)
             last = torch.full((len(members), 1), t - 1, device=device)
             out = self.draft(ids, pos, self.cache, rows=rows, logits_at=last)
             for i, j in enumerate(members):
                 logits[j] = out.logits[i, 0]
-                self.seen[reqs[j].request_id] += t
-                self.cache.set_length(reqs[j].row, self.seen[reqs[j].request_id])
+                seen[reqs[j].request_id] += t
+                self.cache.set_length(reqs[j].row, seen[reqs[j].request_id])
         return torch.stack(logits)  # type: ignore[arg-type]
 
-    def _feed_last(self, reqs, live: list[int], draft: Draft, active: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """One draft pass over the newest draft token of each live request."""
+    def _feed_last(self, reqs: list[RequestState], tokens: list[int]) -> torch.Tensor:
+        """One draft pass over each request's newest draft token; logits after it [n, vocab]."""
         device = self.draft.device
-        ids = torch.tensor([[draft.tokens[active[j]][-1]] for j in live], device=device)
-        rows = torch.tensor([reqs[j].row for j in live], device=device)
+        ids = torch.tensor([[t] for t in tokens], device=device)
+        rows = torch.tensor([r.row for r in reqs], device=device)
         lengths = self.cache.lengths[rows]
         out = self.draft(ids, lengths[:, None], self.cache, rows=rows)
         self.cache.lengths[rows] = lengths + 1
-        logits = logits.clone()
-        logits[live] = out.logits[:, 0].to(logits.dtype)
-        return logits
+        return out.logits[:, 0]

@@ -23,8 +23,8 @@ layers relative to a target pass is taken from parameter counts (decode reads ev
 weight once, so it is memory bound: cost ~ bytes read). The L with the best expected
 tokens per unit of time, (1 - alpha^(k+1)) / (1 - alpha) / (1 + k c_L), wins.
 
-`partial_inputs` / `run_layers` / `lm_logits` run any stack of decoder layers with the
-native model's machinery (explicit cache slots and lengths, RoPE, masks); `mtp` uses them.
+The draft runs the target's first L layers with `models/partial.py` and drafts with the
+chain loop of `speculators/chain.py`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from typing import Sequence
 
 import torch
 
-from draftwise.cache import KVCache
+from draftwise.cache import BLOCK, KVCache
 from draftwise.config import SpeculativeConfig
-from draftwise.verify import expected_tokens
 from draftwise.errors import BadInput
-from draftwise.models.transformer import KEY_BUCKET, StepInputs, Transformer, step_inputs
+from draftwise.models.partial import lm_logits, padded_groups, partial_inputs, run_layers
+from draftwise.models.transformer import Transformer
 from draftwise.request import RequestState
-from draftwise.sampling import target_distribution
 from draftwise.speculators.base import Draft, Proposer, Target, register
+from draftwise.speculators.chain import CacheBook, draft_chain
+from draftwise.verify import expected_tokens
 
 CALIBRATION_TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1905 Albert Einstein published four papers "
@@ -48,49 +49,6 @@ CALIBRATION_TEXT = (
     "+ fibonacci(n - 2)\n\nQuestion: What is the capital of France? Answer: The capital of France is Paris. "
     "To make tea, boil water, add the leaves, and wait three minutes before pouring."
 )
-
-
-# --- running part of a model ------------------------------------------------------------
-
-
-def partial_inputs(
-    model: Transformer, positions: torch.Tensor, cache: KVCache, lengths: torch.Tensor, rows: torch.Tensor,
-) -> StepInputs:
-    """Per-pass inputs for new tokens written at slots `lengths + 0..T-1` of cache `rows`,
-    each seeing the row's first `lengths` slots and the new tokens before it (causal).
-
-    positions [b, T] (RoPE positions), lengths [b], rows [b]. Attention in the C kernel
-    where the model runs its own there (on the CPU)."""
-    return step_inputs(model.inv_freq, positions, cache, lengths, rows, kernel=model.attention_in_kernel())
-
-
-@torch.inference_mode()
-def run_layers(layers: Sequence[torch.nn.Module], x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-    """x [b, T, hidden] through `layers` in order; returns [b, T, hidden]."""
-    for layer in layers:
-        x = layer(x, step)
-    return x
-
-
-@torch.inference_mode()
-def lm_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor:
-    """The target's final norm and LM head: [..., hidden] -> [..., vocab]."""
-    return model.head(model.model.norm(x))
-
-
-def padded_groups(starts: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Which rows to run in one padded pass: every row writes max(lengths) slots after
-    its start, so a long new prompt next to a row deep into its context could run past
-    the cache; then each row runs alone."""
-    if max(starts) + max(lengths) <= capacity:
-        return [list(range(len(starts)))]
-    return [[j] for j in range(len(starts))]
-
-
-def draft_distribution(req: RequestState, logits: torch.Tensor, drafted: list[int]) -> torch.Tensor:
-    """The draft's distribution `[vocab]` under the request's sampling settings (one-hot
-    at the penalized argmax when greedy), with the drafted tokens as extra history."""
-    return target_distribution(logits.float()[None], req.params, req.prompt_ids, req.output_ids + drafted)[0]
 
 
 # --- calibration ------------------------------------------------------------------------
@@ -153,12 +111,11 @@ class LayerSkipProposer(Proposer):
         self.num_layers = num_layers
         self.calibration = calibration or {}
         c = model.config
-        cap = min(max_model_len + k_max + 2, c.max_position_embeddings) + KEY_BUCKET
+        cap = min(max_model_len + k_max + 2, c.max_position_embeddings) + BLOCK
         self.cache = KVCache(num_layers, max_batch_size, c.num_key_value_heads, c.head_dim, cap, model.dtype,
                              model.device)
         self.shared = False
-        self.seen: dict[str, int] = {}  # own cache: request id -> committed tokens in the draft cache
-        self._fed: dict[str, int] = {}  # own cache: draft tokens fed in the last propose
+        self.book = CacheBook()  # own cache: what it holds of each request
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "LayerSkipProposer":
@@ -188,65 +145,50 @@ class LayerSkipProposer(Proposer):
     # --- lifecycle ----------------------------------------------------------------------
 
     def begin(self, request: RequestState) -> None:
-        self.seen[request.request_id] = 0
+        self.book.begin(request.request_id)
 
     def end(self, request: RequestState) -> None:
-        self.seen.pop(request.request_id, None)
-        self._fed.pop(request.request_id, None)
+        self.book.end(request.request_id)
 
     def on_accept(self, request: RequestState, num_accepted: int) -> None:
-        rid = request.request_id
-        if not self.shared and rid in self.seen:
-            self.seen[rid] += min(num_accepted, self._fed.pop(rid, 0))
+        if not self.shared and request.request_id in self.book.seen:
+            self.book.accept(request.request_id, num_accepted)
 
     # --- drafting -----------------------------------------------------------------------
 
     def _start(self, req: RequestState) -> int:
         """Committed slots of the request's row that the draft can use as they are."""
-        return int(self.cache.lengths[req.row]) if self.shared else self.seen.setdefault(req.request_id, 0)
+        return int(self.cache.lengths[req.row]) if self.shared else self.book.seen.setdefault(req.request_id, 0)
 
     def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
-        active = [i for i, k in enumerate(num_tokens) if k > 0]
-        draft = Draft.empty(len(requests))
-        if not active:
-            return draft
-        reqs = [requests[i] for i in active]
         device = self.model.device
-        rows = torch.tensor([r.row for r in reqs], device=device)
-        starts = [self._start(r) for r in reqs]
-        pending = [r.all_ids[s:] for r, s in zip(reqs, starts)]
-        cur_logits = torch.empty(len(reqs), self.model.head_weight.shape[0], device=device)  # [n, vocab]
-        for group in padded_groups(starts, [len(p) for p in pending], self.cache.capacity):
-            g = torch.tensor(group, device=device)
-            cur_logits[g] = self._catch_up([pending[j] for j in group], [starts[j] for j in group], rows[g]).float()
-        filled = [s + len(p) for s, p in zip(starts, pending)]  # slots written (and visible) per request
-        if not self.shared:
-            for r, f in zip(reqs, filled):
-                self.seen[r.request_id] = f
-        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
-        live = list(range(len(reqs)))
-        while True:
-            for j in live:
-                req, i = reqs[j], active[j]
-                q = draft_distribution(req, cur_logits[j], draft.tokens[i])  # [vocab]
-                draft.tokens[i].append(req.draw(q, ahead=len(draft.tokens[i])))
-                probs[j].append(q)
-            live = [j for j in live if len(draft.tokens[active[j]]) < num_tokens[active[j]]]
-            if not live:
-                break
-            sel = torch.tensor(live, device=device)
-            step_ids = torch.tensor([[draft.tokens[active[j]][-1]] for j in live], device=device)  # [m, 1]
-            lengths = torch.tensor([filled[j] for j in live], device=device)  # [m]
-            out = self._run(step_ids, lengths[:, None], lengths, rows[sel])  # [m, vocab]
-            cur_logits = cur_logits.clone()
-            cur_logits[sel] = out.to(cur_logits.dtype)
-            for j in live:
-                filled[j] += 1
-        for j, req in enumerate(reqs):
-            i = active[j]
-            self._fed[req.request_id] = len(draft.tokens[i]) - 1  # all but the last were run
-            if not req.params.greedy:
-                draft.probs[i] = torch.stack(probs[j])  # [k, vocab]
+        filled: dict[int, int] = {}  # request index -> slots written (and visible) in its row
+
+        def next_logits(depth: int, live: list[int], draft: Draft) -> torch.Tensor:
+            reqs = [requests[i] for i in live]
+            rows = torch.tensor([r.row for r in reqs], device=device)
+            if depth > 0:  # one pass over each live request's newest draft token
+                step_ids = torch.tensor([[draft.tokens[i][-1]] for i in live], device=device)  # [m, 1]
+                lengths = torch.tensor([filled[i] for i in live], device=device)  # [m]
+                for i in live:
+                    filled[i] += 1
+                return self._run(step_ids, lengths[:, None], lengths, rows)  # [m, vocab]
+            starts = [self._start(r) for r in reqs]
+            pending = [r.all_ids[s:] for r, s in zip(reqs, starts)]
+            logits = torch.empty(len(reqs), self.model.head_weight.shape[0], device=device)  # [n, vocab]
+            for group in padded_groups(starts, [len(p) for p in pending], self.cache.capacity):
+                g = torch.tensor(group, device=device)
+                logits[g] = self._catch_up([pending[j] for j in group], [starts[j] for j in group], rows[g]).float()
+            for i, r, s, p in zip(live, reqs, starts, pending):
+                filled[i] = s + len(p)
+                if not self.shared:
+                    self.book.seen[r.request_id] = filled[i]
+            return logits
+
+        draft = draft_chain(requests, num_tokens, next_logits)
+        for req, tokens in zip(requests, draft.tokens):
+            if tokens:
+                self.book.drafted(req.request_id, len(tokens))
         return draft
 
     def _catch_up(self, pending: list[list[int]], starts: list[int], rows: torch.Tensor) -> torch.Tensor:

@@ -48,14 +48,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from draftwise.cache import KVCache
+from draftwise.cache import BLOCK, KVCache
 from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.models.config import ModelConfig
-from draftwise.models.transformer import KEY_BUCKET, DecoderLayer, RMSNorm, proj
+from draftwise.models.transformer import DecoderLayer, RMSNorm, proj
+from draftwise.models.partial import padded_groups, partial_inputs
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
-from draftwise.speculators.layer_skip import draft_distribution, padded_groups, partial_inputs
+from draftwise.speculators.chain import draft_chain
 
 CONFIG_FILE, WEIGHTS_FILE = "mtp.json", "mtp.safetensors"
 
@@ -144,7 +145,7 @@ class MTPProposer(Proposer):
         self.model = model
         self.mtp = modules.to(device=model.device, dtype=model.dtype).eval()
         c = modules.config
-        cap = min(max_model_len + k_max + 2, model.config.max_position_embeddings) + KEY_BUCKET
+        cap = min(max_model_len + k_max + 2, model.config.max_position_embeddings) + BLOCK
         self.cache = KVCache(modules.num_modules, max_batch_size, c.num_key_value_heads, c.head_dim, cap,
                              model.dtype, model.device)
         self.states: dict[str, _State] = {}
@@ -175,23 +176,16 @@ class MTPProposer(Proposer):
     # --- drafting -----------------------------------------------------------------------
 
     def propose(self, requests: Sequence[RequestState], num_tokens: Sequence[int]) -> Draft:
-        draft = Draft.empty(len(requests))
-        depth = {i: min(k, self.mtp.num_modules) for i, k in enumerate(num_tokens)
-                 if k > 0 and requests[i].request_id in self.states}
-        tails: dict[int, torch.Tensor] = {i: self._empty() for i in depth}  # uncommitted h^d per request
-        probs: dict[int, list[torch.Tensor]] = {i: [] for i in depth}
-        for d in range(max(depth.values(), default=0)):
-            batch = [i for i in depth if depth[i] > d]
-            logits, tails = self._run_module(d, [requests[i] for i in batch], batch, draft, tails)
-            for j, i in enumerate(batch):
-                req = requests[i]
-                q = draft_distribution(req, logits[j], draft.tokens[i])  # [vocab]
-                draft.tokens[i].append(req.draw(q, ahead=len(draft.tokens[i])))
-                probs[i].append(q)
-        for i in depth:
-            if not requests[i].params.greedy and probs[i]:
-                draft.probs[i] = torch.stack(probs[i])  # [k, vocab]
-        return draft
+        budgets = [min(k, self.mtp.num_modules) if r.request_id in self.states else 0
+                   for r, k in zip(requests, num_tokens)]
+        tails: dict[int, torch.Tensor] = {i: self._empty() for i, k in enumerate(budgets) if k > 0}  # uncommitted h^d
+
+        def next_logits(depth: int, live: list[int], draft: Draft) -> torch.Tensor:
+            nonlocal tails
+            logits, tails = self._run_module(depth, [requests[i] for i in live], live, draft, tails)
+            return logits
+
+        return draft_chain(requests, budgets, next_logits)
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
