@@ -4,9 +4,10 @@
 # Runs `draftwise bench` on the bundled target with plain decoding, prompt lookup (ngram),
 # suffix decoding and the bundled draft model, plus the transformers peers, over the
 # Spec-Bench prompt set, then appends `draftwise cost` for the measured numbers. The
-# section (machine named, date) is written to $OUT/README_RESULTS.md with its plots, and
-# replaces the README's results section (between the results:start / results:end markers;
-# set README= to skip that).
+# section (machine named, date) is written to $OUT/README_RESULTS.md with its plots; it
+# replaces the generated block of docs/results.md, and its first table (with the settings
+# lines) the README's (both between results:start / results:end markers; set README= to
+# skip both).
 # Methods alternate question by question (`--interleave`), so a drift in the machine's
 # speed during the run hits all of them alike.
 # Reruns resume from $OUT/records.jsonl; delete $OUT to measure afresh.
@@ -67,19 +68,31 @@ $DRAFTWISE bench --model "$MODEL" --dtype "$DTYPE" --dataset "$DATASET" "${limit
 echo "wrote $OUT/README_RESULTS.md" >&2
 
 if [ -n "$README" ]; then
-  python3 - "$OUT/README_RESULTS.md" "$README" <<'PY'
+  python3 - "$OUT/README_RESULTS.md" "$README" "$ROOT/docs/results.md" <<'PY'
 import re
 import sys
-section, readme = open(sys.argv[1]).read().strip(), sys.argv[2]
-# the plots stay in $OUT (named in the section's last line); keep the README self-contained
+section, readme, log = open(sys.argv[1]).read().strip(), sys.argv[2], sys.argv[3]
+# the plots stay in $OUT (named in the section's last line); keep the documents self-contained
 section = "\n".join(line for line in section.splitlines() if not line.startswith("!["))
 section = re.sub(r"\n{3,}", "\n\n", section)
-text = open(readme).read()
 start, end = "<!-- results:start -->", "<!-- results:end -->"
-if start not in text or end not in text:
-    sys.exit(f"{readme} has no {start} ... {end} block to replace")
-head, rest = text.split(start, 1)
-open(readme, "w").write(head + start + "\n" + section + "\n" + end + rest.split(end, 1)[1])
-print(f"updated the results section of {readme}", file=sys.stderr)
+
+
+def replace_block(path: str, body: str) -> None:
+    text = open(path).read()
+    if start not in text or end not in text:
+        sys.exit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = text.split(start, 1)
+    open(path, "w").write(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    print(f"updated the results block of {path}", file=sys.stderr)
+
+
+replace_block(log, section.replace("## Benchmark:", "### Benchmark:"))
+first = section.split("Speedup over plain decoding by category:")[0].rstrip()
+first = re.sub(r"^## Benchmark:.*\n+", "", first, flags=re.M)
+replace_block(readme, first + "\n\nEvery speculative output above equals plain decoding token for token. llama.cpp runs the\n"
+              "GGUF file's 4-bit weights with its own kernels (draftwise's 4-bit setting against it:\n"
+              "docs/results.md). The run's other tables (by category, by draft position, the cost), later\n"
+              "runs and their history: [docs/results.md](docs/results.md).")
 PY
 fi

@@ -5,7 +5,7 @@ instead read a copy of the weight reordered once, at load, into the blocked layo
 kernel walks. Decoding is bound by how fast the weights stream, and the reordered copy
 streams faster: measured on this 2-core AVX-512 machine over the projections of the
 1.5B's 28 layers, bf16 57 ms against 84 ms per pass (1 row), fp32 99 against 239 ms
-(`docs/benchmarks.md`). bf16 results are bit-identical to `F.linear`'s (fp32 ones are
+(`docs/results.md`). bf16 results are bit-identical to `F.linear`'s (fp32 ones are
 summed in another order, ~1e-5 apart). Rows are padded to a multiple of 4 like every
 matmul of the native model, so a row's result does not depend on how many rows share
 the pass (tests/test_exactness.py checks packed models too).

@@ -36,7 +36,7 @@ def check_same_vocabulary(target_tok, draft_tok, target_name: str, draft_name: s
 
 # What a quantized target's draft model runs in when the config does not say: int8 weights
 # and activations, the smaller rounding of the fast CPU settings (a w4a8-all draft halved
-# acceptance on the 1.5B pair); docs/benchmarks.md, "The draft model's own quantization",
+# acceptance on the 1.5B pair); docs/results.md, "The draft model's own quantization",
 # has the measurements, which do not yet rank the settings.
 DEFAULT_DRAFT_QUANTIZATION = "w8a8-all"
 
