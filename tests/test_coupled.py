@@ -123,6 +123,7 @@ def test_position_noise_is_a_pure_function_of_seed_and_position():
 def test_noise_keyed_by_call_count_is_caught(tokenizer, monkeypatch):
     """A known-bad coupling: noise from a counter of calls, not the position. Speculation
     then draws another number of times than plain decoding and the tokens part."""
+    import draftwise.request as request_mod
     import draftwise.sampling as sampling_mod
     import draftwise.verify as verify_mod
 
@@ -134,6 +135,7 @@ def test_noise_keyed_by_call_count_is_caught(tokenizer, monkeypatch):
 
     monkeypatch.setattr(verify_mod, "position_noise", by_call)
     monkeypatch.setattr(sampling_mod, "position_noise", by_call)
+    monkeypatch.setattr(request_mod, "position_noise", by_call)
     target = sharp_target(torch.float32)
     reference = solo(target, tokenizer)
     assert [r.output_ids for r in oracle_run(target, tokenizer, reference, nodes=8)] != reference
@@ -187,3 +189,28 @@ def test_n_samples_each_have_their_own_seed_stream_and_speculation_keeps_them(to
     assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in out]
     greedy = plain.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, n=2, ignore_eos=True))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+
+
+def test_position_noise_is_computed_once_for_drafter_and_verifier(tokenizer, monkeypatch):
+    """The draft model and the verifier share each request's noise (RequestState.noise):
+    one computation per (request, position), and the same tokens as plain decoding."""
+    import draftwise.request as request_module
+    import draftwise.verify as verify_module
+
+    target = sharp_target(torch.float32)
+    reference = solo(target, tokenizer)
+    made: list[tuple[int, int]] = []
+
+    def counted(seed, position, vocab, device=None):
+        made.append((seed, position))
+        return position_noise(seed, position, vocab, device)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the verifier computed noise the request already holds")
+
+    monkeypatch.setattr(request_module, "position_noise", counted)
+    monkeypatch.setattr(verify_module, "position_noise", forbidden)
+    got = speculative_llm("draft_model", target, tokenizer, batch=4).generate(PROMPTS, PARAMS)
+    assert [g.token_ids for g in got] == reference
+    assert len(made) == len(set(made)) and len(made) >= sum(len(r) for r in reference)
+    assert sum(g.stats["accepted_tokens"] for g in got) > 0

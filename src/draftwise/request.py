@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from draftwise.metrics import SpecStats
-from draftwise.sampling import SamplingParams, TokenLogprob, coupled_pick, sample
+from draftwise.sampling import SamplingParams, TokenLogprob, coupled_pick, position_noise, sample
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RequestState:
     stop_text: str | None = None  # text up to (not including) a matched stop string
     stats: SpecStats = field(default_factory=SpecStats)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # (position, vocab) -> its noise
 
     @property
     def all_ids(self) -> list[int]:
@@ -44,5 +45,17 @@ class RequestState:
         if self.params.greedy:
             return int(q.argmax())
         if self.params.coupled:
-            return coupled_pick(q, self.noise_seed, len(self.output_ids) + ahead)
+            position = len(self.output_ids) + ahead
+            return coupled_pick(q, self.noise_seed, position, self.noise(position, q.shape[-1]))
         return int(sample(q[None], self.generator)[0])
+
+    def noise(self, position: int, vocab: int) -> torch.Tensor:
+        """The position noise of output `position` (`sampling.position_noise`), computed once
+        for the drafter and the verifier alike; positions already committed are dropped."""
+        key = (position, vocab)
+        if key not in self._noise:
+            done = len(self.output_ids)
+            for old in [k for k in self._noise if k[0] < done]:
+                del self._noise[old]
+            self._noise[key] = position_noise(self.noise_seed, position, vocab)
+        return self._noise[key]

@@ -46,7 +46,7 @@ greedy verification uses none.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -114,18 +114,22 @@ def verify_greedy(draft_tokens: Sequence[int], parents: Sequence[int], target_pr
 
 
 def verify_coupled(draft_tokens: Sequence[int], parents: Sequence[int], target_probs: Tensor, seed: int,
-                   position: int) -> Verified:
+                   position: int, noise_of: Callable[[int, int], Tensor] | None = None) -> Verified:
     """Keep the longest draft path that matches the target's choices under the position
     noise of `seed` (row 0 emits output position `position`, a node's row the next one
-    below it); then emit the target's choice there."""
+    below it); then emit the target's choice there. `noise_of(position, vocab)`: where the
+    noise comes from when it is kept elsewhere (the request's cache); the same values as
+    `position_noise(seed, position, vocab)`."""
     depths = [0]
     for p in parents:
         depths.append(1 if p < 0 else depths[p + 1] + 1)
+    vocab = target_probs.shape[-1]
     noise: dict[int, Tensor] = {}  # rows at one depth share their position's noise
     best = []
     for row, d in enumerate(depths):
         if d not in noise:
-            noise[d] = position_noise(seed, position + d, target_probs.shape[-1], target_probs.device)
+            noise[d] = noise_of(position + d, vocab) if noise_of is not None else position_noise(
+                seed, position + d, vocab, target_probs.device)
         best.append(coupled_pick(target_probs[row], seed, position + d, noise[d]))
     return _follow(draft_tokens, parents, best)
 
@@ -209,13 +213,14 @@ def verify(
     target_probs: Tensor,
     generator: torch.Generator | None,
     greedy: bool,
-    coupled: tuple[int, int] | None = None,
+    coupled: tuple | None = None,
 ) -> Verified:
     """Verify one request's draft (chain when parents is None) against target_probs [n+1, vocab].
 
     draft_probs [n, vocab] (row j: the distribution node j was drawn from) is used for a
     chain only; tree nodes, and chains without it, are verified as point-mass candidates.
-    coupled = (seed, output position of row 0): sampled verification by position noise.
+    coupled = (seed, output position of row 0[, noise_of]): sampled verification by position
+    noise (`verify_coupled`).
     """
     n = len(draft_tokens)
     if target_probs.dim() != 2 or target_probs.shape[0] != n + 1:

@@ -74,7 +74,7 @@ def verify_rows(
             logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i],
             req.banned,
         )  # [n+1, vocab]
-        coupled = (req.noise_seed, len(req.output_ids)) if req.params.coupled else None
+        coupled = (req.noise_seed, len(req.output_ids), req.noise) if req.params.coupled else None
         res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy,
                      coupled)
         if req.params.logprobs is not None:  # rows that emitted: the root, then each accepted node
