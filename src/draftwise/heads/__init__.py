@@ -36,7 +36,7 @@ SHIPPED: dict[str, ShippedHead] = {
                     "7eed206e985d216c832f640fdf41ad629d37b46f282c2c777a87c8f59211a341"),
         ShippedHead("qwen2.5-coder-1.5b-eagle", "eagle", "qwen2.5-coder-1.5b",
                     "EAGLE-3 head (1 layer, MLP 2048, 8k draft vocabulary, int8 weights) for qwen2.5-coder-1.5b",
-                    "6298e2eb2d23d9a7c61f454429932397ed11e915a1985c326d75b7bf1cd45b2e"),
+                    "2ed73202a9d1a6185ac54c4901ce5b212a0ecc7d99fc89c9b023bb629ef351ad"),
     ]
 }
 
