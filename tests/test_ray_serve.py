@@ -202,7 +202,25 @@ def test_a_killed_replica_is_replaced_and_the_service_keeps_answering(replicas):
 
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
     assert len(names) == 2
+    in_flight: list[int] = []  # long requests running while the replica dies: an answer or a 5xx, never a hang
+
+    def long_request() -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}],
+                "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        try:
+            in_flight.append(httpx.post(f"{replicas}/v1/chat/completions", json=body, timeout=90).status_code)
+        except httpx.HTTPError:
+            in_flight.append(-1)
+
+    threads = [threading.Thread(target=long_request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    for t in threads:
+        t.join(timeout=100)
+    assert not any(t.is_alive() for t in threads), "a request in flight on the dead replica hung"
+    assert all(code == 200 or 500 <= code < 600 for code in in_flight), in_flight
     answered = 0
     deadline = time.monotonic() + 120
     while answered < 4 and time.monotonic() < deadline:  # clients retry a 5xx, as the openai client does
