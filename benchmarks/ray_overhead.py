@@ -27,7 +27,8 @@ import httpx
 
 from draftwise.bench.report import machine_info
 from draftwise.server.loadtest import run_loadtest
-from draftwise.server.ray_serve import APP_NAME, ReplicaSettings, build_application, run_application, start_ray
+from draftwise.server.ray_serve import APP_NAME, build_application, run_application, start_ray
+from draftwise.server.settings import ServerSettings
 
 PROMPTS = ["def binary_search(items, target):", "Write a haiku about the sea.",
            "Explain what a hash map is to a new programmer.", "class Stack:\n    \"\"\"A LIFO stack.\"\"\"\n"]
@@ -47,7 +48,7 @@ def measure(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
 def ray_app(args, replicas: int, port: int) -> str:
     """Deploy with `replicas` replicas behind Serve's proxy on `port` (Serve keeps the port of
     its first start for every later application)."""
-    settings = ReplicaSettings(model=args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
+    settings = ServerSettings(model=args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                served_model_name=args.model)
     run_application(build_application(settings, replicas=replicas, num_cpus=args.cpus_per_replica), "127.0.0.1", port,
                     blocking=False)

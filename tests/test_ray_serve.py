@@ -59,11 +59,12 @@ def replicas(single):
     ray = _ray()
     from ray import serve
 
-    from draftwise.server.ray_serve import ReplicaSettings, build_application, run_application, start_ray
+    from draftwise.server.ray_serve import build_application, run_application, start_ray
+    from draftwise.server.settings import ServerSettings
 
     start_ray(None, num_cpus=2)
     port = free_port()
-    settings = ReplicaSettings(model=MODEL, dtype="bf16", max_batch_size=4, max_queue=16, served_model_name=MODEL,
+    settings = ServerSettings(model=MODEL, dtype="bf16", max_batch_size=4, max_queue=16, served_model_name=MODEL,
                                speculative_config={"method": "suffix", "num_speculative_tokens": 8, "adaptive": False})
     run_application(build_application(settings, replicas=2, num_cpus=0.5), "127.0.0.1", port, blocking=False)
     url = f"http://127.0.0.1:{port}"

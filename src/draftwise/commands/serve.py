@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from draftwise.errors import BadInput
 
     try:
-        from draftwise.server import create_app, serve
+        from draftwise.server import serve
+        from draftwise.server.app import build_app
+        from draftwise.server.settings import ServerSettings
     except ModuleNotFoundError as e:
         raise BadInput(f"the server needs the 'server' extra ({e.name} is missing): "
                        "pip install 'draftwise[server]'") from None
@@ -78,40 +80,32 @@ def run(args: argparse.Namespace) -> int:
     scaled = args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None
     if args.replicas is not None and args.replicas < 1:
         raise BadInput("--replicas must be at least 1")
-    if (args.replicas or 1) > 1 or scaled:
-        return run_replicas(args, spec)
-    from draftwise.api import LLM
-
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, speculative_config=spec,
-              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, quantization=args.quantization,
-              revision=args.revision)
-    app = create_app(llm, served_model_name=args.served_model_name or args.model,
-                     api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
-                     max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
-                     body_timeout=args.body_timeout)
-    method = spec.method if spec else "plain decoding"
-    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
-    serve(app, args.host, args.port, args.log_level, args.header_timeout)
-    return 0
-
-
-def run_replicas(args: argparse.Namespace, spec) -> int:
-    """`--replicas N` (or autoscaling, or a cluster): the same API served by Ray Serve replicas."""
-    from draftwise.errors import BadInput
-    from draftwise.server.ray_serve import ReplicaSettings, build_application, require_ray, run_application, start_ray
-
-    require_ray()  # before anything slow: one line naming the extra when it is missing
-    lo, hi = args.min_replicas, args.max_replicas
-    if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo > hi):
-        raise BadInput("--min-replicas must be >= 0 and <= --max-replicas, and --max-replicas >= 1")
-    _pull_once(args.model, args.revision)
-    settings = ReplicaSettings(
+    settings = ServerSettings(
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
         revision=args.revision, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
         speculative_config=spec.model_dump(exclude_none=True) if spec else None,
         served_model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("DRAFTWISE_API_KEY"), max_queue=args.max_queue,
         max_body_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout, body_timeout=args.body_timeout)
+    if (args.replicas or 1) > 1 or scaled:
+        return run_replicas(args, spec, settings)
+    app = build_app(settings)
+    method = spec.method if spec else "plain decoding"
+    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
+    serve(app, args.host, args.port, args.log_level, args.header_timeout)
+    return 0
+
+
+def run_replicas(args: argparse.Namespace, spec, settings) -> int:
+    """`--replicas N` (or autoscaling, or a cluster): the same API served by Ray Serve replicas."""
+    from draftwise.errors import BadInput
+    from draftwise.server.ray_serve import build_application, require_ray, run_application, start_ray
+
+    require_ray()  # before anything slow: one line naming the extra when it is missing
+    lo, hi = args.min_replicas, args.max_replicas
+    if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo > hi):
+        raise BadInput("--min-replicas must be >= 0 and <= --max-replicas, and --max-replicas >= 1")
+    _pull_once(args.model, args.revision)
     start_ray(args.ray_address, args.ray_timeout)
     app = build_application(settings, replicas=args.replicas or 1, min_replicas=lo, max_replicas=hi,
                             num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica)

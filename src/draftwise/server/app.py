@@ -26,10 +26,8 @@ from draftwise.server.errors import APIError, install_error_handlers
 from draftwise.server.generation import check_text_length, create_chat_completion, create_completion, off_loop
 from draftwise.server.metrics import ServerMetrics
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from draftwise.server.settings import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, ServerSettings
 from draftwise.version import __version__
-
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT = 30.0
 
 
 @dataclass
@@ -232,3 +230,17 @@ def _too_large(limit: int) -> APIError:
 
 async def _send(send, scope, error: APIError) -> None:
     await error.response()(scope, None, send)
+
+
+def build_app(settings: ServerSettings, progress: bool = True) -> FastAPI:
+    """Load the engine the settings name and build the app serving it."""
+    from draftwise.api import LLM
+
+    llm = LLM(settings.model, dtype=settings.dtype, device=settings.device,
+              speculative_config=settings.speculative_config, max_batch_size=settings.max_batch_size,
+              max_model_len=settings.max_model_len, quantization=settings.quantization,
+              revision=settings.revision, progress=progress)
+    return create_app(llm, served_model_name=settings.served_model_name or settings.model,
+                      api_key=settings.api_key, max_queue=settings.max_queue,
+                      max_body_bytes=settings.max_body_bytes, shutdown_timeout=settings.shutdown_timeout,
+                      body_timeout=settings.body_timeout)

@@ -2,7 +2,7 @@
 
 `draftwise serve --replicas N` builds a Ray Serve application whose one deployment runs,
 in every replica (a Ray actor, a process of its own), the very app the single-process
-server runs (`create_app` over an `LLM`): continuous batching and speculation inside each
+server runs (`build_app`: `create_app` over an `LLM`): continuous batching and speculation inside each
 replica, Ray Serve's proxy in front spreading requests over them, and its autoscaler
 adding or removing replicas on ongoing requests (`--min-replicas/--max-replicas`). So
 everything the single server does holds per request: streaming, sampling options,
@@ -31,9 +31,10 @@ import importlib
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from draftwise.errors import BadInput
+from draftwise.server.settings import ServerSettings
 
 HUB_NAME = "draftwise-replicas"
 APP_NAME = "draftwise"
@@ -50,26 +51,6 @@ def require_ray():
         raise BadInput(f"--replicas needs the 'ray' extra ({e.name or 'ray.serve'} is missing): "
                        f"pip install \"draftwise[ray]\"") from None
     return ray
-
-
-@dataclass
-class ReplicaSettings:
-    """What each replica needs to build its engine and app (sent to the replicas as is)."""
-
-    model: str
-    dtype: str = "bf16"
-    device: str | None = None
-    quantization: str = "none"
-    revision: str | None = None
-    max_batch_size: int = 8
-    max_model_len: int | None = None
-    speculative_config: dict | None = None
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_queue: int = 64
-    max_body_bytes: int = 4 * 1024 * 1024
-    shutdown_timeout: float = 30.0
-    body_timeout: float = 30.0
 
 
 def start_ray(address: str | None, timeout: float = 30.0, num_cpus: int | None = None) -> None:
@@ -186,26 +167,19 @@ def merge_metrics(texts: dict[str, bytes]) -> bytes:
 # --- the application ---------------------------------------------------------------------------
 
 
-def build_replica_app(settings: ReplicaSettings):
-    """In a replica: load the engine, build the single-server app, share its metrics."""
+def build_replica_app(settings: ServerSettings):
+    """In a replica: the single server's app (`build_app`), its metrics and suffix traffic shared."""
     import ray
     from fastapi import Response
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    from draftwise.api import LLM
-    from draftwise.server.app import create_app
+    from draftwise.server.app import build_app
 
-    llm = LLM(settings.model, dtype=settings.dtype, device=settings.device,
-              speculative_config=settings.speculative_config, max_batch_size=settings.max_batch_size,
-              max_model_len=settings.max_model_len, quantization=settings.quantization,
-              revision=settings.revision, progress=False)
-    app = create_app(llm, served_model_name=settings.served_model_name or settings.model,
-                     api_key=settings.api_key, max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
-                     shutdown_timeout=settings.shutdown_timeout, body_timeout=settings.body_timeout)
+    app = build_app(settings, progress=False)
     state = app.state.draftwise
     replica = ray.get_runtime_context().get_actor_id()[:12]
     hub = replica_hub()
-    suffixes = suffix_parts(llm.engine.proposer)
+    suffixes = suffix_parts(state.llm.engine.proposer)
     if suffixes:
         suffixes[0].share()  # one outbox per replica; every suffix part takes the others' sequences
     seen = 0  # position in the traffic hub's log already taken
@@ -241,7 +215,7 @@ def build_replica_app(settings: ReplicaSettings):
     return app
 
 
-def build_application(settings: ReplicaSettings, *, replicas: int = 2, min_replicas: int | None = None,
+def build_application(settings: ServerSettings, *, replicas: int = 2, min_replicas: int | None = None,
                       max_replicas: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0):
     """The Ray Serve application: one deployment, `replicas` replicas (or autoscaled)."""
     require_ray()
@@ -250,7 +224,7 @@ def build_application(settings: ReplicaSettings, *, replicas: int = 2, min_repli
     data = asdict(settings)
 
     def builder():
-        return build_replica_app(ReplicaSettings(**data))
+        return build_replica_app(ServerSettings(**data))
 
     options: dict = {"name": APP_NAME, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                      "max_ongoing_requests": settings.max_batch_size + settings.max_queue + 1,
