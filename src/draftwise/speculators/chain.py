@@ -79,9 +79,11 @@ class CacheBook:
         self.seen.pop(request_id, None)
         self._ran.pop(request_id, None)
 
-    def drafted(self, request_id: str, num_drafted: int) -> None:
-        """The drafter proposed `num_drafted` tokens and ran all but the last."""
-        self._ran[request_id] = max(0, num_drafted - 1)
+    def drafted(self, requests: Sequence[RequestState], draft: Draft) -> None:
+        """The drafter proposed `draft` for `requests` and ran all its tokens but the last."""
+        for req, tokens in zip(requests, draft.tokens):
+            if tokens:
+                self._ran[req.request_id] = len(tokens) - 1
 
     def accept(self, request_id: str, num_accepted: int) -> int:
         """The target kept `num_accepted` draft tokens: the committed tokens the cache holds now."""

@@ -103,9 +103,7 @@ class DraftModelProposer(Proposer):
 
         draft = draft_chain(requests, num_tokens, next_logits, self.target_vocab)
         draft.prefill_seconds = prefill_seconds
-        for req, tokens in zip(requests, draft.tokens):
-            if tokens:
-                self.book.drafted(req.request_id, len(tokens))
+        self.book.drafted(requests, draft)
         return draft
 
     def _catch_up(self, reqs: list[RequestState], prompt_only: bool = False) -> torch.Tensor:

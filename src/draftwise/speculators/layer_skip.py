@@ -130,9 +130,7 @@ class LayerSkipProposer(Proposer):
             return logits
 
         draft = draft_chain(requests, num_tokens, next_logits)
-        for req, tokens in zip(requests, draft.tokens):
-            if tokens:
-                self.book.drafted(req.request_id, len(tokens))
+        self.book.drafted(requests, draft)
         return draft
 
     def _catch_up(self, pending: list[list[int]], starts: list[int], rows: torch.Tensor) -> torch.Tensor:

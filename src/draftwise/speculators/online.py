@@ -176,10 +176,9 @@ class OnlineLearner:
         s = self.settings
         while not self._stop.is_set():
             ticked = self._tick.wait(s.idle_after)  # False: the engine was idle that long
-            if (not ticked and s.idle_after is None) or (ticked and s.train_share <= 0):
-                self._tick.clear()
-                continue
             self._tick.clear()
+            if (not ticked and s.idle_after is None) or (ticked and s.train_share <= 0):
+                continue
             if self._stop.is_set():
                 break
             if self.buffer.tokens < s.min_tokens:
