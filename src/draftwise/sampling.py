@@ -188,15 +188,15 @@ def apply_penalties(
     return out
 
 
-def row_depths(n: int, parents: Sequence[int] | None) -> list[int]:
-    """Output positions ahead of the next one that each verification row samples: row 0 the
-    next position (0), row j+1 the position after draft node j (its depth + 1)."""
+def draft_depths(parents: Sequence[int] | None, n: int) -> list[int]:
+    """Depth of each of n draft nodes below the root (children of the root have depth 1;
+    a chain when parents is None)."""
     if parents is None:
-        return list(range(n + 1))
+        return list(range(1, n + 1))
     depth: list[int] = []
     for p in parents:
-        depth.append(depth[p] + 1 if p >= 0 else 1)
-    return [0] + depth
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return depth
 
 
 def apply_logit_rules(logits: Tensor, params: SamplingParams, done: int, parents: Sequence[int] | None,
@@ -212,7 +212,8 @@ def apply_logit_rules(logits: Tensor, params: SamplingParams, done: int, parents
             bias[ids] = torch.tensor([params.logit_bias[t] for t in ids], dtype=logits.dtype, device=bias.device)
             logits = logits + bias
     if params.min_tokens > done and banned:
-        early = [r for r, d in enumerate(row_depths(logits.shape[0] - 1, parents)) if done + d < params.min_tokens]
+        depths = [0] + draft_depths(parents, logits.shape[0] - 1)  # row r samples output position done + depth
+        early = [r for r, d in enumerate(depths) if done + d < params.min_tokens]
         ids = [t for t in banned if t < vocab]
         if early and ids:
             logits = logits.clone()  # never the caller's tensor

@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from draftwise.sampling import TokenLogprob, coupled_pick, position_noise, sample
+from draftwise.sampling import TokenLogprob, coupled_pick, draft_depths, position_noise, sample
 
 
 @dataclass
@@ -120,9 +120,7 @@ def verify_coupled(draft_tokens: Sequence[int], parents: Sequence[int], target_p
     below it); then emit the target's choice there. `noise_of(position, vocab)`: where the
     noise comes from when it is kept elsewhere (the request's cache); the same values as
     `position_noise(seed, position, vocab)`."""
-    depths = [0]
-    for p in parents:
-        depths.append(1 if p < 0 else depths[p + 1] + 1)
+    depths = [0] + draft_depths(parents, len(parents))  # row 0 is the root
     vocab = target_probs.shape[-1]
     noise: dict[int, Tensor] = {}  # rows at one depth share their position's noise
     best = []

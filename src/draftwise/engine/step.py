@@ -17,7 +17,7 @@ import torch
 from draftwise.cache import KVCache
 from draftwise.models.transformer import SDPA_FROM, Transformer
 from draftwise.request import RequestState
-from draftwise.sampling import target_distribution, token_logprobs
+from draftwise.sampling import draft_depths, target_distribution, token_logprobs
 from draftwise.speculators.base import Draft
 from draftwise.verify import Verified, verify
 
@@ -28,16 +28,6 @@ class VerifyBatch:
     positions: torch.Tensor  # [batch, T]
     tree_mask: torch.Tensor  # [batch, T, T] bool
     sizes: list[int]  # real tokens per row (1 + draft nodes)
-
-
-def draft_depths(parents: Sequence[int] | None, n: int) -> list[int]:
-    """Depth of each node below the root (children of the root have depth 1)."""
-    if parents is None:
-        return list(range(1, n + 1))
-    depth: list[int] = []
-    for p in parents:
-        depth.append(1 if p < 0 else depth[p] + 1)
-    return depth
 
 
 def build_verify_batch(requests: Sequence[RequestState], draft: Draft, lengths: Sequence[int], device) -> VerifyBatch:

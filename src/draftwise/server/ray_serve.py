@@ -2,8 +2,8 @@
 
 `draftwise serve --replicas N` builds a Ray Serve application whose one deployment runs,
 in every replica (a Ray actor, a process of its own), the very app the single-process
-server runs (`build_app`: `create_app` over an `LLM`): continuous batching and speculation inside each
-replica, Ray Serve's proxy in front spreading requests over them, and its autoscaler
+server runs (`build_app`: `create_app` over an `LLM`): continuous batching and
+speculation inside each replica, Ray Serve's proxy in front spreading requests over them, and its autoscaler
 adding or removing replicas on ongoing requests (`--min-replicas/--max-replicas`). So
 everything the single server does holds per request: streaming, sampling options,
 logprobs, the error envelope, the API key, the body cap, the queue limit (429, per
