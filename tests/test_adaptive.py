@@ -269,3 +269,44 @@ def test_train_share_zero_trains_only_while_the_engine_is_idle(tokenizer):
         assert busy.steps > 0
     finally:
         busy.stop()
+
+
+def test_shared_learning_two_engines_feed_one_learner_and_both_adopt_its_weights(tokenizer):
+    """The Ray replicas' protocol (server/ray_learner.py) without Ray: two engines share
+    their learners; one learner trains on both outboxes; both take its weights, swap them
+    in and stay identical to plain decoding."""
+    from draftwise.speculators.online import Stored
+
+    target = tiny_model()
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    engines = [adaptive_llm(target, tokenizer) for _ in range(2)]
+    try:
+        learners = [e.engine.proposer.learner for e in engines]
+        for ln in learners:
+            ln.share()
+            assert ln._thread is None and ln.shared
+        for e, (a, b) in zip(engines, ((0, 2), (2, 4))):  # each engine serves half of the traffic
+            assert [o.token_ids for o in e.generate(PROMPTS[a:b], params)] == plain[a:b]
+        assert all(ln.steps == 0 and ln.buffer.tokens == 0 for ln in learners)  # nothing trained locally
+        shared = OnlineLearner(learners[0].snapshot(), target, learners[0].data_layers,
+                               ReplayBuffer(4096, 64), LearnerSettings(min_tokens=16, batch_size=2, lr=1e-3))
+        for ln in learners:
+            assert len(ln.buffer.outbox) == 2
+            while ln.buffer.outbox:
+                it = ln.buffer.outbox.popleft()
+                shared.buffer.put(Stored(it.ids, it.feats, it.prompt_len))
+        for _ in range(6):
+            assert shared.train_step() is not None
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                 for k, v in shared.snapshot().state_dict().items()}
+        for e, ln in zip(engines, learners):
+            ln.adopt(state, shared.steps, shared.last_loss, shared.buffer.tokens)
+            assert [o.token_ids for o in e.generate(PROMPTS, params)] == plain
+            assert e.engine.proposer.swaps == 1 and ln.steps == 6
+            assert e.engine.proposer.report()["learner_buffer_tokens"] == shared.buffer.tokens > 0
+            got = ln.snapshot().state_dict()
+            assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in state.items())
+    finally:
+        for e in engines:
+            e.close()

@@ -54,24 +54,34 @@ def single():
         yield srv.url
 
 
-@pytest.fixture(scope="module")
-def replicas(single):
-    ray = _ray()
-    from ray import serve
-
+def deploy(speculative_config: dict, seconds: float = 120) -> str:
+    """Two replicas of MODEL with this speculation on a local Ray (2 CPUs); their URL once healthy."""
+    _ray()
     from draftwise.server.ray_serve import build_application, run_application, start_ray
     from draftwise.server.settings import ServerSettings
 
     start_ray(None, num_cpus=2)
     port = free_port()
     settings = ServerSettings(model=MODEL, dtype="bf16", max_batch_size=4, max_queue=16, served_model_name=MODEL,
-                               speculative_config={"method": "suffix", "num_speculative_tokens": 8, "adaptive": False})
+                              speculative_config=speculative_config)
     run_application(build_application(settings, replicas=2, num_cpus=0.5), "127.0.0.1", port, blocking=False)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 120)
-    yield url
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, seconds)
+    return url
+
+
+def undeploy() -> None:
+    ray = _ray()
+    from ray import serve
+
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replicas(single):
+    yield deploy({"method": "suffix", "num_speculative_tokens": 8, "adaptive": False})
+    undeploy()
 
 
 def wait_until(check, seconds: float) -> None:

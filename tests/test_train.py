@@ -216,3 +216,44 @@ def test_training_killed_midway_resumes_to_the_same_head(tokenizer, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps) > 9
+
+
+def test_also_data_trains_on_earlier_runs_data_too(tokenizer, tmp_path, capsys):
+    """--also-data: the items of another run's data join this run's; data of another target
+    is refused, and a folder without data is refused before distilling."""
+    from draftwise.errors import BadInput
+    from draftwise.train.data import build_dataset
+    from draftwise.train.dataset import Distilled
+
+    target = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=4)
+    build_dataset(target, tokenizer, PROMPTS[:3], tmp_path / "a", max_tokens=10, batch_size=2, progress=False)
+    build_dataset(target, tokenizer, PROMPTS[3:5], tmp_path / "b", max_tokens=10, batch_size=2, progress=False)
+    a, b = Distilled(tmp_path / "a", 64), Distilled(tmp_path / "b", 64)
+    both = Distilled(tmp_path / "a", 64, also=[tmp_path / "b"])
+    assert len(both) == len(a) + len(b) == 5
+    for i in range(len(b)):  # b's items come after a's, unchanged
+        got, want = both.item(len(a) + i), b.item(i)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    other = tiny_model("llama", torch.float32, seed=0, num_hidden_layers=2)
+    build_dataset(other, tokenizer, PROMPTS[:1], tmp_path / "c", max_tokens=10, batch_size=2, progress=False)
+    with pytest.raises(BadInput, match="another target"):
+        Distilled(tmp_path / "a", 64, also=[tmp_path / "c"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]) + "\n")
+    code = main(["train", "eagle", "--target", "nowhere-model", "--data", str(prompts), "--out", str(tmp_path / "o"),
+                 "--also-data", str(tmp_path / "missing"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--also-data" in err and err.count("\n") == 1
+
+
+def test_the_broad_prompt_mix_is_reproducible_and_covers_its_kinds(tmp_path):
+    from draftwise.train.prompts import main as prompts_main
+
+    for name in ("x", "y"):
+        assert prompts_main([str(tmp_path / f"{name}.jsonl"), "--mix", "broad", "--count", "300", "--seed", "5"]) == 0
+    x = (tmp_path / "x.jsonl").read_text()
+    assert x == (tmp_path / "y.jsonl").read_text()
+    items = [json.loads(line)["prompt"] for line in x.splitlines()]
+    assert len(items) == len(set(items)) == 300
+    for marker in ("Translate into English", "Pretend you are", "```python", "How many", "JSON"):
+        assert any(marker in p for p in items), marker

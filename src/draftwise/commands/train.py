@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
     g.add_argument("--max-len", type=int, default=512, help="tokens per training window (default 512)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    g.add_argument("--also-data", action="append", default=[], metavar="DIR",
+                   help="also train on data distilled earlier for the same target (another run's OUT/data); "
+                        "repeatable")
     g.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
     g.add_argument("--distill-batch", type=int, default=8, help="requests the target answers at once (default 8)")
     g.add_argument("--no-chat", action="store_true", help='do not wrap "prompt" strings in the chat template')
@@ -84,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput("--init continues an EAGLE head; Medusa heads always start fresh")
         if not (resolve(args.init) / "config.json").is_file():
             raise BadInput(f"--init {args.init}: not a head folder (no config.json) nor a shipped head name")
+    for extra in args.also_data:  # refuse before distilling, not after
+        if not (Path(extra) / "meta.json").is_file():
+            from draftwise.errors import BadInput
+
+            raise BadInput(f"--also-data {extra}: no distilled data there (no meta.json)")
     device = args.device or default_device()
     progress = not args.quiet
     prompts = read_prompts(args.data)[: args.limit]
@@ -98,12 +106,13 @@ def run(args: argparse.Namespace) -> int:
         target, _ = load_model(args.target, "fp32", device, progress)
     elif args.distill_dtype != "fp32":
         target = target.float()  # labels and frozen pieces in fp32
-    data = Distilled(out / "data", args.max_len)
+    data = Distilled(out / "data", args.max_len, also=args.also_data)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
                              max_len=args.max_len, save_every=args.save_every, device=device,
                              precision=args.precision, progress=progress, max_steps=args.max_steps)
     notes = {"target": args.target, "data": str(args.data), "prompts": len(prompts), "sequences": meta["sequences"],
              "distilled_tokens": meta["tokens"], "max_tokens": args.max_tokens,
+             **({"also_data": [str(d) for d in args.also_data]} if args.also_data else {}),
              "distill_quantization": args.distill_quantization,
              "distill_seconds": meta.get("seconds", round(distill_seconds, 1))}
     if args.method == "eagle":

@@ -15,6 +15,9 @@ What spans replicas:
   or the adaptive speculator's suffix part) sends its finished sequences to one
   `ReplicaHub` actor and takes the other replicas' from it, every `PUSH_SECONDS`; so a
   question answered by one replica is drafted from by all of them;
+- the adaptive speculator's online learning: one `SharedLearner` actor trains one head on
+  every replica's traffic and pushes its weights back to all of them
+  (server/ray_learner.py), so N replicas learn from N times the traffic;
 - `/metrics`: each replica pushes its own exposition to the same hub every
   `PUSH_SECONDS`; a scrape, whichever replica answers it, returns every series summed
   over the replicas, and each replica's own copy labelled `replica="<id>"`.
@@ -167,7 +170,7 @@ def merge_metrics(texts: dict[str, bytes]) -> bytes:
 # --- the application ---------------------------------------------------------------------------
 
 
-def build_replica_app(settings: ServerSettings):
+def build_replica_app(settings: ServerSettings, num_gpus: float = 0.0):
     """In a replica: the single server's app (`build_app`), its metrics and suffix traffic shared."""
     import ray
     from fastapi import Response
@@ -183,6 +186,12 @@ def build_replica_app(settings: ServerSettings):
     if suffixes:
         suffixes[0].share()  # one outbox per replica; every suffix part takes the others' sequences
     seen = 0  # position in the traffic hub's log already taken
+    link = None
+    learner = getattr(state.llm.engine.proposer, "learner", None)
+    if learner is not None:  # the adaptive speculator: one learner for all replicas
+        from draftwise.server.ray_learner import LearnerLink
+
+        link = LearnerLink(learner, state.llm.engine, settings, replica, num_gpus)
 
     def push_forever() -> None:
         nonlocal seen
@@ -199,6 +208,11 @@ def build_replica_app(settings: ServerSettings):
                             part.inbox.put(seq)
             except Exception:  # noqa: BLE001 - the hubs are best effort; serving goes on
                 pass
+            try:
+                if link is not None:
+                    link.sync()
+            except Exception as e:  # noqa: BLE001 - drafting goes on with the weights it has
+                logging.getLogger("draftwise.adaptive").warning("adaptive: shared learner unreachable: %s", e)
             time.sleep(PUSH_SECONDS)
 
     threading.Thread(target=push_forever, name="draftwise-replica-sync", daemon=True).start()
@@ -224,7 +238,7 @@ def build_application(settings: ServerSettings, *, replicas: int = 2, min_replic
     data = asdict(settings)
 
     def builder():
-        return build_replica_app(ServerSettings(**data))
+        return build_replica_app(ServerSettings(**data), num_gpus)
 
     options: dict = {"name": APP_NAME, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                      "max_ongoing_requests": settings.max_batch_size + settings.max_queue + 1,
@@ -250,6 +264,7 @@ def run_application(app, host: str, port: int, blocking: bool = True):
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
+    drop_shared_actors()  # a previous deployment's (detached: they outlive it on a cluster)
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     if not blocking:
         return handle
@@ -258,4 +273,18 @@ def run_application(app, host: str, port: int, blocking: bool = True):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.shutdown()
+    drop_shared_actors()
     return None
+
+
+def drop_shared_actors() -> None:
+    """Kill the replicas' shared actors (hub, learner), if any."""
+    import ray
+
+    from draftwise.server.ray_learner import LEARNER_NAME
+
+    for name in (HUB_NAME, LEARNER_NAME):
+        try:
+            ray.kill(ray.get_actor(name, namespace="draftwise"))
+        except ValueError:  # none by that name
+            pass

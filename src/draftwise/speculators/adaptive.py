@@ -355,7 +355,7 @@ class AdaptiveProposer(Proposer):
 
     def _learner_counters(self) -> dict:
         ln = self.learner
-        return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer.tokens}
+        return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer_tokens}
 
     def _save(self) -> None:
         self.state.save(self.learner.snapshot(), self.arbiter.state(), self._learner_counters())
@@ -380,5 +380,5 @@ class AdaptiveProposer(Proposer):
         if self.learner is not None:
             ln = self.learner
             out.update({"learner_steps": ln.steps, "learner_loss": ln.last_loss if ln.last_loss is not None else 0.0,
-                        "learner_buffer_tokens": ln.buffer.tokens, "learner_alive": float(ln.alive)})
+                        "learner_buffer_tokens": ln.buffer_tokens, "learner_alive": float(ln.alive)})
         return out

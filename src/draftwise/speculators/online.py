@@ -23,6 +23,11 @@ buffer, newest sequences most often, in a thread of its own, never the engine's:
   changes which tokens are proposed; verification keeps the output the target's own.
 - failure: any exception (out of memory included) switches the learner off with the
   reason in `error`; serving goes on with the other speculators.
+- shared (`share()`, Ray Serve replicas: server/ray_learner.py): the learner trains no
+  more itself; its buffer hands each finished sequence to an outbox that one learner for
+  all replicas drains, and that learner's weights come back through `adopt`, which
+  builds the drafting copy (in the caller's thread) and leaves it in `ready` as a local
+  training step would.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class ReplayBuffer:
         self.max_tokens, self.max_len = max_tokens, max_len
         self.items: deque[Stored] = deque()
         self.tokens = 0
+        self.outbox: deque[Stored] | None = None  # set: sequences go there (a shared learner), not here
         self._lock = threading.Lock()
 
     def add(self, ids: list[int], feats: torch.Tensor, prompt_len: int) -> None:
@@ -67,9 +73,16 @@ class ReplayBuffer:
         start = feats.shape[0] - n
         item = Stored(torch.tensor(ids[start: start + n + 1]), feats[start: start + n].to(torch.bfloat16),
                          prompt_len - start)
+        if self.outbox is not None:
+            self.outbox.append(item)
+            return
+        self.put(item)
+
+    def put(self, item: Stored) -> None:
+        """Keep `item`, dropping the oldest sequences beyond `max_tokens`."""
         with self._lock:
             self.items.append(item)
-            self.tokens += n
+            self.tokens += item.feats.shape[0]
             while self.tokens > self.max_tokens and len(self.items) > 1:
                 self.tokens -= self.items.popleft().feats.shape[0]
 
@@ -112,6 +125,7 @@ class OnlineLearner:
     def __init__(self, head: EagleHead, target, data_layers: list[int], buffer: ReplayBuffer,
                  settings: LearnerSettings, quantization: str = "none") -> None:
         self.target, self.buffer, self.settings = target, buffer, settings
+        self.data_layers = list(data_layers)
         self.quantization = quantization
         self.draft_dtype = target.dtype
         self.head = copy.deepcopy(head).to(device=target.device, dtype=torch.float32).train()
@@ -133,11 +147,13 @@ class OnlineLearner:
         self._rng = random.Random(settings.seed)
         self._thread: threading.Thread | None = None
         self._ticks = 0
+        self.shared = False  # trained elsewhere (share / adopt)
+        self.shared_buffer_tokens = 0  # the shared learner's buffer, as last reported
 
     # --- the engine's side --------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self.shared:
             self._thread = threading.Thread(target=self._run, name="draftwise-learner", daemon=True)
             self._thread.start()
 
@@ -163,6 +179,34 @@ class OnlineLearner:
     @property
     def alive(self) -> bool:
         return self.error is None
+
+    @property
+    def buffer_tokens(self) -> int:
+        """Tokens in the buffer training draws from (the shared learner's when shared)."""
+        return self.shared_buffer_tokens if self.shared else self.buffer.tokens
+
+    # --- shared learning (one learner for several engines) ----------------------------------
+
+    def share(self) -> None:
+        """Stop training here: finished sequences go to `buffer.outbox` for a shared learner,
+        whose weights arrive through `adopt`."""
+        self.stop()
+        self.shared = True
+        self.buffer.outbox = deque()
+
+    def adopt(self, state: dict[str, torch.Tensor], steps: int, loss: float | None, buffer_tokens: int) -> None:
+        """Take the shared learner's weights: the drafting copy is built here (the caller's
+        thread, never the engine's) and swapped in between engine steps like a local one."""
+        with self._lock:
+            self.head.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                       for k, v in state.items()})
+        fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization)
+        with self._lock:
+            self.ready = fresh
+            self.swaps_made += 1
+            self.steps, self.last_loss, self.shared_buffer_tokens = steps, loss, buffer_tokens
+        if self.on_swap_made is not None:
+            self.on_swap_made(self)
 
     def snapshot(self) -> EagleHead:
         """A copy of the trained weights (fp32, CPU), consistent between training steps."""

@@ -16,19 +16,32 @@ from draftwise.errors import BadInput
 from draftwise.speculators.eagle_loss import Batch
 
 
-class Distilled:
-    """The shards of one `build_dataset` folder, opened lazily (memory-mapped)."""
+def read_meta(folder: Path) -> dict:
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise BadInput(f"{folder} holds no distilled data (no meta.json)")
+    return json.loads(meta_path.read_text())
 
-    def __init__(self, folder: str | Path, max_len: int = 512) -> None:
+
+class Distilled:
+    """The shards of one `build_dataset` folder, opened lazily (memory-mapped); `also`: more
+    folders distilled from the same target (earlier runs' data), read as one data set."""
+
+    def __init__(self, folder: str | Path, max_len: int = 512, also: list[str | Path] = ()) -> None:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.exists():
-            raise BadInput(f"{folder} holds no distilled data (no meta.json)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.folder)
         self.layers: list[int] = self.meta["layers"]
         self.handles = [safe_open(str(self.folder / s), framework="pt") for s in self.meta["shards"]]
+        for extra in map(Path, also):
+            meta = read_meta(extra)
+            if (meta["layers"], meta["hidden_size"], meta["vocab_size"]) != (
+                    self.layers, self.meta["hidden_size"], self.meta["vocab_size"]):
+                raise BadInput(f"{extra} was distilled from another target or other layers than {self.folder} "
+                               f"(layers {meta['layers']} vs {self.layers}, hidden size {meta['hidden_size']} vs "
+                               f"{self.meta['hidden_size']})")
+            self.handles += [safe_open(str(extra / s), framework="pt") for s in meta["shards"]]
         self.items: list[tuple[int, int, int, int, int]] = []  # shard, ids start, feat start, n, prompt_len
         for k, h in enumerate(self.handles):
             ids_off = h.get_tensor("ids_offsets").tolist()
