@@ -122,6 +122,9 @@ def test_skip_special_tokens_off_keeps_the_eos_text(llm):
     [out] = llm.chat([{"role": "user", "content": "Say hi."}], params)
     c = out.outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason is None  # EOS: no stop reason, as vLLM
+    [listed] = llm.chat([{"role": "user", "content": "Say hi."}],
+                        params.model_copy(update={"stop_token_ids": [c.token_ids[-1]]}))
+    assert listed.outputs[0].token_ids == c.token_ids and listed.outputs[0].stop_reason is None  # EOS, listed too
     assert c.text.endswith(llm.tokenizer.decode([c.token_ids[-1]]))
     assert llm.chat([{"role": "user", "content": "Say hi."}], params.model_copy(
         update={"skip_special_tokens": True}))[0].outputs[0].text == llm.tokenizer.decode(

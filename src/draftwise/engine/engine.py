@@ -198,7 +198,8 @@ class Engine:
             req.output_ids.append(tok)
             new.append(tok)
             if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:  # banned before min_tokens
-                req.stop_reason = tok if tok in p.stop_token_ids else None
+                eos = tok in self.eos_ids and not p.ignore_eos  # EOS first, as vLLM: no stop reason
+                req.stop_reason = None if eos else tok
                 self._finish(req, "stop")
                 break
             if p.stop and len(req.output_ids) >= p.min_tokens and self._hit_stop_string(req):
