@@ -219,6 +219,30 @@ def test_state_is_saved_on_close_and_resumed(tokenizer, tmp_path):
         again.close()
 
 
+def test_processes_saving_to_one_state_folder_leave_it_readable(tmp_path, monkeypatch):
+    """Ray replicas sharing one learner may share one --adaptive-state folder: whatever the
+    interleaving of their saves, state.json names a complete head, and each process removes
+    only the heads it wrote."""
+    import os
+
+    from draftwise.speculators.adaptive_state import AdaptiveState
+
+    target = tiny_model()
+    states = [AdaptiveState(tmp_path, "tiny"), AdaptiveState(tmp_path, "tiny")]
+    pids = [101, 202]  # two processes
+    for turn in (0, 1, 0, 0, 1):
+        monkeypatch.setattr(os, "getpid", lambda: pids[turn])
+        head = new_head(target)
+        states[turn].save(head, {}, {"steps": turn})
+        saved = json.loads((tmp_path / "state.json").read_text())
+        assert saved["head"].endswith(f"-{pids[turn]}")
+        loaded = AdaptiveState(tmp_path, "tiny").load_head(target)
+        assert torch.allclose(loaded.fc.weight.float(), head.fc.weight.float(), atol=1e-2)
+    heads = sorted(p.name for p in tmp_path.glob("head-*"))
+    assert len(heads) == 2 and {h.rsplit("-", 1)[1] for h in heads} == {"101", "202"}  # each keeps its newest
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_bad_adaptive_settings_are_refused_with_one_line(tokenizer, tmp_path):
     target = tiny_model()
     with pytest.raises(BadInput, match="adaptive: static: unknown speculator 'nope'"):

@@ -6,14 +6,18 @@ Layout of DIR:
 - `head-N/`: a learned head in our layout (`save_eagle_head`, bf16 weights).
 
 A save writes the new head folder first, then replaces `state.json` atomically (write to
-a temporary file, rename), then removes older head folders: a save cut short leaves the
-previous state readable. A folder that cannot be written is refused at start; a
+a temporary file, rename), then removes the head folders this process wrote before and the
+one it started from: a save cut short leaves the previous state readable. Several
+processes may save to one folder (Ray Serve replicas sharing one learner): head folders
+and temporary files carry the process id, and a process never removes a head another
+one wrote, so `state.json` always names a complete head (the newest save wins). A folder that cannot be written is refused at start; a
 `state.json` that cannot be read is refused with the reason, never half-used.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ class AdaptiveState:
         except OSError as e:
             raise BadInput(f"--adaptive-state {folder}: cannot write there ({e.strerror or e})") from None
         self.saved = self._read()
+        self.written: list[str] = [self.saved["head"]] if self.saved else []  # heads this process may remove
 
     def _read(self) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -66,13 +71,15 @@ class AdaptiveState:
     def save(self, head: EagleHead, arbiter: dict[str, Any], learner: dict[str, Any]) -> None:
         number = 1 + max([int(p.name.split("-")[1]) for p in self.folder.glob("head-*")
                           if p.name.split("-")[1].isdigit()] or [0])
-        name = f"head-{number}"
+        name = f"head-{number}-{os.getpid()}"
         save_eagle_head(head, self.folder / name, {"adaptive": learner}, "bf16")
         data = {"target": self.target_name, "head": name, "arbiter": arbiter, "learner": learner}
-        tmp = self.folder / (STATE + ".tmp")
+        tmp = self.folder / f"{STATE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.folder / STATE)
         self.saved = data
-        for old in self.folder.glob("head-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        current = json.loads((self.folder / STATE).read_text()).get("head")  # another process may have saved since
+        for old in self.written:
+            if old not in (name, current):
+                shutil.rmtree(self.folder / old, ignore_errors=True)
+        self.written = [name]
