@@ -3,15 +3,16 @@
 Layout of DIR:
 - `state.json`: which target it was learned on, the folder of the newest head, the
   arbiter's estimates (`Arbiter.state`) and the learner's counters;
-- `head-N/`: a learned head in our layout (`save_eagle_head`, bf16 weights).
+- `head-N-PID/`: a learned head in our layout (`save_eagle_head`, bf16 weights).
 
 A save writes the new head folder first, then replaces `state.json` atomically (write to
 a temporary file, rename), then removes the head folders this process wrote before and the
 one it started from: a save cut short leaves the previous state readable. Several
 processes may save to one folder (Ray Serve replicas sharing one learner): head folders
 and temporary files carry the process id, and a process never removes a head another
-one wrote, so `state.json` always names a complete head (the newest save wins). A folder that cannot be written is refused at start; a
-`state.json` that cannot be read is refused with the reason, never half-used.
+one wrote, so `state.json` always names a complete head (the newest save wins). A folder
+that cannot be written is refused at start; a `state.json` that cannot be read is refused
+with the reason, never half-used.
 """
 
 from __future__ import annotations
