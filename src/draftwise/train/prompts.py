@@ -122,33 +122,46 @@ def doc_passages(limit: int, rng: random.Random) -> list[str]:
     return out
 
 
-def build(count: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    topics = [t.strip() for t in TOPICS]
-    passages = doc_passages(max(50, count // 5), rng)
+def distinct(count: int, draw) -> list[dict]:
+    """Up to `count` different prompts from `draw()` (None: nothing this time), in the
+    order first drawn; at most 50 draws per prompt wanted."""
     items: dict[str, None] = {}  # insertion-ordered set: no duplicate prompts
     for _ in range(count * 50):
         if len(items) >= count:
             break
+        p = draw()
+        if p is not None:
+            items[p] = None
+    return [{"prompt": p} for p in items]
+
+
+def build(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    topics = [t.strip() for t in TOPICS]
+    passages = doc_passages(max(50, count // 5), rng)
+
+    def draw() -> str | None:
         kind = rng.random()
         if kind < 0.45:
             t, u = rng.sample(topics, 2)
-            items[rng.choice(TEMPLATES).format(t=t, u=u)] = None
-        elif kind < 0.6:
-            items[rng.choice(CODE_TASKS).format(x=rng.choice(CODE_WHAT).strip())] = None
-        elif kind < 0.72:
-            items[math_prompt(rng)] = None
-        elif kind < 0.8:
-            items[f"Translate into {rng.choice(LANGUAGES)}: {rng.choice(SENTENCES)}"] = None
-        elif passages:
-            p = rng.choice(passages)
-            items[rng.choice([
-                f"Summarize the following text in two sentences.\n\n{p}",
-                f"Read this documentation and explain what it describes in plain words.\n\n{p}",
-                f"What are the key points of this passage?\n\n{p}",
-                f"Write one question a user might ask about this text, then answer it.\n\n{p}",
-            ])] = None
-    return [{"prompt": p} for p in items]
+            return rng.choice(TEMPLATES).format(t=t, u=u)
+        if kind < 0.6:
+            return rng.choice(CODE_TASKS).format(x=rng.choice(CODE_WHAT).strip())
+        if kind < 0.72:
+            return math_prompt(rng)
+        if kind < 0.8:
+            return f"Translate into {rng.choice(LANGUAGES)}: {rng.choice(SENTENCES)}"
+        if not passages:
+            return None
+        p = rng.choice(passages)
+        return rng.choice([
+            f"Summarize the following text in two sentences.\n\n{p}",
+            f"Read this documentation and explain what it describes in plain words.\n\n{p}",
+            f"What are the key points of this passage?\n\n{p}",
+            f"Write one question a user might ask about this text, then answer it.\n\n{p}",
+        ])
+
+    return distinct(count, draw)
 
 
 QUESTION_STEMS = [
@@ -272,40 +285,37 @@ def build_broad(count: int, seed: int = 0) -> list[dict]:
     topics = [t.strip() for t in TOPICS]
     passages = doc_passages(max(50, count // 8), rng)
     sources = function_sources(max(50, count // 8), rng)
-    items: dict[str, None] = {}
-    for _ in range(count * 50):
-        if len(items) >= count:
-            break
+
+    def draw() -> str | None:
         t, u = rng.sample(topics, 2)
         kind = rng.random()
         if kind < 0.16:
-            p = rng.choice(QUESTION_STEMS).format(t=t, u=u)
-        elif kind < 0.24:
-            p = f"Pretend you are {rng.choice(ROLES)}. " + rng.choice(ROLE_TASKS).format(t=t)
-        elif kind < 0.34:
-            p = rng.choice(WRITING).format(t=t, j=rng.choice(JOBS), c=rng.choice(CITIES))
-        elif kind < 0.46:
-            p = word_problem(rng)
-        elif kind < 0.52:
-            p = puzzle(rng)
-        elif kind < 0.58:
-            p = f"Translate into English: {rng.choice(TO_ENGLISH)}"
-        elif kind < 0.64:
-            p = record(rng)
-        elif kind < 0.76:
-            p = rng.choice(CODE_FORMS).format(x=rng.choice(CODE_WHAT_BROAD).strip())
-        elif kind < 0.88 and sources:
-            p = f"{rng.choice(SOURCE_TASKS)}\n\n```python\n{rng.choice(sources)}\n```"
-        elif passages:
-            p = rng.choice([
-                f"Rewrite this documentation for a beginner.\n\n{rng.choice(passages)}",
-                f"Answer from the text only: what does it say about errors or limits?\n\n{rng.choice(passages)}",
-                f"Summarize this text in one paragraph.\n\n{rng.choice(passages)}",
-            ])
-        else:
-            continue
-        items[p] = None
-    return [{"prompt": p} for p in items]
+            return rng.choice(QUESTION_STEMS).format(t=t, u=u)
+        if kind < 0.24:
+            return f"Pretend you are {rng.choice(ROLES)}. " + rng.choice(ROLE_TASKS).format(t=t)
+        if kind < 0.34:
+            return rng.choice(WRITING).format(t=t, j=rng.choice(JOBS), c=rng.choice(CITIES))
+        if kind < 0.46:
+            return word_problem(rng)
+        if kind < 0.52:
+            return puzzle(rng)
+        if kind < 0.58:
+            return f"Translate into English: {rng.choice(TO_ENGLISH)}"
+        if kind < 0.64:
+            return record(rng)
+        if kind < 0.76:
+            return rng.choice(CODE_FORMS).format(x=rng.choice(CODE_WHAT_BROAD).strip())
+        if kind < 0.88 and sources:
+            return f"{rng.choice(SOURCE_TASKS)}\n\n```python\n{rng.choice(sources)}\n```"
+        if not passages:
+            return None
+        return rng.choice([
+            f"Rewrite this documentation for a beginner.\n\n{rng.choice(passages)}",
+            f"Answer from the text only: what does it say about errors or limits?\n\n{rng.choice(passages)}",
+            f"Summarize this text in one paragraph.\n\n{rng.choice(passages)}",
+        ])
+
+    return distinct(count, draw)
 
 
 MIXES = {"templates": build, "broad": build_broad}
