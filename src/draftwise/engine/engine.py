@@ -197,9 +197,9 @@ class Engine:
         for tok in res.tokens:
             req.output_ids.append(tok)
             new.append(tok)
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:  # banned before min_tokens
-                eos = tok in self.eos_ids and not p.ignore_eos  # EOS first, as vLLM: no stop reason
-                req.stop_reason = None if eos else tok
+            eos = tok in self.eos_ids and not p.ignore_eos
+            if eos or tok in p.stop_token_ids:  # banned before min_tokens
+                req.stop_reason = None if eos else tok  # EOS first, as vLLM: no stop reason
                 self._finish(req, "stop")
                 break
             if p.stop and len(req.output_ids) >= p.min_tokens and self._hit_stop_string(req):
