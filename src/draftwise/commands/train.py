@@ -74,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from draftwise.api import default_device, load_model
+    from draftwise.errors import BadInput
     from draftwise.train.data import build_dataset, read_prompts
-    from draftwise.train.dataset import Distilled
+    from draftwise.train.dataset import Distilled, read_meta
     from draftwise.train.loop import TrainSettings
 
     out = Path(args.out)
     if args.init is not None:  # refuse before an hour of distillation, not after
-        from draftwise.errors import BadInput
         from draftwise.heads import resolve
 
         if args.method != "eagle":
@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
         if not (resolve(args.init) / "config.json").is_file():
             raise BadInput(f"--init {args.init}: not a head folder (no config.json) nor a shipped head name")
     for extra in args.also_data:  # refuse before distilling, not after
-        if not (Path(extra) / "meta.json").is_file():
-            from draftwise.errors import BadInput
-
-            raise BadInput(f"--also-data {extra}: no distilled data there (no meta.json)")
+        try:
+            read_meta(Path(extra))
+        except BadInput as e:
+            raise BadInput(f"--also-data {e}") from None
     device = args.device or default_device()
     progress = not args.quiet
     prompts = read_prompts(args.data)[: args.limit]
