@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import test_ray_serve
-from test_ray_serve import _ray, chat, deploy, undeploy, wait_until
+from test_ray_serve import _ray, chat, deploy, per_replica, undeploy, wait_until
 
 single = test_ray_serve.single  # the plain single-process server (a fixture), the reference
 
@@ -26,14 +26,6 @@ PROMPTS = [f"Write one sentence about the number {i}." for i in range(8)]
 def learning_replicas(single):
     yield deploy(ADAPTIVE, 180)
     undeploy()
-
-
-def per_replica(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{") and 'replica="' in line:
-            out[line.split('replica="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def test_one_learner_learns_from_every_replica_and_every_replica_drafts_with_its_weights(single, learning_replicas):

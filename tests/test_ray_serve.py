@@ -114,6 +114,15 @@ def stream_text(lines: list[str]) -> str:
                    if json.loads(x[6:])["choices"])
 
 
+def per_replica(text: str, name: str) -> dict[str, float]:
+    """Each replica's own copy of the series `name` (its `replica` label -> value)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and 'replica="' in line:
+            out[line.split('replica="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def metric(text: str, name: str, replica: bool = False) -> float:
     """The summed series `name` (or the sum of its per-replica copies)."""
     total = 0.0
@@ -153,9 +162,7 @@ def test_the_suffix_cache_learns_across_replicas(replicas):
         assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
         assert again["draftwise"]["mean_accepted_length"] > 4, again["draftwise"]
     text = httpx.get(f"{replicas}/metrics", timeout=10).text
-    per = [line for line in text.splitlines()
-           if line.startswith("vllm:request_success_total{") and 'replica="' in line]
-    assert len(per) == 2  # both replicas report (which served what is Ray's choice)
+    assert len(per_replica(text, "vllm:request_success_total")) == 2  # both report (which served what is Ray's choice)
 
 
 def test_sixteen_concurrent_requests_spread_over_both_replicas(replicas):
@@ -173,10 +180,8 @@ def test_sixteen_concurrent_requests_spread_over_both_replicas(replicas):
     assert results == [200] * 16
 
     def both_served() -> bool:
-        text = httpx.get(f"{replicas}/metrics", timeout=10).text
-        per = [line for line in text.splitlines()
-               if line.startswith("vllm:request_success_total{") and 'replica="' in line]
-        return len({line.split('replica="')[1].split('"')[0] for line in per if float(line.rsplit(" ", 1)[1]) > 0}) == 2
+        served = per_replica(httpx.get(f"{replicas}/metrics", timeout=10).text, "vllm:request_success_total")
+        return len([v for v in served.values() if v > 0]) == 2
 
     wait_until(both_served, 30)
     text = httpx.get(f"{replicas}/metrics", timeout=10).text
