@@ -16,10 +16,11 @@ from conftest import tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.adaptive import AdaptiveProposer, matched_length, new_head
+from draftwise.speculators.adaptive import AdaptiveProposer, new_head
 from draftwise.speculators.adaptive_control import Arbiter
 from draftwise.speculators.eagle_checkpoint import save_eagle_head
 from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.tree import matched_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -60,6 +60,8 @@ def test_generate_json_and_stats_line(hf_folder, capsys):
     (["generate", "x", "--model", "{folder}", "--speculator", "draft_model", "--draft-model", "{folder}",
       "--draft-quantization", "w3a9"], "draft_quantization 'w3a9' does not exist"),
     (["generate", "x", "--model", "{folder}", "--draft-quantization", "int8"], "need --speculator"),
+    (["generate", "x", "--model", "{folder}", "--lookup", "ngram"], "need --speculator"),
+    (["generate", "x", "--model", "{folder}", "--speculator", "ngram", "--lookup", "suffix"], "needs method eagle"),
     (["generate", "x", "--model", "{folder}", "--speculator", "eagle", "--draft-model", "{folder}/nohead"],
      "not an EAGLE head"),
     (["generate", "x", "--model", "{folder}", "--adaptive-state", "{folder}/state"], "needs --speculator adaptive"),

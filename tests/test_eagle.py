@@ -50,9 +50,10 @@ def test_greedy_eagle_equals_plain(tokenizer, style, dtype):
     assert sum(s.stats["draft_tokens"] for s in spec) > 0
 
 
-def test_sampled_eagle_is_seed_reproducible_and_top_k1_is_greedy(tokenizer):
+@pytest.mark.parametrize("extra", [{}, {"lookup": "ngram"}])  # with a lookup draft grafted on (graft.py)
+def test_sampled_eagle_is_seed_reproducible_and_top_k1_is_greedy(tokenizer, extra):
     target = tiny_model("llama", torch.float32, seed=1, num_hidden_layers=4)
-    llm = eagle_llm(target, tokenizer, random_head(target, "eagle1", None), k=6, eagle_tree_top_k=2)
+    llm = eagle_llm(target, tokenizer, random_head(target, "eagle1", None), k=6, eagle_tree_top_k=2, **extra)
     sp = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == [o.token_ids for o in llm.generate(PROMPTS, sp)]
     plain = LLM.from_model(target, tokenizer, max_batch_size=4)
@@ -159,7 +160,7 @@ def test_loads_public_eagle3_layout_and_matches_reference_math(tokenizer, tmp_pa
     with torch.inference_mode():
         root = proposer._catch_up([req])
         got = proposer.head.logits(root, target.head_weight)[0]
-        tree = proposer._grow([req], [1], root)[0]
+        tree = proposer._grow([req], [1], root)[0].best(1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert tree == ([int(loaded.to_target(want.argmax()[None])[0])], [-1])
 

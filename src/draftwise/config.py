@@ -63,6 +63,9 @@ class SpeculativeConfig(BaseModel):
     eagle_tree_depth: int = Field(default=5, ge=1, le=32, description="eagle: draft tree depth (head passes per step)")
     eagle_total_tokens: int | None = Field(default=None, ge=1, le=256,
                                            description="eagle: tree nodes kept for verification (default: num_speculative_tokens)")
+    lookup: Literal["ngram", "suffix"] | None = Field(
+        default=None, description="eagle: also graft this lookup method's draft onto the head's tree, its "
+                                  "nodes scored by its measured acceptance (default: none)")
     num_layers: int | None = Field(default=None, ge=1, description="layer_skip: target layers the draft runs (None = calibrate)")
     static: SpeculativeConfig | None = Field(
         default=None, description="adaptive: the static speculator (any other method; default: the shipped "
@@ -107,6 +110,8 @@ class SpeculativeConfig(BaseModel):
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.tree is not None:
             order_parent_first(self.tree)  # ValueError with the reason
+        if self.lookup is not None and self.method != "eagle":
+            raise ValueError(f"lookup (a lookup draft grafted onto a head's tree) needs method eagle, not {self.method!r}")
         if self.static is not None and self.static.method == "adaptive":
             raise ValueError("static: an adaptive speculator cannot be the static part of another")
         return self

@@ -167,3 +167,27 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def matched_path(tokens: Sequence[int], parents: Sequence[int] | None, committed: Sequence[int]) -> list[int]:
+    """The draft nodes greedy verification would have accepted, given the tokens the target
+    then committed: the longest root path of the draft (a chain when `parents` is None)
+    that spells their start."""
+    path: list[int] = []
+    if parents is None:
+        while len(path) < min(len(tokens), len(committed)) and tokens[len(path)] == committed[len(path)]:
+            path.append(len(path))
+        return path
+    node = -1
+    while len(path) < len(committed):
+        nxt = next((j for j, p in enumerate(parents) if p == node and tokens[j] == committed[len(path)]), None)
+        if nxt is None:
+            break
+        node = nxt
+        path.append(node)
+    return path
+
+
+def matched_length(tokens: Sequence[int], parents: Sequence[int] | None, committed: Sequence[int]) -> int:
+    """How many draft tokens greedy verification would have accepted (`matched_path`'s length)."""
+    return len(matched_path(tokens, parents, committed))

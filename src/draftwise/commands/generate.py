@@ -70,6 +70,9 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-quantization", default=None, metavar="Q",
                    help="draft_model: quantization of the draft model, apart from the target's (default: none "
                         "beside an unquantized target, else w8a8-all)")
+    g.add_argument("--lookup", default=None, choices=("ngram", "suffix"),
+                   help="--speculator eagle: also graft this lookup method's draft onto the head's tree (one "
+                        "verifying pass checks both; its nodes are kept by its measured acceptance)")
     g.add_argument("--speculative-config", default=None,
                    help='JSON, vLLM style: \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'')
     g.add_argument("--adaptive-state", default=None, metavar="DIR",
@@ -98,6 +101,8 @@ def _speculative_config(args: argparse.Namespace):
     if args.speculative_config:
         if args.draft_quantization is not None:
             raise BadInput('put the draft quantization inside --speculative-config ("draft_quantization")')
+        if args.lookup is not None:
+            raise BadInput('put the lookup inside --speculative-config ("lookup")')
         return parse_speculative_config(args.speculative_config)
     if args.speculator:
         cfg: dict = {"method": args.speculator}
@@ -107,9 +112,12 @@ def _speculative_config(args: argparse.Namespace):
             cfg["num_speculative_tokens"] = args.num_speculative_tokens
         if args.draft_quantization is not None:
             cfg["draft_quantization"] = args.draft_quantization
+        if args.lookup is not None:
+            cfg["lookup"] = args.lookup
         return parse_speculative_config(cfg)
-    if args.draft_model or args.num_speculative_tokens is not None or args.draft_quantization is not None:
-        raise BadInput("--draft-model / --num-speculative-tokens / --draft-quantization need --speculator")
+    if (args.draft_model or args.num_speculative_tokens is not None or args.draft_quantization is not None
+            or args.lookup is not None):
+        raise BadInput("--draft-model / --num-speculative-tokens / --draft-quantization / --lookup need --speculator")
     return None
 
 

@@ -44,6 +44,7 @@ from draftwise.speculators.eagle_checkpoint import load_eagle_head
 from draftwise.speculators.eagle_head import EagleHead, config_for_target, default_eagle3_layers, init_head_from_target
 from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
 from draftwise.speculators.suffix import SuffixProposer
+from draftwise.tree import matched_length
 
 log = logging.getLogger("draftwise.adaptive")
 
@@ -85,23 +86,6 @@ def default_train_share(target_model) -> float:
     if target_model.device.type != "cpu" or (os.cpu_count() or 1) > 4:
         return 0.1
     return 0.0
-
-
-def matched_length(tokens: Sequence[int], parents: Sequence[int] | None, committed: Sequence[int]) -> int:
-    """How many draft tokens greedy verification would have accepted, given the tokens the
-    target then committed: the longest root path of the draft that spells their start."""
-    if parents is None:
-        n = 0
-        while n < len(tokens) and n < len(committed) and tokens[n] == committed[n]:
-            n += 1
-        return n
-    node, depth = -1, 0
-    while depth < len(committed):
-        nxt = next((j for j, p in enumerate(parents) if p == node and tokens[j] == committed[depth]), None)
-        if nxt is None:
-            break
-        node, depth = nxt, depth + 1
-    return depth
 
 
 @dataclass

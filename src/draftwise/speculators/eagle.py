@@ -16,9 +16,10 @@ child never outscores its parent, so the kept set is a tree, emitted parents fir
 Verification keeps the output exact whatever the head proposes: greedy follows the
 target's argmax, sampling uses recursive rejection over these point-mass candidates.
 
-Settings (`SpeculativeConfig`): `eagle_tree_top_k` (k), `eagle_tree_depth`, and
+Settings (`SpeculativeConfig`): `eagle_tree_top_k` (k), `eagle_tree_depth`,
 `eagle_total_tokens` (N, default and maximum: the engine's budget, i.e.
-`num_speculative_tokens`).
+`num_speculative_tokens`), and `lookup` (`ngram` or `suffix`: that method's draft is
+grafted onto the tree before the best N are kept; `speculators/graft.py`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from draftwise.cache import KVCache
 from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.request import RequestState
-from draftwise.speculators.base import Draft, Proposer, Target, register
+from draftwise.speculators.base import Draft, Proposer, Target, proposer_class, register
 from draftwise.speculators.eagle_checkpoint import check_against_target, load_eagle_head
 from draftwise.speculators.eagle_head import EagleHead, target_features, with_kernels
+from draftwise.speculators.graft import LookupGraft, graft
 
 LONG_CATCH_UP = 16  # rows with more unseen pairs than this (a prompt) catch up on their own
 
@@ -84,7 +86,8 @@ class EagleProposer(Proposer):
     drafts_trees = True
 
     def __init__(self, head: EagleHead, target, max_batch_size: int, max_model_len: int,
-                 top_k: int = 4, depth: int = 5, total_tokens: int | None = None) -> None:
+                 top_k: int = 4, depth: int = 5, total_tokens: int | None = None,
+                 lookup: Proposer | None = None) -> None:
         check_against_target(head.config, target, "given")
         # drafting runs a copy on the target's own kernels (packed / quantized projections)
         self.head = with_kernels(head.to(device=target.device, dtype=target.dtype).eval(),
@@ -101,6 +104,7 @@ class EagleProposer(Proposer):
         # first-token accuracy on committed tokens, per request (read by the adaptive speculator)
         self.track_hits = False
         self.hits: dict[str, list[int]] = {}  # request id -> [correct, predicted] since last taken
+        self.lookup = LookupGraft(lookup) if lookup is not None else None
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "EagleProposer":
@@ -112,17 +116,35 @@ class EagleProposer(Proposer):
             raise BadInput("speculator eagle needs a head: --draft-model NAME|DIR (a shipped head such as "
                            "smollm2-135m-eagle, an EAGLE / EAGLE-3 checkpoint folder, or one written by "
                            "`draftwise train eagle`)")
+        lookup = None
+        if config.lookup is not None:
+            lookup = proposer_class(config.lookup).from_config(config, target)
         return cls(head, target.model, target.max_batch_size, target.max_model_len, config.eagle_tree_top_k,
-                   config.eagle_tree_depth, config.eagle_total_tokens)
+                   config.eagle_tree_depth, config.eagle_total_tokens, lookup)
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def begin(self, request: RequestState) -> None:
         self.rows[request.request_id] = _Row()
+        if self.lookup is not None:
+            self.lookup.begin(request)
+
+    def on_accept(self, request: RequestState, num_accepted: int) -> None:
+        if self.lookup is not None:
+            self.lookup.on_accept(request, num_accepted)
 
     def end(self, request: RequestState) -> None:
         self.rows.pop(request.request_id, None)
         self.hits.pop(request.request_id, None)
+        if self.lookup is not None:
+            self.lookup.end(request)
+
+    def close(self) -> None:
+        if self.lookup is not None:
+            self.lookup.close()
+
+    def report(self) -> dict[str, float]:
+        return self.lookup.report() if self.lookup is not None else {}
 
     def set_head(self, head: EagleHead) -> None:
         """Draft with `head` from the next step on (a drafting copy of a head of the same shape,
@@ -155,11 +177,16 @@ class EagleProposer(Proposer):
         if not active:
             return draft
         reqs = [requests[i] for i in active]
+        budgets = [num_tokens[i] for i in active]
         with torch.inference_mode():
             root = self._catch_up(reqs)  # [n, H]
-            trees = self._grow(reqs, [num_tokens[i] for i in active], root)
-        for i, (tokens, parents) in zip(active, trees):
-            draft.tokens[i], draft.parents[i] = tokens, parents
+            trees = self._grow(reqs, budgets, root)
+        if self.lookup is not None:
+            extra = self.lookup.propose(reqs, budgets)
+            for req, tree, tokens, parents in zip(reqs, trees, extra.tokens, extra.parents):
+                graft(tree, tokens, parents, self.lookup.log_rate(req))
+        for i, tree, budget in zip(active, trees, budgets):
+            draft.tokens[i], draft.parents[i] = tree.best(min(budget, self.total_tokens or budget))
         return draft
 
     def _logprobs(self, out: torch.Tensor) -> torch.Tensor:
@@ -229,9 +256,8 @@ class EagleProposer(Proposer):
             got[0] += correct
             got[1] += n - a
 
-    def _grow(self, reqs: list[RequestState], budgets: list[int],
-              root: torch.Tensor) -> list[tuple[list[int], list[int]]]:
-        """The dynamic tree of each request: (tokens, parents) of at most its budget of nodes."""
+    def _grow(self, reqs: list[RequestState], budgets: list[int], root: torch.Tensor) -> list[_Tree]:
+        """The dynamic tree of each request, all nodes made (the caller keeps the best)."""
         head = self.head
         n = len(reqs)
         keep = [min(b, self.total_tokens or b) for b in budgets]
@@ -266,7 +292,7 @@ class EagleProposer(Proposer):
             full = next_inputs.new_zeros(n, kmax, out.shape[-1])
             full[live] = next_inputs
             inputs = full
-        return [tree.best(m) for tree, m in zip(trees, keep)]
+        return trees
 
     def _run_frontier(self, reqs, trees: list[_Tree], frontier: list[list[int]], inputs: torch.Tensor,
                       seen: list[int], depth: int, kmax: int) -> torch.Tensor:
