@@ -270,3 +270,22 @@ def test_replicas_need_the_ray_extra_and_a_reachable_cluster(tmp_path):
                          timeout=120)
     assert out.returncode == 2 and "--ray-address 127.0.0.1:1" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1 and time.monotonic() - start < 60
+
+
+def test_merged_metrics_sum_replicas_but_take_the_shared_learner_from_its_freshest_copy():
+    from draftwise.server.ray_serve import merge_metrics
+
+    def exposition(requests: int, steps: int, loss: float) -> bytes:
+        return (f"# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter\n"
+                f"vllm:request_success_total {requests}.0\n"
+                f"# HELP draftwise:adaptive_learner_steps adaptive speculator: learner_steps\n"
+                f"# TYPE draftwise:adaptive_learner_steps gauge\ndraftwise:adaptive_learner_steps {steps}.0\n"
+                f"# HELP draftwise:adaptive_learner_loss adaptive speculator: learner_loss\n"
+                f"# TYPE draftwise:adaptive_learner_loss gauge\ndraftwise:adaptive_learner_loss {loss}\n").encode()
+
+    text = merge_metrics({"r1": exposition(3, 40, 2.5), "r2": exposition(5, 42, 2.25)}).decode()
+    lines = set(text.splitlines())
+    assert "vllm:request_success_total 8.0" in lines  # a per-replica quantity: summed
+    assert "draftwise:adaptive_learner_steps 42.0" in lines  # one learner: r2's copy is the fresher
+    assert "draftwise:adaptive_learner_loss 2.25" in lines
+    assert 'draftwise:adaptive_learner_steps{replica="r1"} 40.0' in lines

@@ -20,7 +20,8 @@ What spans replicas:
   (server/ray_learner.py), so N replicas learn from N times the traffic;
 - `/metrics`: each replica pushes its own exposition to the same hub every
   `PUSH_SECONDS`; a scrape, whichever replica answers it, returns every series summed
-  over the replicas, and each replica's own copy labelled `replica="<id>"`.
+  over the replicas (but the shared learner's numbers, which every replica copies: those
+  of the freshest copy), and each replica's own copy labelled `replica="<id>"`.
 - weights: replicas load from the shared cache (`~/.cache/draftwise`); the driver pulls a
   bundled model once before any replica starts, so replicas never download or convert.
 
@@ -135,8 +136,15 @@ def suffix_parts(proposer) -> list:
     return [p for p in getattr(proposer, "parts", {}).values() if isinstance(p, SuffixProposer)]
 
 
+# series that describe the one shared learner (server/ray_learner.py): every replica reports
+# its latest copy of them, so the merged line is the freshest copy (most learner steps), not a sum
+LEARNER_STEPS = "draftwise:adaptive_learner_steps"
+ONE_LEARNER = (LEARNER_STEPS, "draftwise:adaptive_learner_loss", "draftwise:adaptive_learner_buffer_tokens")
+
+
 def merge_metrics(texts: dict[str, bytes]) -> bytes:
-    """Every series summed over the replicas, then each replica's own copy with a `replica` label."""
+    """Every series summed over the replicas (the shared learner's: its freshest copy), then
+    each replica's own copy with a `replica` label."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.metrics_core import Metric
     from prometheus_client.parser import text_string_to_metric_families
@@ -144,14 +152,21 @@ def merge_metrics(texts: dict[str, bytes]) -> bytes:
     families: dict[str, Metric] = {}
     totals: dict[tuple[str, str, tuple], float] = {}
     per_replica: list[tuple[str, str, dict, float]] = []
-    for replica, text in sorted(texts.items()):
-        for fam in text_string_to_metric_families(text.decode()):
+    parsed = {replica: list(text_string_to_metric_families(text.decode())) for replica, text in texts.items()}
+    steps = {replica: s.value for replica, fams in parsed.items() for fam in fams for s in fam.samples
+             if s.name == LEARNER_STEPS}
+    freshest = max(sorted(steps), key=lambda r: steps[r]) if steps else None
+    for replica, fams in sorted(parsed.items()):
+        for fam in fams:
             families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
             for s in fam.samples:
                 if s.name.endswith("_created"):  # creation timestamps: not a quantity to sum
                     continue
                 key = (fam.name, s.name, tuple(sorted(s.labels.items())))
-                totals[key] = totals.get(key, 0.0) + s.value
+                if s.name not in ONE_LEARNER:
+                    totals[key] = totals.get(key, 0.0) + s.value
+                elif replica == freshest:
+                    totals[key] = s.value
                 per_replica.append((fam.name, s.name, {**s.labels, "replica": replica}, s.value))
     for (fam, name, labels), value in totals.items():
         families[fam].add_sample(name, dict(labels), value)
