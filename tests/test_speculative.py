@@ -123,10 +123,11 @@ def test_unknown_speculator_is_a_clear_error(tokenizer):
 
 def test_draft_model_quantization_is_its_own_setting():
     from draftwise.config import parse_speculative_config
-    from draftwise.speculators.draft_model import DEFAULT_DRAFT_QUANTIZATION, draft_quantization
+    from draftwise.speculators.draft_model import draft_quantization
 
     plain = parse_speculative_config({"method": "draft_model", "model": "m"})
     assert draft_quantization(plain, "none") == "none"
-    assert draft_quantization(plain, "w4a8-all") == DEFAULT_DRAFT_QUANTIZATION
+    assert draft_quantization(plain, "w4a8-all") == draft_quantization(plain, "w4a8") == "w4a8-all"
+    assert draft_quantization(plain, "int8") == "w8a8-all"  # also on CUDA, where w4a8 is refused
     own = parse_speculative_config({"method": "draft_model", "model": "m", "draft_quantization": "w4a8-all"})
     assert draft_quantization(own, "none") == "w4a8-all"

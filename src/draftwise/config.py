@@ -50,7 +50,7 @@ class SpeculativeConfig(BaseModel):
     model: str | None = Field(default=None, description="draft model / head: bundled name or path")
     draft_quantization: str | None = Field(
         default=None, description="draft_model: quantization of the draft model (none, w8a8-all, w4a8-all, ...; "
-                                  "default: none for an unquantized target, else DEFAULT_DRAFT_QUANTIZATION)")
+                                  "default: none for an unquantized target, w4a8-all beside a w4a8 one, else w8a8-all)")
     num_speculative_tokens: int = Field(default=4, ge=0, le=64, description="draft length (max when adaptive)")
     adaptive: bool | None = Field(default=None, description="adapt the draft length (chains) or the tree's "
                                   "node budget (eagle, medusa) from measured acceptance and costs, 0 included "

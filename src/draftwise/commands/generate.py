@@ -69,7 +69,7 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (the maximum when adaptive)")
     g.add_argument("--draft-quantization", default=None, metavar="Q",
                    help="draft_model: quantization of the draft model, apart from the target's (default: none "
-                        "beside an unquantized target, else w8a8-all)")
+                        "beside an unquantized target, w4a8-all beside a w4a8 one, else w8a8-all)")
     g.add_argument("--lookup", default=None, choices=("ngram", "suffix"),
                    help="--speculator eagle: also graft this lookup method's draft onto the head's tree (one "
                         "verifying pass checks both; its nodes are kept by its measured acceptance)")

@@ -36,7 +36,7 @@ SHIPPED: dict[str, ShippedHead] = {
                     "7eed206e985d216c832f640fdf41ad629d37b46f282c2c777a87c8f59211a341"),
         ShippedHead("qwen2.5-coder-1.5b-eagle", "eagle", "qwen2.5-coder-1.5b",
                     "EAGLE-3 head (1 layer, MLP 2048, 8k draft vocabulary, int8 weights) for qwen2.5-coder-1.5b",
-                    "54d80d4032e46381880967aa78e3966cd11d6e5fd38e6da0ca29d998c2fff4ff"),
+                    "853a91ba58ea2460c8f997edf8a416b30b27b3f2d5a411dde763dd13c43ddea1"),
     ]
 }
 
