@@ -12,8 +12,8 @@ any such cut is itself a valid tree.
 What lives here: validating and ordering shapes, a default shape built best-first from
 per-depth acceptance guesses, and turning per-depth candidate lists into the draft nodes
 (`tokens`, `parents`) of a `Draft`, and which nodes of a draft the committed tokens spell
-(`matched_path`: how drafts that did not run are scored). The tree attention mask and the node positions are
-built by the engine from `parents` (`draftwise.engine.step`), not here.
+(`matched_path`: how drafts that did not run are scored). The tree attention mask and the
+node positions are built by the engine from `parents` (`draftwise.engine.step`), not here.
 """
 
 from __future__ import annotations

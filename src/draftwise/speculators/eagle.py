@@ -178,15 +178,16 @@ class EagleProposer(Proposer):
             return draft
         reqs = [requests[i] for i in active]
         budgets = [num_tokens[i] for i in active]
+        keep = [min(b, self.total_tokens or b) for b in budgets]  # nodes verified per request
         with torch.inference_mode():
             root = self._catch_up(reqs)  # [n, H]
-            trees = self._grow(reqs, budgets, root)
+            trees = self._grow(reqs, keep, root)
         if self.lookup is not None:
             extra = self.lookup.propose(reqs, budgets)
             for req, tree, tokens, parents in zip(reqs, trees, extra.tokens, extra.parents):
                 graft(tree, tokens, parents, self.lookup.log_rate(req))
-        for i, tree, budget in zip(active, trees, budgets):
-            draft.tokens[i], draft.parents[i] = tree.best(min(budget, self.total_tokens or budget))
+        for i, tree, m in zip(active, trees, keep):
+            draft.tokens[i], draft.parents[i] = tree.best(m)
         return draft
 
     def _logprobs(self, out: torch.Tensor) -> torch.Tensor:
@@ -256,11 +257,11 @@ class EagleProposer(Proposer):
             got[0] += correct
             got[1] += n - a
 
-    def _grow(self, reqs: list[RequestState], budgets: list[int], root: torch.Tensor) -> list[_Tree]:
-        """The dynamic tree of each request, all nodes made (the caller keeps the best)."""
+    def _grow(self, reqs: list[RequestState], keep: list[int], root: torch.Tensor) -> list[_Tree]:
+        """The dynamic tree of each request, grown for `keep[i]` kept nodes; all nodes made
+        are returned (the caller keeps the best)."""
         head = self.head
         n = len(reqs)
-        keep = [min(b, self.total_tokens or b) for b in budgets]
         ks = [min(self.top_k, m) for m in keep]
         depths = [min(self.depth, m) for m in keep]
         kmax = max(ks)

@@ -31,7 +31,6 @@ from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer
 from draftwise.tree import matched_path
 
-LOOKUP_METHODS = ("ngram", "suffix")
 PRIOR_TRIES = 4.0  # weight, in guessed positions, of the all-requests rate in a request's rate
 MAX_RATE = 0.95  # a rate is never taken as certain: a grafted child stays below its parent
 
@@ -54,7 +53,7 @@ def graft(tree: ScoredTree, tokens: Sequence[int], parents: Sequence[int] | None
     mapped: list[int] = []  # draft node -> tree node
     depth: list[int] = []
     for j, token in enumerate(tokens):
-        p = (j - 1 if parents is None else parents[j])
+        p = j - 1 if parents is None else parents[j]
         at = mapped[p] if p >= 0 else -1
         d = depth[p] + 1 if p >= 0 else 1
         score = d * log_rate
@@ -110,13 +109,12 @@ class LookupGraft:
             return
         committed = request.output_ids[guess.committed:]
         path = matched_path(guess.tokens, guess.parents, committed)
-        last = path[-1] if path else -1
         if len(path) == len(committed):  # right as far as the target went
             missed = False
         elif guess.parents is None:
             missed = len(path) < len(guess.tokens)
-        else:
-            missed = last in guess.parents  # it guessed the next position too, wrongly
+        else:  # it guessed the next position too, wrongly
+            missed = (path[-1] if path else -1) in guess.parents
         tries = len(path) + int(missed)
         own[0] += len(path)
         own[1] += tries
