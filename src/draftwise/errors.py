@@ -15,5 +15,6 @@ class CorruptModel(DraftwiseError):
     """A model file is unreadable, truncated, or fails its pinned sha256."""
 
 
-class BadInput(DraftwiseError):
-    """A prompt or request the engine cannot serve (e.g. longer than the context window)."""
+class BadInput(DraftwiseError, ValueError):
+    """A prompt or request the engine cannot serve (e.g. longer than the context window, an
+    invalid JSON schema); a ValueError too, as vLLM raises for bad requests."""

@@ -24,6 +24,8 @@ class SpecStats:
     verify_seconds: float = 0.0
     num_speculative_tokens: list[int] = field(default_factory=list)  # draft length chosen per step
     drafted_by: dict[str, int] = field(default_factory=dict)  # composite speculators: steps each part drafted
+    forced_drafted: int = 0  # draft tokens a constraint forced (free: no speculator drafted them)
+    forced_tokens: int = 0  # of those, accepted (committed without any speculator's guess)
 
     def observe_draft(self, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
@@ -43,7 +45,8 @@ class SpecStats:
             rejected[num_accepted] += 1
 
     def merge(self, other: "SpecStats") -> None:
-        for name in ("target_passes", "output_tokens", "drafts", "draft_tokens", "accepted_tokens", "rejections"):
+        for name in ("target_passes", "output_tokens", "drafts", "draft_tokens", "accepted_tokens", "rejections",
+                     "forced_drafted", "forced_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_seconds += other.draft_seconds
         self.verify_seconds += other.verify_seconds
@@ -80,6 +83,9 @@ class SpecStats:
     def to_dict(self) -> dict:
         per_pos = [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
         extra = {"drafted_by": dict(self.drafted_by)} if self.drafted_by else {}
+        if self.forced_drafted:
+            extra["forced_tokens"] = self.forced_tokens
+            extra["forced_drafted"] = self.forced_drafted
         return {
             "output_tokens": self.output_tokens,
             "target_passes": self.target_passes,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftwise.constraints.matcher import Matcher
 from draftwise.metrics import SpecStats
 from draftwise.sampling import SamplingParams, TokenLogprob, coupled_pick, position_noise, sample
 
@@ -31,6 +32,7 @@ class RequestState:
     stop_text: str | None = None  # text up to (not including) a matched stop string
     stats: SpecStats = field(default_factory=SpecStats)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    constraint: Matcher | None = None  # the grammar state of params.structured_outputs (committed tokens only)
     _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # (position, vocab) -> its noise
 
     @property

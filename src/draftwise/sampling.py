@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
+
+from draftwise.constraints.spec import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # alternatives per token at most, as vLLM's default max_logprobs
 
@@ -69,6 +71,22 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
                                  description="return each output token's log-probability and the N most likely "
                                              "alternatives (None = off)")
+    structured_outputs: StructuredOutputsParams | None = Field(
+        default=None, description="the output must match this JSON schema / regex / choice / grammar (vLLM's "
+                                  "StructuredOutputsParams; `guided_decoding=` is accepted too)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided_decoding(cls, data: object) -> object:
+        """vLLM's older name of structured_outputs."""
+        if isinstance(data, dict) and "guided_decoding" in data:
+            data = dict(data)
+            guided = data.pop("guided_decoding")
+            if guided is not None:
+                if data.get("structured_outputs") is not None:
+                    raise ValueError("give structured_outputs or guided_decoding (the same thing), not both")
+                data["structured_outputs"] = guided
+        return data
 
     @field_validator("logit_bias")
     @classmethod
@@ -222,6 +240,20 @@ def apply_logit_rules(logits: Tensor, params: SamplingParams, done: int, parents
     return logits
 
 
+def apply_allowed(x: Tensor, allowed: Tensor, raw: Tensor) -> Tensor:
+    """x [n+1, vocab] with tokens outside `allowed` [n+1, vocab'] at -inf (tokens past the
+    mask's width are not allowed). A row left with nothing (min_tokens banned all the grammar
+    allows) is taken from the raw logits under the mask alone."""
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    width = min(allowed.shape[-1], x.shape[-1])
+    keep[:, :width] = allowed[:, :width].to(x.device)
+    out = x.masked_fill(~keep, float("-inf"))
+    empty = ~torch.isfinite(out).any(dim=-1)  # [n+1]
+    if bool(empty.any()):
+        out[empty] = raw.float()[empty].masked_fill(~keep[empty], float("-inf"))
+    return out
+
+
 def _top_k_mask(logits: Tensor, k: int) -> Tensor:
     """Keep tokens whose logit is at least the k-th largest (ties kept, as vLLM)."""
     kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [rows, 1]
@@ -250,20 +282,26 @@ def target_distribution(
     draft_tokens: Sequence[int] = (),
     parents: Sequence[int] | None = None,
     banned: Sequence[int] = (),
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """The distribution to sample from at each verification row.
 
     logits: [n+1, vocab]; row 0 follows the last committed token, row j+1 follows draft node j
     (whose history adds the draft tokens on the path root -> j; `parents` as in `Draft`).
     `banned`: token ids that may not come before output position `params.min_tokens` (the
-    request's EOS and stop tokens). Returns [n+1, vocab] fp32 probabilities (one-hot at the
-    argmax when greedy).
+    request's EOS and stop tokens). `allowed`: [n+1, vocab] bool, the tokens a constraint
+    (grammar) allows at each row; the others get probability 0 before anything else is
+    computed from the logits (a row where min_tokens' ban leaves nothing allowed keeps the
+    grammar's choice: the grammar wins). Returns [n+1, vocab] fp32 probabilities (one-hot
+    at the argmax when greedy).
     """
     if logits.dim() != 2 or logits.shape[0] != len(draft_tokens) + 1:
         raise ValueError(f"logits {tuple(logits.shape)} do not match a draft of {len(draft_tokens)} tokens")
     if parents is not None and len(parents) != len(draft_tokens):
         raise ValueError(f"{len(parents)} parents for {len(draft_tokens)} draft tokens")
     x = apply_logit_rules(logits.float(), params, len(output_ids), parents, banned)  # [n+1, vocab]
+    if allowed is not None:
+        x = apply_allowed(x, allowed, logits)
     x = apply_penalties(x, params, prompt_ids, output_ids, draft_tokens, parents)  # [n+1, vocab]
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)

@@ -4,7 +4,10 @@ Requests wait in a queue, are prefilled into a free cache row, then advance toge
 each `step()` proposes drafts for every running request, verifies all of them in one
 target pass, and commits what was accepted. Requests join and leave between steps.
 Stop conditions (EOS, stop token ids, stop strings, max tokens) are applied to every
-committed token, so an accepted draft never runs past a stop.
+committed token, so an accepted draft never runs past a stop. A request with
+structured_outputs carries a grammar matcher: each step's draft is fitted to it (forbidden
+nodes cut, forced tokens added; engine/constrained.py), verification applies its masks,
+and the request stops where the grammar is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from draftwise.engine.constrained import FORCED_MAX, FittedBatch, constraint_for, count_forced, fit_batch, own_accepted
 from draftwise.engine.controller import AdaptiveController, FixedController
 from draftwise.metrics import SpecStats
 from draftwise.engine.step import prefill, target_step
@@ -67,7 +71,9 @@ class Engine:
         self.proposer = proposer
         self.controller = controller
         self.max_model_len = context_window(model, max_model_len)
-        self.slack = max_speculative_tokens + 1  # cache slots a verify pass may write past the end
+        # cache slots a verify pass may write past the end (a speculator's draft, plus forced tokens of a grammar)
+        self.max_draft = max_speculative_tokens
+        self.slack = max_speculative_tokens + 1 + (FORCED_MAX if proposer is not None else 0)
         self.cache = model.new_cache(max_batch_size, self.max_model_len + self.slack)
         if proposer is not None:
             proposer.attach_target_cache(self.cache)
@@ -102,7 +108,8 @@ class Engine:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed)
         req = RequestState(request_id or f"req-{next(self._ids)}", prompt_ids, params, generator=gen, noise_seed=seed,
-                           max_tokens=max_tokens, banned=banned if params.min_tokens else [])
+                           max_tokens=max_tokens, banned=banned if params.min_tokens else [],
+                           constraint=constraint_for(params, self.tokenizer, self.model.config))
         self.waiting.append(req)
         return req
 
@@ -131,46 +138,50 @@ class Engine:
             return []
         reqs = list(self.running)
         t0 = time.perf_counter()
-        draft = self._propose(reqs)
+        fitted = self._propose(reqs)
+        draft = fitted.draft
         t1 = time.perf_counter()
-        results, hidden = target_step(self.model, self.cache, reqs, draft, self._hidden_layers())
+        results, hidden = target_step(self.model, self.cache, reqs, draft, self._hidden_layers(), fitted.allowed)
         t2 = time.perf_counter()
         if self.controller is not None:
             width = 1 + max(len(t) for t in draft.tokens)
-            self.controller.observe(len(reqs), width, t2 - t1, width - 1, t1 - t0 - draft.prefill_seconds)
+            drafted = max(len(t) for t in fitted.original.tokens)  # forced tokens cost no drafting
+            self.controller.observe(len(reqs), width, t2 - t1, drafted, t1 - t0 - draft.prefill_seconds)
         outputs = []
         for i, (req, res) in enumerate(zip(reqs, results)):
             n_draft = len(draft.tokens[i])
             req.stats.target_passes += 1
             req.stats.observe_draft(n_draft, res.num_accepted)
+            count_forced(req, fitted, i, res)
             req.stats.draft_seconds += (t1 - t0) / len(reqs)
             req.stats.verify_seconds += (t2 - t1) / len(reqs)
             outputs.append(self._commit(req, res))
             if not req.finished and self.proposer is not None:
                 if hidden[i]:
                     self.proposer.on_hidden(req, hidden[i])
-                self.proposer.on_accept(req, res.num_accepted)
+                self.proposer.on_accept(req, own_accepted(fitted, i, res))
         return outputs
 
     def _hidden_layers(self) -> tuple[int, ...]:
         return self.proposer.hidden_layers if self.proposer is not None else ()
 
-    def _propose(self, reqs: list[RequestState]) -> Draft:
+    def _propose(self, reqs: list[RequestState]) -> FittedBatch:
+        """The speculator's drafts, fitted to the grammars of constrained rows (plain decoding,
+        without a speculator, drafts nothing, not even forced tokens)."""
         if self.proposer is None or self.controller is None:
-            return Draft.empty(len(reqs))
-        budgets = []
+            return fit_batch(reqs, Draft.empty(len(reqs)), [0] * len(reqs))
+        budgets, limits = [], []
         for req, k in zip(reqs, self.controller.choose(reqs)):
             room = req.max_tokens - len(req.output_ids) - 1  # the bonus token comes on top
-            k = max(0, min(k, room, self.slack - 1))
+            k = max(0, min(k, room, self.max_draft))
             req.stats.num_speculative_tokens.append(k)
             budgets.append(k)
-        if not any(budgets):
-            return Draft.empty(len(reqs))
-        draft = self.proposer.propose(reqs, budgets)
+            limits.append(min(k + FORCED_MAX, room, self.slack - 1))  # forced tokens come on top of the budget
+        draft = self.proposer.propose(reqs, budgets) if any(budgets) else Draft.empty(len(reqs))
         for i, k in enumerate(budgets):  # a proposer may not overrun its budget
             if len(draft.tokens[i]) > k:
                 raise RuntimeError(f"{type(self.proposer).__name__} proposed more than {k} tokens")
-        return draft
+        return fit_batch(reqs, draft, limits)
 
     def _admit(self) -> list[StepOutput]:
         batch = []
@@ -197,6 +208,11 @@ class Engine:
         for tok in res.tokens:
             req.output_ids.append(tok)
             new.append(tok)
+            if req.constraint is not None:
+                req.constraint.advance(tok)
+                if req.constraint.stopped:  # the grammar is complete: nothing more may follow
+                    self._finish(req, "stop")
+                    break
             eos = tok in self.eos_ids and not p.ignore_eos
             if eos or tok in p.stop_token_ids:  # banned before min_tokens
                 req.stop_reason = None if eos else tok  # EOS first, as vLLM: no stop reason

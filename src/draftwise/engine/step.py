@@ -1,6 +1,9 @@
 """One speculative step for a batch: propose -> one target pass -> verify -> commit.
 
-Plain decoding is the same step with empty drafts. Row i of the pass feeds the request's
+Plain decoding is the same step with empty drafts. A constrained request (structured
+output) carries the grammar's allowed-token mask of each of its rows (`allowed`; its draft
+already fitted to the grammar, `constraints/draft.py`), applied to the target's logits
+before verification. Row i of the pass feeds the request's
 last committed token (the only one not yet in the cache) followed by its draft nodes;
 a tree's nodes see the root and their ancestors only. After verification the accepted
 path is kept in the cache (by index copy for a tree) and everything else is dropped by
@@ -54,15 +57,17 @@ def build_verify_batch(requests: Sequence[RequestState], draft: Draft, lengths: 
 
 
 def verify_rows(
-    requests: Sequence[RequestState], draft: Draft, logits: torch.Tensor, sizes: Sequence[int]
+    requests: Sequence[RequestState], draft: Draft, logits: torch.Tensor, sizes: Sequence[int],
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> list[Verified]:
-    """Verify each row's draft against the target logits `[batch, T, vocab]`."""
+    """Verify each row's draft against the target logits `[batch, T, vocab]`; `allowed[i]`:
+    request i's grammar mask `[n+1, vocab]` bool (None: unconstrained)."""
     results = []
     for i, req in enumerate(requests):
         n = sizes[i] - 1
         probs = target_distribution(
             logits[i, : n + 1], req.params, req.prompt_ids, req.output_ids, draft.tokens[i], draft.parents[i],
-            req.banned,
+            req.banned, allowed[i] if allowed is not None else None,
         )  # [n+1, vocab]
         coupled = (req.noise_seed, len(req.output_ids), req.noise) if req.params.coupled else None
         res = verify(draft.tokens[i], draft.parents[i], draft.probs[i], probs, req.generator, req.params.greedy,
@@ -87,16 +92,17 @@ def rows_arg(requests: Sequence[RequestState], cache: KVCache, device) -> torch.
 
 def target_step(
     model: Transformer, cache: KVCache, requests: Sequence[RequestState], draft: Draft,
-    hidden_layers: Sequence[int] = (),
+    hidden_layers: Sequence[int] = (), allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[Verified], list[dict[int, torch.Tensor]]]:
     """One target pass over every request's last token and draft; commits the cache.
-    Also returns, per request, the hidden states of the tokens it kept."""
+    Also returns, per request, the hidden states of the tokens it kept. `allowed`: grammar
+    masks per request (see `verify_rows`)."""
     rows = rows_arg(requests, cache, model.device)
     lengths = [int(cache.lengths[r.row]) for r in requests]
     batch = build_verify_batch(requests, draft, lengths, model.device)
     out = model(batch.ids, batch.positions, cache, tree_mask=batch.tree_mask, rows=rows,
                 hidden_layers=hidden_layers)
-    results = verify_rows(requests, draft, out.logits, batch.sizes)
+    results = verify_rows(requests, draft, out.logits, batch.sizes, allowed)
     kept_hidden = []
     for i, (req, length, res) in enumerate(zip(requests, lengths, results)):
         commit_cache(cache, req.row, length, res.path)
@@ -147,7 +153,8 @@ def _prefill_batch(
     out = model(ids.to(model.device), positions.to(model.device), cache, rows=rows,
                 logits_at=last.to(model.device), hidden_layers=hidden_layers)
     empty = Draft.empty(len(requests))
-    results = verify_rows(requests, empty, out.logits, [1] * len(requests))
+    allowed = [r.constraint.allowed_after([]) if r.constraint is not None else None for r in requests]
+    results = verify_rows(requests, empty, out.logits, [1] * len(requests), allowed)
     for r, n in zip(requests, lens):
         cache.set_length(r.row, n)
     hidden = [{layer: h[i, :n] for layer, h in out.hidden.items()} for i, n in enumerate(lens)]

@@ -1,0 +1,98 @@
+"""One request's grammar state: what it allows next, what it forces, advance and rollback.
+
+Terms:
+- allowed tokens of a state: the tokens the grammar accepts next (`fill` writes them as a
+  bitmask row: bit t of the row is token t; `unpack` turns rows into a bool mask).
+- forced tokens of a state: the continuation the grammar leaves no choice about (a
+  schema's next key with its quotes and colon, a closing brace), as tokens (`forced`).
+- stopped: the grammar is complete and allows nothing more; the request ends there.
+
+The matcher only ever holds committed tokens between engine steps: drafting walks along a
+draft with `push` and returns with `pop` (llguidance's rollback), so a rejected draft
+leaves no trace (`tests/test_constraints.py` checks that property over random drafts).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from draftwise.constraints.compile import CompiledGrammar
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class Matcher:
+    """The grammar state of one request (see the module docstring)."""
+
+    def __init__(self, grammar: CompiledGrammar) -> None:
+        self._m = grammar.matcher()
+        self.vocab_size = grammar.vocab_size
+        self.words = (grammar.vocab_size + 31) // 32
+
+    # --- committed state ------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self._m.is_stopped())
+
+    def advance(self, token: int) -> None:
+        """Commit one token the grammar allows (the verifier only emits allowed tokens)."""
+        if not self._m.consume_token(token):
+            raise RuntimeError(f"the grammar refused committed token {token}: {self._m.get_error()}")
+
+    # --- walking a draft --------------------------------------------------------------
+
+    def new_mask(self, rows: int) -> Tensor:
+        """An empty bitmask of `rows` rows (int32 [rows, words])."""
+        return torch.zeros(rows, self.words, dtype=torch.int32)
+
+    def fill(self, mask: Tensor, row: int) -> None:
+        """Write the current state's allowed tokens into `mask[row]`."""
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._m, mask, row)
+
+    @staticmethod
+    def allows(mask: Tensor, row: int, token: int) -> bool:
+        """Is `token` allowed in the state whose mask is `mask[row]`?"""
+        if token < 0 or (token >> 5) >= mask.shape[1]:
+            return False
+        return bool((int(mask[row, token >> 5]) >> (token & 31)) & 1)
+
+    def forced(self) -> list[int]:
+        """The tokens the current state forces (none when stopped)."""
+        return [] if self.stopped else list(self._m.compute_ff_tokens())
+
+    def push(self, token: int) -> None:
+        """Advance along a draft token that `allows` said is allowed."""
+        if not self._m.consume_token(token):
+            raise RuntimeError(f"the grammar refused draft token {token}: {self._m.get_error()}")
+
+    def pop(self, n: int) -> None:
+        """Undo the last n pushes."""
+        if n and not self._m.rollback(n):
+            raise RuntimeError(f"grammar rollback of {n} tokens failed: {self._m.get_error()}")
+
+    def unpack(self, mask: Tensor) -> Tensor:
+        """Bitmask rows [rows, words] -> bool [rows, vocab_size]."""
+        bits = (mask.unsqueeze(-1) >> _BITS) & 1  # [rows, words, 32]
+        return bits.bool().reshape(mask.shape[0], -1)[:, : self.vocab_size]
+
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        """Would the grammar take all of `tokens` from the current state? (State unchanged.)"""
+        return int(self._m.validate_tokens(list(tokens))) == len(tokens)
+
+    def allowed_after(self, tokens: Sequence[int]) -> Tensor:
+        """Bool mask [len(tokens)+1, vocab] of the states along `tokens` (rows 0..n: after
+        0..n of them), leaving the state as it was. Tests and tools; the engine walks drafts
+        with `fill` / `push` / `pop` directly."""
+        mask = self.new_mask(len(tokens) + 1)
+        for j, t in enumerate(tokens):
+            self.fill(mask, j)
+            self.push(t)
+        self.fill(mask, len(tokens))
+        self.pop(len(tokens))
+        return self.unpack(mask)
