@@ -13,7 +13,7 @@ ROOT = Path(draftwise.__file__).parent
 # bottom to top: a module may import from its own layer or the ones below
 LAYERS = [
     ["errors", "paths", "version"],
-    ["kernels"],
+    ["kernels", "constraints"],
     ["cache", "sampling", "metrics"],
     ["models", "verify", "request", "outputs", "config", "tree", "heads"],
     ["speculators"],
