@@ -21,8 +21,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,7 +47,6 @@ class CompiledGrammar:
 _tokenizers: "weakref.WeakKeyDictionary[object, dict[tuple, object]]" = weakref.WeakKeyDictionary()
 _grammars: "weakref.WeakKeyDictionary[object, OrderedDict[tuple, CompiledGrammar]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftwise-grammar")
 
 
 def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
@@ -65,7 +62,7 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
 
 
 def compile_constraint(spec: StructuredOutputsParams, tokenizer, vocab_size: int, eos_ids: Sequence[int],
-                       timeout: float = COMPILE_SECONDS) -> CompiledGrammar:
+                       timeout: float | None = None) -> CompiledGrammar:
     """The compiled grammar of `spec`; BadInput naming what is wrong (an invalid schema,
     regex or grammar, or one that does not compile within `timeout` seconds)."""
     try:
@@ -76,10 +73,10 @@ def compile_constraint(spec: StructuredOutputsParams, tokenizer, vocab_size: int
 
 
 def compile_grammar(text: str, tokenizer, vocab_size: int, eos_ids: Sequence[int],
-                    timeout: float = COMPILE_SECONDS, what: str = "grammar") -> CompiledGrammar:
-    """Compile llguidance grammar text (cached; see the module docstring)."""
-    import llguidance
-
+                    timeout: float | None = None, what: str = "grammar") -> CompiledGrammar:
+    """Compile llguidance grammar text (cached; see the module docstring); `timeout`:
+    COMPILE_SECONDS when None."""
+    timeout = COMPILE_SECONDS if timeout is None else timeout
     key = (vocab_size, tuple(eos_ids), text)
     with _lock:
         cache = _grammars.setdefault(tokenizer, OrderedDict())
@@ -87,21 +84,16 @@ def compile_grammar(text: str, tokenizer, vocab_size: int, eos_ids: Sequence[int
             cache.move_to_end(key)
             return cache[key]
     lltok = ll_tokenizer(tokenizer, vocab_size, eos_ids)
-
-    def build():
-        error = llguidance.LLMatcher.validate_grammar(text, lltok)
-        if error and not error.startswith("WARNING"):
-            return None, error
-        matcher = llguidance.LLMatcher(lltok, text, log_level=0)
-        return (None, matcher.get_error()) if matcher.is_error() else (matcher, "")
-
-    future = _pool.submit(build)
-    try:
-        matcher, error = future.result(timeout=timeout)
-    except FutureTimeout:
-        raise BadInput(f"the {what} did not compile within {timeout:g} s; simplify it") from None
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise BadInput(f"invalid {what}: {_first_line(e)}") from None
+    # each compile in its own daemon thread: one that overruns is abandoned (it finishes in
+    # the background) and blocks no later compile
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(_guarded(text, lltok)), daemon=True,
+                              name="draftwise-grammar")
+    worker.start()
+    worker.join(timeout)
+    if not done:
+        raise BadInput(f"the {what} did not compile within {timeout:g} s; simplify it")
+    matcher, error = done[0]
     if matcher is None:
         raise BadInput(f"invalid {what}: {_first_line(error)}")
     compiled = CompiledGrammar(matcher, vocab_size, tuple(eos_ids))
@@ -110,6 +102,24 @@ def compile_grammar(text: str, tokenizer, vocab_size: int, eos_ids: Sequence[int
         while len(cache) > CACHE_SIZE:
             cache.popitem(last=False)
     return compiled
+
+
+def _guarded(text: str, lltok):
+    try:
+        return _build(text, lltok)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return None, str(e)
+
+
+def _build(text: str, lltok):
+    """(the pristine llguidance matcher, "") or (None, the error); runs in a worker thread."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(text, lltok)
+    if error and not error.startswith("WARNING"):
+        return None, error
+    matcher = llguidance.LLMatcher(lltok, text, log_level=0)
+    return (None, matcher.get_error()) if matcher.is_error() else (matcher, "")
 
 
 def cached_grammars(tokenizer) -> int:
