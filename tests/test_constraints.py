@@ -363,3 +363,52 @@ def test_renormalized_draft_sampling_gives_the_constrained_target_distribution()
     sigma = (p * (1 - p) / draws).sqrt()
     assert torch.all((freq - p).abs() <= 4 * sigma + 1e-9), (freq, p)
     assert counts[~allowed].sum() == 0
+
+
+# --- the real smollm2 ----------------------------------------------------------------------
+
+from test_real_model import smollm2  # noqa: E402,F401 - the fixture (fails in CI when the model cannot load)
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                   "city": {"type": "string", "maxLength": 16}, "languages": {"type": "array", "maxItems": 3,
+                                                                              "items": {"type": "string", "maxLength": 12}}},
+    "required": ["name", "age", "city", "languages"], "additionalProperties": False,
+}
+RECORDS = [
+    "Maria Lopez is 34, lives in Madrid and speaks Spanish, English and French.",
+    "Tom Becker (age 51) from Hamburg speaks German and Dutch.",
+    "Aiko Tanaka, 27, Osaka; she speaks Japanese and English.",
+]
+
+
+@pytest.mark.real_model
+def test_schema_output_on_the_real_model_is_exact_under_speculation(smollm2):
+    """JSON extraction on SmolLM2 in bf16: plain constrained, ngram, the shipped EAGLE head
+    and an oracle tree give the same tokens; every answer validates; the schema's keys are
+    forced tokens."""
+    from conftest import oracle_tree_outputs
+
+    model, tok = smollm2
+    bf16 = model.to(torch.bfloat16)
+    try:
+        convs = [[{"role": "user", "content": f"Extract name, age, city and languages as JSON.\n\n{r}"}]
+                 for r in RECORDS]
+        params = SamplingParams(temperature=0.0, max_tokens=128, structured_outputs=StructuredOutputsParams(json=PERSON))
+        plain_llm = LLM.from_model(bf16, tok, max_batch_size=3)
+        prompts = [plain_llm.chat_prompt(c) for c in convs]
+        plain_out = plain_llm.generate(prompts, params)
+        for o in plain_out:
+            assert o.finish_reason == "stop", o.text
+            jsonschema.validate(json.loads(o.text), PERSON)
+        for cfg in ({"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
+                    {"method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 8,
+                     "adaptive": False}):
+            got = LLM.from_model(bf16, tok, max_batch_size=3, speculative_config=cfg).generate(prompts, params)
+            assert [o.token_ids for o in got] == [o.token_ids for o in plain_out], cfg["method"]
+            assert all(o.stats.get("forced_tokens", 0) >= 10 for o in got), [o.stats for o in got]
+        tree = oracle_tree_outputs(bf16, tok, prompts, params, plain_out, max_batch_size=3)
+        assert [r.output_ids for r in tree] == [o.token_ids for o in plain_out]
+    finally:
+        model.to(torch.float32)
