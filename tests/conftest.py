@@ -88,6 +88,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder, with the byte tokenizer (CLI tests)."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=EOS_ID)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return byte_tokenizer()
 

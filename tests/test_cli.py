@@ -7,24 +7,8 @@ import json
 import sys
 
 import pytest
-import torch
-import transformers as tf
 
-from conftest import byte_tokenizer
 from draftwise.cli import main
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A tiny random Llama saved as a Hugging Face folder, with the byte tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-hf")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=256)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def run_cli(args, capsys, stdin: str | None = None):

@@ -14,8 +14,8 @@ ROOT = Path(draftwise.__file__).parent
 LAYERS = [
     ["errors", "paths", "version"],
     ["kernels", "constraints"],
-    ["cache", "sampling", "metrics"],
-    ["models", "verify", "request", "outputs", "config", "tree", "heads"],
+    ["cache", "sampling", "sampling_params", "metrics"],
+    ["models", "verify", "request", "outputs", "config", "tree", "heads", "toolcalls"],
     ["speculators"],
     ["engine"],
     ["api", "server", "train", "bench"],

@@ -4,6 +4,8 @@ vLLM code runs with only its import line changed: its engine arguments that mean
 here are taken (`model, tokenizer, dtype, seed, max_model_len, quantization,
 speculative_config, max_num_seqs, revision`), the others are refused by name with what to
 use instead (`VLLM_REFUSED`); prompts may be strings, token ids or vLLM's prompt dicts.
+Structured output is vLLM's `SamplingParams(structured_outputs=StructuredOutputsParams(...))`;
+tool calls are `LLM.chat(..., tools=..., tool_choice=...)` (the format: toolcalls.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from draftwise.config import SpeculativeConfig, parse_speculative_config
+from draftwise.constraints import compile_constraint
 from draftwise.engine.controller import make_controller
 from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
@@ -23,6 +26,8 @@ from draftwise.models.transformer import Transformer
 from draftwise.outputs import CompletionOutput, RequestOutput, completion  # noqa: F401 (the public API)
 from draftwise.sampling import SamplingParams
 from draftwise.speculators import Target, build_proposer
+from draftwise.toolcalls import (ToolPlan, fallback_messages, has_tool_messages, parse_tool_calls, plan_tools,
+                                 renders_tools, template_messages)
 
 # vLLM engine arguments with no meaning here: the value that is what draftwise does anyway
 # (accepted), and what to use instead of any other value
@@ -175,22 +180,48 @@ class LLM:
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template: str | None = None,
-                    chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                    chat_template_kwargs: dict[str, Any] | None = None,
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation rendered with the tokenizer's chat template (or
         `chat_template`); `chat_template_kwargs` go to the template (e.g. Qwen3's
-        {"enable_thinking": False})."""
+        {"enable_thinking": False}). `tools` (checked OpenAI function tools) go to a
+        template that renders them, else into toolcalls.py's fallback system message."""
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise BadInput("this model's tokenizer has no chat template; pass a plain prompt instead")
         if continue_final_message and add_generation_prompt:
             raise BadInput("continue_final_message needs add_generation_prompt=False")
+        options = dict(add_generation_prompt=add_generation_prompt, tokenize=False,
+                       continue_final_message=continue_final_message, chat_template=chat_template,
+                       **(chat_template_kwargs or {}))
+        messages = list(messages)
+        if tools or has_tool_messages(messages):
+            if self.template_renders_tools(chat_template):
+                messages = template_messages(messages)
+                if tools:
+                    options["tools"] = list(tools)
+            else:
+                messages = fallback_messages(messages, tools)
         try:
-            text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=add_generation_prompt, tokenize=False,
-                continue_final_message=continue_final_message, chat_template=chat_template,
-                **(chat_template_kwargs or {}))
+            text = self.tokenizer.apply_chat_template(messages, **options)
         except Exception as e:  # noqa: BLE001 - jinja and transformers raise many kinds
             raise BadInput(f"the chat template failed on these messages: {e}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def template_renders_tools(self, chat_template: str | None = None) -> bool:
+        """Does the chat template (the tokenizer's, or `chat_template`) render tools?
+        Asked once per template."""
+        template = chat_template if chat_template is not None else self.tokenizer.chat_template
+        known = self.__dict__.setdefault("_tool_templates", {})
+        key = str(template)
+        if key not in known:
+            def render(messages, tools):
+                return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                          tokenize=False, chat_template=chat_template)
+            try:
+                known[key] = renders_tools(render)
+            except Exception:  # noqa: BLE001 - a template that fails on the probe cannot take tools either
+                known[key] = False
+        return known[key]
 
     def generate(
         self,
@@ -242,13 +273,47 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             on_output: Callable[[StepOutput], None] | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, vLLM's arguments."""
+             on_output: Callable[[StepOutput], None] | None = None, tools: Sequence[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None,
+             parallel_tool_calls: bool | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, vLLM's arguments.
+
+        `tools` (OpenAI function tools), `tool_choice` ("auto" by default, "none",
+        "required" or {"type": "function", "function": {"name": ...}}) and
+        `parallel_tool_calls` as in OpenAI's API: "required" and a named function are
+        enforced by a grammar. Each CompletionOutput's `tool_calls` then holds the calls
+        parsed from its text (OpenAI's shape; the text stays the model's whole answer)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+        sampling_params = self._with_tool_grammar(sampling_params, plan)
         ids = [self.chat_prompt(c, add_generation_prompt=add_generation_prompt,
                                 continue_final_message=continue_final_message, chat_template=chat_template,
-                                chat_template_kwargs=chat_template_kwargs) for c in conversations]
-        return self.generate(ids, sampling_params, use_tqdm=use_tqdm, on_output=on_output)
+                                chat_template_kwargs=chat_template_kwargs,
+                                tools=plan.prompt_tools if plan else None) for c in conversations]
+        outputs = self.generate(ids, sampling_params, use_tqdm=use_tqdm, on_output=on_output)
+        if plan is not None and plan.parses:
+            for out in outputs:
+                for sample in out.outputs:
+                    sample.tool_calls = parse_tool_calls(sample.text, plan)[1]
+        return outputs
+
+    def _with_tool_grammar(self, sampling_params, plan: ToolPlan | None):
+        """The sampling params with the grammar of `required` / named tool calls (checked here)."""
+        grammar = plan.constraint() if plan is not None else None
+        if grammar is None:
+            return sampling_params
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        many = isinstance(params, Sequence)
+        if any(p.structured_outputs is not None for p in (params if many else [params])):
+            raise BadInput(f"tool_choice {plan.mode!r} constrains the answer to tool calls; it cannot be combined "
+                           f"with structured_outputs")
+        config = self.model.config
+        try:
+            compile_constraint(grammar, self.tokenizer, config.vocab_size, config.eos_token_ids)
+        except BadInput as e:
+            raise BadInput(f"tools: the functions' parameters do not compile to a grammar: {e}") from None
+        update = {"structured_outputs": grammar}
+        return [p.model_copy(update=update) for p in params] if many else params.model_copy(update=update)
 
     def _output(self, reqs, prompt, elapsed: float) -> RequestOutput:
         outs = []

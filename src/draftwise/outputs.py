@@ -28,7 +28,8 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
-    """One sample of a prompt (vLLM's fields, plus draftwise's `stats`)."""
+    """One sample of a prompt (vLLM's fields, plus draftwise's `stats` and, from `LLM.chat`
+    with tools, `tool_calls`)."""
 
     index: int
     text: str
@@ -38,6 +39,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" or "length"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS / length
     stats: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] | None = None  # LLM.chat with tools: the calls parsed from text
 
     def finished(self) -> bool:
         return self.finish_reason is not None

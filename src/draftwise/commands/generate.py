@@ -1,4 +1,9 @@
-"""`draftwise generate`: stream one completion to the terminal, then a stats line."""
+"""`draftwise generate`: stream one completion to the terminal, then a stats line.
+
+Structured output: `--json-schema FILE`, `--regex R`, `--choice A,B` or `--grammar FILE`
+(one of them) constrains the completion; an unreadable file or an invalid constraint is an
+`error:` line (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf file or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling_args(p)
+    add_constraint_args(p)
     add_model_args(p)
     add_speculation_args(p)
     p.add_argument("--compare", action="store_true",
@@ -42,6 +48,52 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_constraint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON matching the JSON schema in FILE (one line, as json.dumps writes it)")
+    g.add_argument("--regex", metavar="R", default=None, help="the output matches the regular expression R")
+    g.add_argument("--choice", metavar="A,B", default=None, help="the output is one of these comma-separated strings")
+    g.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output follows the Lark or GBNF grammar in FILE (llguidance's syntax)")
+
+
+def constraint_from_args(args: argparse.Namespace):
+    """The StructuredOutputsParams the flags ask for, or None."""
+    from draftwise.constraints import StructuredOutputsParams
+    from draftwise.errors import BadInput
+
+    if getattr(args, "json_schema", None) is not None:
+        text = _read(args.json_schema, "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"--json-schema {args.json_schema}: not JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise BadInput(f"--json-schema {args.json_schema}: a JSON schema is an object")
+        return StructuredOutputsParams(json=schema)
+    if getattr(args, "regex", None) is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if getattr(args, "choice", None) is not None:
+        choices = [c for c in args.choice.split(",") if c]
+        if not choices:
+            raise BadInput("--choice needs at least one non-empty string (A,B,...)")
+        return StructuredOutputsParams(choice=choices)
+    if getattr(args, "grammar", None) is not None:
+        return StructuredOutputsParams(grammar=_read(args.grammar, "--grammar"))
+    return None
+
+
+def _read(path: str, flag: str) -> str:
+    from draftwise.errors import BadInput
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{flag}: cannot read {path} ({e.strerror if isinstance(e, OSError) else e})") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +180,7 @@ def sampling_from_args(args: argparse.Namespace):
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
+        structured_outputs=constraint_from_args(args),
     )
 
 

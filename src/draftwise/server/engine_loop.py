@@ -91,7 +91,7 @@ class Track:
     printed: int = 0  # characters of `text` already sent
     first_at: float | None = None
     last_at: float = 0.0
-    seen: tuple = (0, 0, 0, (), 0)  # stats already counted in the metrics
+    seen: tuple = (0, 0, 0, (), 0, 0, 0)  # stats already counted in the metrics
 
 
 class EngineLoop:
@@ -247,12 +247,14 @@ class EngineLoop:
         track.sub.post(event)
 
     def _count_stats(self, track: Track, s) -> None:
-        drafts, draft_tokens, accepted, per_pos, passes = track.seen
+        drafts, draft_tokens, accepted, per_pos, passes, forced, forced_drafted = track.seen
         new_pos = [n - (per_pos[j] if j < len(per_pos) else 0) for j, n in enumerate(s.accepted_per_position)]
         self.metrics.observe_spec(s.drafts - drafts, s.draft_tokens - draft_tokens, s.accepted_tokens - accepted,
                                   new_pos)
         self.metrics.observe_tokens(passes=s.target_passes - passes)
-        track.seen = (s.drafts, s.draft_tokens, s.accepted_tokens, tuple(s.accepted_per_position), s.target_passes)
+        self.metrics.observe_forced(s.forced_tokens - forced, s.forced_drafted - forced_drafted)
+        track.seen = (s.drafts, s.draft_tokens, s.accepted_tokens, tuple(s.accepted_per_position), s.target_passes,
+                      s.forced_tokens, s.forced_drafted)
 
     def _advance_text(self, track: Track, req) -> None:
         """Extend track.text by decoding only the newest tokens (with one step of context before them).

@@ -1,7 +1,12 @@
 """/v1/completions and /v1/chat/completions: validate, submit to the engine thread, answer.
 
 Everything a request could get wrong is checked here, before anything is queued, so a
-streaming request fails with a 4xx status rather than an error inside a 200 stream.
+streaming request fails with a 4xx status rather than an error inside a 200 stream: a
+structured-output constraint is compiled here too (`check_constraint`; the engine then
+finds it in the grammar cache), so an invalid schema is a 400 naming its field.
+Tool calls (toolcalls.py): the tools go to the chat template, `required` and a named
+function become the request's grammar, and each choice's answer is split into content and
+`tool_calls` (as it streams: `delta.tool_calls` once a call is complete).
 A client that disconnects has its engine requests aborted (their cache rows freed).
 """
 
@@ -18,12 +23,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from draftwise.config import one_line
+from draftwise.constraints import StructuredOutputsParams, compile_constraint
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 from draftwise.server.engine_loop import Event, Submission
 from draftwise.server.errors import APIError
 from draftwise.server.logprobs import LogprobFormatter
-from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from draftwise.server.protocol import BadField, ChatCompletionRequest, CompletionRequest, SamplingFields
+from draftwise.toolcalls import ToolCallParser, ToolInputError, ToolPlan, finish_reason, parse_tool_calls, plan_tools
 
 DISCONNECTED = Event(-1, error="client disconnected", status=499)
 
@@ -67,7 +74,8 @@ def check_prompt(state, ids: list[int], max_tokens: int | None, param: str) -> i
     return wanted
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, sample: int,
+                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """The engine's SamplingParams of one choice (OpenAI defaults: temperature 1, top_p 1)."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(s == "" for s in stops):
@@ -93,6 +101,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> Sampl
             logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
             logprobs=body.logprob_count(),
             sampling=body.sampling,
+            structured_outputs=constraint,
         )
     except ValidationError as e:
         raise APIError(400, one_line(e)) from None
@@ -104,6 +113,37 @@ def check_common(state, body: SamplingFields) -> None:
     if refused is not None:
         param, message = refused
         raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def tool_plan(body: ChatCompletionRequest) -> ToolPlan | None:
+    try:
+        return plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    except ToolInputError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+async def check_constraint(state, body: SamplingFields, plan: ToolPlan | None = None) -> StructuredOutputsParams | None:
+    """The request's constraint (its structured-output field, or the grammar of its tool
+    calls), compiled once here so that a bad one is a 400 naming the field it came from."""
+    try:
+        spec, param = body.structured()
+    except BadField as e:
+        raise APIError(400, str(e), param=e.param) from None
+    tools = plan.constraint() if plan is not None else None
+    if tools is not None:
+        if spec is not None:
+            raise APIError(400, f"tool_choice {plan.mode!r} constrains the answer to tool calls; it cannot be "
+                                f"combined with {param}", param="tool_choice")
+        spec, param = tools, "tools"
+    if spec is None:
+        return None
+    config = state.llm.model.config
+    try:
+        await off_loop(compile_constraint, spec, state.llm.tokenizer, config.vocab_size, config.eos_token_ids)
+    except BadInput as e:
+        message = f"the tools' parameters do not compile to a grammar: {e}" if tools is not None else str(e)
+        raise APIError(400, message, param=param) from None
+    return spec
 
 
 def submit(state, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
@@ -124,6 +164,7 @@ def submit(state, prompts: list[list[int]], params: list[SamplingParams]) -> Sub
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = request.app.state.draftwise
     check_common(state, body)
+    constraint = await check_constraint(state, body)
     prompts, params = [], []
     for p in body.prompts():
         if isinstance(p, str):
@@ -135,7 +176,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         max_tokens = check_prompt(state, ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
         for i in range(body.n):
             prompts.append(ids)
-            params.append(sampling_params(body, max_tokens, i))
+            params.append(sampling_params(body, max_tokens, i, constraint))
     reply = Reply(state, body, "cmpl", "text_completion", prompts)
     sub = submit(state, prompts, params)
     if body.stream:
@@ -146,18 +187,21 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = request.app.state.draftwise
     check_common(state, body)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    plan = tool_plan(body)
+    constraint = await check_constraint(state, body, plan)
+    messages = [m.as_dict() for m in body.messages]
     check_text_length(state, sum(len(m["content"]) for m in messages), "messages")
+    tools = plan.prompt_tools if plan is not None else None
     try:
-        ids = await off_loop(state.llm.chat_prompt, messages)
+        ids = await off_loop(lambda: state.llm.chat_prompt(messages, tools=tools))
     except BadInput as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
         raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
     max_tokens = check_prompt(state, ids, body.token_limit(), "messages")
     prompts = [ids] * body.n
-    params = [sampling_params(body, max_tokens, i) for i in range(body.n)]
-    reply = Reply(state, body, "chatcmpl", "chat.completion", prompts)
+    params = [sampling_params(body, max_tokens, i, constraint) for i in range(body.n)]
+    reply = Reply(state, body, "chatcmpl", "chat.completion", prompts, plan)
     sub = submit(state, prompts, params)
     if body.stream:
         return EngineStream(reply.stream(sub), lambda: state.engine.abort(sub))
@@ -189,7 +233,8 @@ class EngineStream(StreamingResponse):
 class Reply:
     """Builds the OpenAI response (or stream of chunks) of one submission."""
 
-    def __init__(self, state, body: SamplingFields, prefix: str, kind: str, prompts: list[list[int]]) -> None:
+    def __init__(self, state, body: SamplingFields, prefix: str, kind: str, prompts: list[list[int]],
+                 tools: ToolPlan | None = None) -> None:
         self.state, self.body, self.kind = state, body, kind
         self.chat = kind == "chat.completion"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -205,6 +250,8 @@ class Reply:
         self.logprobs: list[list] = [[] for _ in range(self.n)]
         self.logprob_offsets = [0] * self.n  # characters of logprob tokens streamed so far (completions)
         self.format = LogprobFormatter(state.llm.tokenizer)
+        self.tools = tools if tools is not None and tools.parses else None  # answers are parsed for calls
+        self.parsers = [ToolCallParser(self.tools.names) for _ in range(self.n)] if self.tools else None
 
     def _record(self, ev: Event) -> None:
         self.texts[ev.index] += ev.text
@@ -228,6 +275,8 @@ class Reply:
         keys = ("output_tokens", "target_passes", "drafts", "draft_tokens", "accepted_tokens")
         total = {k: sum(s.get(k, 0) for s in stats) for k in keys}
         out.update(total)
+        if any(s.get("forced_drafted") for s in stats):
+            out["forced_tokens"] = sum(s.get("forced_tokens", 0) for s in stats)
         drafted = total["draft_tokens"]
         out["acceptance_rate"] = round(total["accepted_tokens"] / drafted, 4) if drafted else 0.0
         decode_passes = total["target_passes"] - len(stats)
@@ -250,8 +299,14 @@ class Reply:
     def _choice(self, i: int) -> dict:
         logprobs = self._logprobs(i, self.logprobs[i])
         if self.chat:
-            choice = {"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": logprobs,
-                      "finish_reason": self.finish[i]}
+            message: dict = {"role": "assistant", "content": self.texts[i]}
+            finish = self.finish[i]
+            if self.tools is not None:
+                message["content"], calls = parse_tool_calls(self.texts[i], self.tools)
+                if calls:
+                    message["tool_calls"] = calls
+                finish = finish_reason(finish, calls)
+            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": i, "text": self.texts[i], "logprobs": logprobs, "finish_reason": self.finish[i]}
         if self.body.return_token_ids:
@@ -334,12 +389,17 @@ class Reply:
             extra = {"token_ids": ev.token_ids}
         wants_logprobs = self.body.logprob_count() is not None and bool(ev.logprobs)
         if self.chat:
-            if not started or ev.text or (extra and ev.token_ids) or wants_logprobs:
-                choice = self._delta(i, ev.text, None, role=not started, logprobs=ev.logprobs)
+            text, calls = self._split(i, ev)
+            if not started or text or (extra and ev.token_ids) or wants_logprobs:
+                choice = self._delta(i, text, None, role=not started, logprobs=ev.logprobs)
                 choice.update(extra)
                 out.append(self._chunk([choice]))
+            for call in calls:
+                out.append(self._chunk([{"index": i, "delta": {"tool_calls": [call]}, "logprobs": None,
+                                         "finish_reason": None}]))
             if ev.finished:
-                out.append(self._chunk([self._delta(i, None, ev.finish_reason)],
+                finish = finish_reason(ev.finish_reason, self.parsers[i].calls) if self.parsers else ev.finish_reason
+                out.append(self._chunk([self._delta(i, None, finish)],
                                        draftwise={"index": i, "method": self.state.spec_method, **(ev.stats or {})}))
             return out
         if ev.finished:
@@ -352,6 +412,20 @@ class Reply:
             choice.update(extra)
             out.append(self._chunk([choice]))
         return out
+
+
+    def _split(self, i: int, ev: Event) -> tuple[str, list[dict]]:
+        """The content to stream of this event, and the tool calls it completed (each as a
+        `delta.tool_calls` item: index among the choice's calls, id, type, function)."""
+        if self.parsers is None:
+            return ev.text, []
+        parser = self.parsers[i]
+        before = len(parser.calls)
+        text, calls = parser.feed(ev.text)
+        if ev.finished:
+            tail, last = parser.finish()
+            text, calls = text + tail, calls + last
+        return text, [{"index": before + k, **call} for k, call in enumerate(calls)]
 
 
 async def _watch_disconnect(request: Request, sub: Submission) -> None:

@@ -1,5 +1,9 @@
 """Prometheus metrics of one server, under vLLM's names (plus `draftwise:` copies).
 
+draftwise's own, beside them: `draftwise:target_passes`, and for structured output
+`draftwise:forced_tokens` (tokens a grammar forced, accepted without any speculator's
+guess) and `draftwise:forced_draft_tokens` (forced tokens verified).
+
 Each app gets its own CollectorRegistry, so several apps (tests) never collide. All
 updates come from the engine thread; prometheus_client is thread safe for reads by
 the /metrics handler.
@@ -50,6 +54,10 @@ class ServerMetrics:
                 c.labels(model_name, str(j))
         self.target_passes = [Counter("draftwise:target_passes", "Target forward passes per request (prefill "
                                       "included), summed.", m, registry=r).labels(model_name)]
+        self.forced_tokens = Counter("draftwise:forced_tokens", "Tokens a grammar forced (structured output), "
+                                     "accepted: free drafts no speculator drafted.", m, registry=r).labels(model_name)
+        self.forced_drafted = Counter("draftwise:forced_draft_tokens", "Forced tokens verified (structured output).",
+                                      m, registry=r).labels(model_name)
 
     # --- updates (engine thread) ---------------------------------------------------------
 
@@ -72,6 +80,10 @@ class ServerMetrics:
             c.inc(generation)
         for c in self.target_passes:
             c.inc(passes)
+
+    def observe_forced(self, accepted: int, drafted: int) -> None:
+        self.forced_tokens.inc(accepted)
+        self.forced_drafted.inc(drafted)
 
     def observe_first_token(self, seconds: float) -> None:
         for h in self.ttft:

@@ -2,8 +2,13 @@
 
 Unknown fields are refused (400 "unrecognized request argument") rather than silently
 ignored; a few harmless OpenAI fields (`user`, `store`, `metadata`, ...) are accepted and
-ignored. Options this server cannot honour exactly (echo, tools, ...) are
+ignored. Options this server cannot honour exactly (echo, suffix, ...) are
 accepted by the schema and refused by `unsupported()` with a clear 400.
+
+Structured output comes in OpenAI's and vLLM's spellings (`response_format`,
+`structured_outputs`, the older `guided_json` / `guided_regex` / `guided_choice` /
+`guided_grammar`); `SamplingFields.structured()` translates whichever one is given into a
+`StructuredOutputsParams`, naming the field when it is wrong (`BadField`).
 Extensions, as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens,
 include_stop_str_in_output, skip_special_tokens,
 return_token_ids; draftwise's own: sampling ("coupled", the default with a seed, or "rejection", the
@@ -19,8 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator,
+                      model_validator)
 
+from draftwise.config import one_line
+from draftwise.constraints import StructuredOutputsParams
 from draftwise.sampling import MAX_LOGPROBS
 
 MAX_N = 64
@@ -41,6 +49,17 @@ def has_surrogate(value: object) -> bool:
     if isinstance(value, BaseModel):
         return any(has_surrogate(v) for v in value.__dict__.values())
     return False
+
+
+class BadField(ValueError):
+    """A request field that is wrong; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 class ClientModel(BaseModel):
@@ -91,6 +110,15 @@ class SamplingFields(ClientModel):
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
     sampling: Literal["coupled", "rejection"] | None = None  # draftwise: how sampled tokens are drawn
+    # structured output: OpenAI's, vLLM's, and vLLM's older spellings (at most one)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: StrictStr | dict[str, Any] | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_whitespace_pattern: StrictStr | None = None
+    guided_decoding_backend: StrictStr | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -121,9 +149,62 @@ class SamplingFields(ClientModel):
         """Alternatives per token to return with log-probabilities; None = no logprobs."""
         return None
 
+    def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """(the constraint the request asks for, the field it came from); (None, None) when
+        none. BadField when a field is malformed or more than one is given."""
+        given: list[tuple[str, StructuredOutputsParams]] = []
+        if self.response_format is not None and (c := _response_format(self.response_format)) is not None:
+            given.append(("response_format", c))
+        if self.structured_outputs is not None:
+            try:
+                given.append(("structured_outputs", StructuredOutputsParams(**self.structured_outputs)))
+            except (ValidationError, TypeError) as e:
+                raise BadField("structured_outputs", f"structured_outputs: {_why(e)}") from None
+        for name, kind in GUIDED.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            extra = {"backend": self.guided_decoding_backend}
+            if kind == "json" and self.guided_whitespace_pattern is not None:
+                extra["whitespace_pattern"] = self.guided_whitespace_pattern
+            try:
+                given.append((name, StructuredOutputsParams(**{kind: value}, **extra)))
+            except ValidationError as e:
+                raise BadField(name, f"{name}: {_why(e)}") from None
+        if self.guided_whitespace_pattern is not None and self.guided_json is None:
+            raise BadField("guided_whitespace_pattern", "guided_whitespace_pattern applies to guided_json only")
+        if len(given) > 1:
+            names = ", ".join(n for n, _ in given)
+            raise BadField(given[1][0], f"give one structured output constraint, not several (got {names})")
+        return given[0][1] if given else None, given[0][0] if given else None
+
 
 def _is_ids(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _why(e: Exception) -> str:
+    return one_line(e).removeprefix("value: ").replace("Value error, ", "") if isinstance(e, ValidationError) \
+        else str(e)
+
+
+def _response_format(rf: dict[str, Any]) -> StructuredOutputsParams | None:
+    """OpenAI's response_format as a constraint (None for text). `strict` is accepted either
+    way: a constrained answer always follows the schema exactly."""
+    kind = rf.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise BadField("response_format", f"response_format type must be text, json_object or json_schema "
+                                          f"(got {kind!r})")
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise BadField("response_format", 'response_format json_schema needs {"name": ..., "schema": {...}}')
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise BadField("response_format", "response_format json_schema.strict must be true or false")
+    return StructuredOutputsParams(json=spec["schema"])
 
 
 class CompletionRequest(SamplingFields):
@@ -180,6 +261,27 @@ class ChatMessage(ClientModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant message's calls, replayed
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_calls(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for call in v or []:
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not isinstance(fn.get("arguments", "{}"), (str, dict)):
+                raise ValueError('each tool call is {"id", "type": "function", "function": {"name", "arguments"}}')
+        return v
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template gets it (developer is system)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -207,7 +309,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     store: StrictBool | None = None
     metadata: dict[str, str] | None = None
@@ -219,10 +320,8 @@ class ChatCompletionRequest(SamplingFields):
                 return "messages", why
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs set to true"
-        if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call is not None:
-            return "tools", "tools / function calling are not supported by this server"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+        if self.functions or self.function_call is not None:
+            return "functions", "functions / function_call (deprecated) are not supported by this server; use tools"
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "give max_completion_tokens or max_tokens, not both"
