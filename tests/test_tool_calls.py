@@ -245,3 +245,52 @@ def test_chat_refuses_bad_tools_and_tools_with_a_constraint(llms):
     with pytest.raises(BadInput, match="cannot be combined"):
         plain.chat(CHAT, SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")), tools=TOOLS,
                    tool_choice="required")
+
+
+# --- a tokenizer that holds the markers as tokens (Qwen2.5's) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def marker_tokenizer():
+    """The byte tokenizer plus `<tool_call>` / `</tool_call>` as added, non-special tokens
+    (ids 257, 258), as Qwen2.5's tokenizer holds them."""
+    from conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    return tok
+
+
+def test_markers_held_as_tokens_are_written_as_those_tokens(marker_tokenizer, tokenizer):
+    from draftwise.toolcalls import marker_tokens
+
+    assert marker_tokens(marker_tokenizer) and not marker_tokens(tokenizer)
+    target = tiny_model(std=0.1, max_position_embeddings=2048)
+    plain = LLM.from_model(target, marker_tokenizer, max_batch_size=1)
+    ngram = LLM.from_model(target, marker_tokenizer, max_batch_size=1,
+                           speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    params = SamplingParams(temperature=0.0, max_tokens=120)
+    outs = [llm.chat(CHAT, params, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)[0].outputs[0]
+            for llm in (plain, ngram)]
+    assert outs[0].token_ids == outs[1].token_ids
+    got = outs[1]
+    assert got.token_ids[0] == 257 and 258 in got.token_ids  # the markers' own tokens, not their letters
+    assert got.finish_reason == "stop" and len(got.tool_calls) == 1, got.text
+    jsonschema.validate(json.loads(got.tool_calls[0]["function"]["arguments"]),
+                        PARAMETERS[got.tool_calls[0]["function"]["name"]])
+
+
+def test_a_grammar_dead_end_finishes_the_request_instead_of_failing(marker_tokenizer):
+    """A literal that only an added token spells is a dead end for llguidance (its mask
+    offers the added token, its matcher refuses it): the mask drops the refused token and
+    the request ends there, batched beside a request that goes on."""
+    from draftwise.constraints import StructuredOutputsParams
+
+    llm = LLM.from_model(tiny_model(std=0.1), marker_tokenizer, max_batch_size=2,
+                         speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    stuck = SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputsParams(
+        grammar='start: "<tool_call>" "x"\n'))
+    free = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    a, b = llm.generate(["abc", "abc"], [stuck, free])
+    assert a.outputs[0].finish_reason == "stop" and a.outputs[0].token_ids == []
+    assert len(b.outputs[0].token_ids) == 16

@@ -299,7 +299,7 @@ class LLM:
 
     def _with_tool_grammar(self, sampling_params, plan: ToolPlan | None):
         """The sampling params with the grammar of `required` / named tool calls (checked here)."""
-        grammar = plan.constraint() if plan is not None else None
+        grammar = plan.constraint(self.tokenizer) if plan is not None else None
         if grammar is None:
             return sampling_params
         params = sampling_params if sampling_params is not None else SamplingParams()

@@ -11,8 +11,8 @@ with text before, between or after the blocks being the answer's content.
 
 - `plan_tools` checks a request's `tools` / `tool_choice` / `parallel_tool_calls` and
   returns a `ToolPlan` (ToolInputError, a BadInput naming the parameter, when they are wrong).
-- `ToolPlan.constraint()`: for `required` and a named function, the grammar that enforces
-  the calls (a Lark grammar with each function's parameters inline as `%json`, the JSON on
+- `ToolPlan.constraint(tokenizer)`: for `required` and a named function, the grammar that
+  enforces the calls (a Lark grammar with each function's parameters inline as `%json`, the JSON on
   one line as every schema here, constraints/spec.py); None for `auto` (the model chooses
   text or calls) and `none` (the tools are not shown to the model).
 - The prompt: a template that renders `tools` gets them (`template_messages` turns replayed
@@ -80,12 +80,14 @@ class ToolPlan:
     def parses(self) -> bool:
         return self.mode != "none"
 
-    def constraint(self) -> StructuredOutputsParams | None:
-        """The grammar enforcing the calls (required, named), else None."""
+    def constraint(self, tokenizer=None) -> StructuredOutputsParams | None:
+        """The grammar enforcing the calls (required, named), else None; with the model's
+        `tokenizer`, markers it holds as single tokens are written as those tokens."""
         if self.mode not in ("required", "named"):
             return None
         tools = [t for t in self.tools if self.mode == "required" or t["function"]["name"] == self.name]
-        return StructuredOutputsParams(grammar=tool_grammar(tools, self.parallel and self.mode == "required"))
+        return StructuredOutputsParams(grammar=tool_grammar(tools, self.parallel and self.mode == "required",
+                                                            marker_tokens(tokenizer)))
 
 
 def plan_tools(tools: Sequence[Any] | None, tool_choice: Any = None,
@@ -173,10 +175,22 @@ def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": dict(JSON_LAYOUT)}
 
 
-def tool_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
-    """Lark text: one call of any of `tools` (`parallel`: one or more, a line apart)."""
-    rules = [f"call_{i}: {json.dumps(OPEN + chr(10))} %json {json.dumps(call_schema(t))} "
-             f"{json.dumps(chr(10) + CLOSE)}" for i, t in enumerate(tools)]
+def marker_tokens(tokenizer) -> bool:
+    """Does the tokenizer hold `<tool_call>` and `</tool_call>` as tokens of their own, kept
+    in decoded text (Qwen2.5's: added tokens, not special)? The model then writes each as
+    that one token, which the grammar must name as a token (`<tool_call>` in Lark), since
+    llguidance does not let a string literal match an added token."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    kept = {t.content for t in decoder.values() if not getattr(t, "special", True)}
+    return OPEN in kept and CLOSE in kept
+
+
+def tool_grammar(tools: Sequence[dict[str, Any]], parallel: bool, as_tokens: bool = False) -> str:
+    """Lark text: one call of any of `tools` (`parallel`: one or more, a line apart);
+    `as_tokens`: the block's markers as the tokenizer's own tokens (see `marker_tokens`)."""
+    open_, close = (OPEN, CLOSE) if as_tokens else (json.dumps(OPEN), json.dumps(CLOSE))
+    rules = [f'call_{i}: {open_} "\\n" %json {json.dumps(call_schema(t))} "\\n" {close}'
+             for i, t in enumerate(tools)]
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     return "\n".join([start, "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules]) + "\n"
 

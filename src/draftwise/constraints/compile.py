@@ -38,6 +38,7 @@ class CompiledGrammar:
     pristine: object  # llguidance.LLMatcher in its start state, never advanced
     vocab_size: int  # mask width: the model's vocabulary (may exceed the tokenizer's)
     eos_ids: tuple[int, ...]
+    special_ids: tuple[int, ...] = ()  # tokens llguidance treats as special, EOS aside (see matcher.py)
 
     def matcher(self):
         return self.pristine.deep_copy()
@@ -51,13 +52,20 @@ _lock = threading.Lock()
 
 def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
     """llguidance's view of a Hugging Face tokenizer (cached per tokenizer object)."""
+    return _tokenizer_view(tokenizer, vocab_size, eos_ids)[0]
+
+
+def _tokenizer_view(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+    """(llguidance's tokenizer, the ids it treats as special other than EOS), cached."""
     import llguidance.hf
 
     key = (vocab_size, tuple(eos_ids))
     with _lock:
         per = _tokenizers.setdefault(tokenizer, {})
         if key not in per:
-            per[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_ids) or None)
+            lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_ids) or None)
+            special = tuple(t for t in range(vocab_size) if lltok.is_special_token(t) and t not in eos_ids)
+            per[key] = (lltok, special)
         return per[key]
 
 
@@ -83,7 +91,7 @@ def compile_grammar(text: str, tokenizer, vocab_size: int, eos_ids: Sequence[int
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-    lltok = ll_tokenizer(tokenizer, vocab_size, eos_ids)
+    lltok, special = _tokenizer_view(tokenizer, vocab_size, eos_ids)
     # each compile in its own daemon thread: one that overruns is abandoned (it finishes in
     # the background) and blocks no later compile
     done: list = []
@@ -96,7 +104,7 @@ def compile_grammar(text: str, tokenizer, vocab_size: int, eos_ids: Sequence[int
     matcher, error = done[0]
     if matcher is None:
         raise BadInput(f"invalid {what}: {_first_line(error)}")
-    compiled = CompiledGrammar(matcher, vocab_size, tuple(eos_ids))
+    compiled = CompiledGrammar(matcher, vocab_size, tuple(eos_ids), special)
     with _lock:
         cache[key] = compiled
         while len(cache) > CACHE_SIZE:

@@ -7,6 +7,11 @@ Terms:
   schema's next key with its quotes and colon, a closing brace), as tokens (`forced`).
 - stopped: the grammar is complete and allows nothing more; the request ends there.
 
+Special tokens (an added token such as Qwen's `<tool_call>`): llguidance's mask may allow
+one whose text a grammar literal spells while the matcher then refuses to take it (seen with
+llguidance 1.9.1 at the start of a literal). `fill` and `forced` therefore keep a special
+token only where the matcher takes it, so the mask, the forced tokens and `advance` agree.
+
 The matcher only ever holds committed tokens between engine steps: drafting walks along a
 draft with `push` and returns with `pop` (llguidance's rollback), so a rejected draft
 leaves no trace (`tests/test_constraints.py` checks that property over random drafts).
@@ -31,12 +36,17 @@ class Matcher:
         self._m = grammar.matcher()
         self.vocab_size = grammar.vocab_size
         self.words = (grammar.vocab_size + 31) // 32
+        self._special = torch.tensor(grammar.special_ids, dtype=torch.int64)
 
     # --- committed state ------------------------------------------------------------
 
     @property
     def stopped(self) -> bool:
         return bool(self._m.is_stopped())
+
+    def takes(self, token: int) -> bool:
+        """Would the grammar take `token` now? (False only at a dead end: see engine.py.)"""
+        return bool(self._m.validate_tokens([token]))
 
     def advance(self, token: int) -> None:
         """Commit one token the grammar allows (the verifier only emits allowed tokens)."""
@@ -54,6 +64,17 @@ class Matcher:
         import llguidance.torch
 
         llguidance.torch.fill_next_token_bitmask(self._m, mask, row)
+        if self._special.numel():
+            self._drop_refused_special(mask, row)
+
+    def _drop_refused_special(self, mask: Tensor, row: int) -> None:
+        """Clear the bits of special tokens the matcher would not take (module docstring)."""
+        ids = self._special
+        on = ((mask[row, ids >> 5] >> (ids & 31).to(torch.int32)) & 1).bool()
+        for t in ids[on].tolist():
+            if not self._m.validate_tokens([t]):
+                word = int(mask[row, t >> 5]) & 0xFFFFFFFF & ~(1 << (t & 31))
+                mask[row, t >> 5] = word - (1 << 32) if word >= 1 << 31 else word
 
     @staticmethod
     def allows(mask: Tensor, row: int, token: int) -> bool:
@@ -64,7 +85,10 @@ class Matcher:
 
     def forced(self) -> list[int]:
         """The tokens the current state forces (none when stopped)."""
-        return [] if self.stopped else list(self._m.compute_ff_tokens())
+        if self.stopped:
+            return []
+        tokens = list(self._m.compute_ff_tokens())
+        return tokens[: int(self._m.validate_tokens(tokens))] if tokens else tokens
 
     def push(self, token: int) -> None:
         """Advance along a draft token that `allows` said is allowed."""

@@ -13,6 +13,7 @@ and the request stops where the grammar is complete.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from draftwise.request import RequestState
 from draftwise.sampling import SamplingParams, TokenLogprob
 from draftwise.speculators.base import Draft, Proposer
 from draftwise.verify import Verified
+
+log = logging.getLogger(__name__)
 
 
 # The KV cache is allocated up front for every row: a 32k context at batch 16 would take
@@ -206,6 +209,13 @@ class Engine:
         new: list[int] = []
         p = req.params
         for tok in res.tokens:
+            if req.constraint is not None and not req.constraint.takes(tok):
+                # the grammar allowed no token here (a dead end of the grammar engine, e.g. a
+                # literal that only a special token spells): end the answer, never crash
+                log.warning("request %s: the grammar allows no continuation after %d tokens; finished",
+                            req.request_id, len(req.output_ids))
+                self._finish(req, "stop")
+                break
             req.output_ids.append(tok)
             new.append(tok)
             if req.constraint is not None:

@@ -129,7 +129,7 @@ async def check_constraint(state, body: SamplingFields, plan: ToolPlan | None = 
         spec, param = body.structured()
     except BadField as e:
         raise APIError(400, str(e), param=e.param) from None
-    tools = plan.constraint() if plan is not None else None
+    tools = plan.constraint(state.llm.tokenizer) if plan is not None else None
     if tools is not None:
         if spec is not None:
             raise APIError(400, f"tool_choice {plan.mode!r} constrains the answer to tool calls; it cannot be "
