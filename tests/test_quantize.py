@@ -9,8 +9,8 @@ import torch
 
 from conftest import needs_w4a8, tiny_model
 from draftwise.api import LLM
-from draftwise.models.quantize import (ALONE, FUSED, Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, int8_per_channel,
-                                       quantize)
+from draftwise.models.quantize import (ALONE, FUSED, Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, cpu_has_avx512_vnni,
+                                       int8_per_channel, quantize)
 from draftwise.sampling import SamplingParams
 
 
@@ -34,7 +34,7 @@ def test_w8a8_linear_sums_exactly_and_is_row_invariant(kernel):
     if kernel == "int_mm":
         lin.qweight, lin.fbgemm = lin.int8_weight(), None
     elif lin.fbgemm is None:
-        pytest.skip("no fbgemm in this torch build")
+        pytest.skip("fbgemm sums exactly only with AVX-512 VNNI, which this CPU lacks (or no fbgemm in this torch)")
     all_rows = lin.rows(x)
     # the kernel's result is the exact integer sum, scaled: compare with float64
     xf = x.float()
@@ -47,6 +47,18 @@ def test_w8a8_linear_sums_exactly_and_is_row_invariant(kernel):
         assert torch.equal(lin.rows(x[i : i + 1])[0], all_rows[i])
     for n in (2, 3, 4, 5, 8):  # no row padding: any number of rows
         assert torch.equal(lin.rows(x[:n]), all_rows[:n])
+
+
+def test_fbgemm_is_used_exactly_where_the_cpu_has_vnni():
+    # fbgemm's AVX2 path saturates int16 pair sums (CI failed on such a machine): it must not be chosen there
+    lin = W8A8Linear(torch.randn(32, 64), None, torch.bfloat16)
+    fbgemm_built = "fbgemm" in torch.backends.quantized.supported_engines
+    assert (lin.fbgemm is not None) == (fbgemm_built and cpu_has_avx512_vnni())
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return
+    assert cpu_has_avx512_vnni() == ("avx512_vnni" in flags and "avx512bw" in flags)
 
 
 def test_int4_linear_is_close_and_row_invariant():

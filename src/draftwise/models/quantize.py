@@ -6,9 +6,11 @@ activations) and int4 weights.
   which reads half the bytes of bf16. Decoding is bound by memory bandwidth, so it runs
   faster. Its cost grows with the rows of a pass (8 rows: about 2x one row).
 - `w8a8`: the same int8 weights, and each input row quantized to int8 with its own scale
-  when it arrives; the products are summed exactly in int32 by fbgemm's int8 kernel (VNNI
-  on x86), which reads the weights once for up to 8-16 rows, so a pass verifying 8 tokens
-  costs little more than one. Rounding the activations costs a little accuracy (measured
+  when it arrives; the products are summed exactly in int32 by fbgemm's int8 kernel where
+  the CPU has AVX-512 VNNI, which reads the weights once for up to 8-16 rows, so a pass
+  verifying 8 tokens costs little more than one. Without VNNI (AVX2, or AVX-512 before
+  VNNI) fbgemm adds pairs of byte products in int16 with saturation, which is not exact, so
+  those CPUs take `torch._int_mm` (the same int32 sums, slower). Rounding the activations costs a little accuracy (measured
   by `draftwise bench --quality`).
 - `int4`: 4-bit weights in groups of `INT4_GROUP` input channels, each group with its own
   scale and offset (asymmetric, min to max); the matmul runs in
@@ -37,11 +39,13 @@ decoding.
 from __future__ import annotations
 
 import warnings
+from functools import cache
 
 import torch
 from torch import nn
 
 from draftwise.kernels import w4a8
+from draftwise.kernels.build import KernelUnavailable
 from draftwise.kernels.int4 import int4_groups  # noqa: F401 (used by Int4Linear; w4a8 shares it)
 
 QUANTIZATIONS = ("none", "int8", "int8-all", "w8a8", "w8a8-all", "int4", "int4-all", "w4a8", "w4a8-all")
@@ -120,6 +124,22 @@ class W8A8Linear(nn.Module):
         return self.int8_weight().float() * self.scales[:, None]
 
 
+@cache
+def cpu_has_avx512_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI: asked of the CPU by the built w4a8 kernel, or read
+    from /proc/cpuinfo where no kernel can be built (no C compiler); False where neither tells."""
+    try:
+        return w4a8.has_vnni()
+    except KernelUnavailable:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512_vnni"))
+
+
 class FbgemmInt8:
     """fbgemm's dynamic int8 linear (VNNI on x86) used as an exact int8 x int8 -> int32 product.
 
@@ -140,7 +160,10 @@ class FbgemmInt8:
 
     @staticmethod
     def available() -> bool:
-        return "fbgemm" in torch.backends.quantized.supported_engines
+        """fbgemm is built in and sums exactly here: only with AVX-512 VNNI (vpdpbusd adds each
+        four byte products into int32). Its AVX2 path adds pairs of u8 x s8 products in int16
+        with saturation (255 * 127 * 2 > 32767), so large activations would come out wrong."""
+        return "fbgemm" in torch.backends.quantized.supported_engines and cpu_has_avx512_vnni()
 
     def unpacked(self) -> torch.Tensor:
         """The packed int8 weight `[out, in + 2]`, back in plain layout."""
