@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -136,7 +137,7 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, dataset, monkeypatch)
         f.write('{"question_id": 161, "tu')  # a record cut short by the interruption
     data = run_bench(llm, questions, methods, out, settings(dataset), progress=False, plots=False)
     assert calls.count(MAX_TOKENS) == 8 - 1  # the first (question, turn, method) is not redone
-    assert len(calls) == 7 + 2  # plus one warm-up per method
+    assert len(calls) == 7 + 2 + 3  # plus one warm-up per method, and the plain probe (warm-up, start, end)
     assert len((out / "records.jsonl").read_text().splitlines()) == 8
     assert data["results"]["ngram"]["overall"]["exact_match"] == 1.0
 
@@ -146,6 +147,70 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, dataset, monkeypatch)
     changed = BenchSettings(model="tiny", dtype="fp32", max_tokens=MAX_TOKENS + 1, dataset=str(dataset))
     with pytest.raises(BadInput, match="other settings"):
         run_bench(llm, questions, methods, out, changed, progress=False)
+
+
+ADAPTIVE = {"method": "adaptive", "num_speculative_tokens": 4,
+            "learner": {"min_tokens": 16, "train_every": 1, "train_share": 1.0, "swap_every": 1, "batch_size": 2,
+                        "max_len": 64}}
+
+
+def test_no_learner_trains_while_another_method_is_timed(tmp_path, dataset, monkeypatch):
+    # a learner that trained while plain was timed made adaptive look 1.93x on the 1.5B
+    from draftwise.bench import runner
+    from draftwise.speculators.online import OnlineLearner
+
+    steps, plain, learners = [], [], []
+    real_step, real_run, real_probe = OnlineLearner.train_step, runner.run_method, runner.probe_plain
+
+    def step(self):
+        start = time.perf_counter()
+        try:
+            return real_step(self)
+        finally:
+            steps.append((start, time.perf_counter()))
+
+    def timed(label, fn):
+        def call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                if label == "plain":
+                    plain.append((start, time.perf_counter()))
+        return call
+
+    def run_method(llm, generate, method, *args):
+        real_run(llm, timed(method.label, generate), method, *args)
+        learner = getattr(llm.engine.proposer, "learner", None)
+        if learner is not None:  # adaptive's turn: its learner may train, so give it the time to
+            learners.append(learner)
+            deadline = time.monotonic() + 10
+            while learner.buffer.tokens >= 16 and learner.steps < len(learners) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(OnlineLearner, "train_step", step)
+    monkeypatch.setattr(runner, "run_method", run_method)
+    monkeypatch.setattr(runner, "probe_plain", lambda llm, s: timed("plain", real_probe)(llm, s))
+    methods = parse_methods([json.dumps(ADAPTIVE)])
+    data = run_bench(small_llm(), load_questions(dataset), methods, tmp_path, settings(dataset), progress=False,
+                     plots=False, interleave=True)
+    assert learners and learners[-1].steps >= 2 and len(steps) >= 2  # the learner did train, in adaptive's turns
+    assert len(plain) == 3 + 3 + 4  # the probe (warm-up, start, end), a warm-up per question, four generations
+    overlaps = [(s, p) for s in steps for p in plain if s[0] < p[1] and p[0] < s[1]]
+    assert not overlaps, f"{len(overlaps)} training steps ran while plain was timed"
+    assert data["lossless"]["ok"]
+    probe = [n for n in data["notes"] if n.startswith("plain probe")]
+    assert len(probe) == 1 and "tokens/s at the start" in probe[0]
+    assert not learners[-1]._thread or not learners[-1]._thread.is_alive()  # the run closed the engines
+
+
+def test_probe_drift_is_reported(capsys):
+    from draftwise.bench.runner import probe_note
+
+    line, drifted = probe_note(20.0, 19.0)
+    assert not drifted and "+" not in line and "-5.0%" in line
+    line, drifted = probe_note(20.0, 10.0)
+    assert drifted and "-50.0%" in line and "suspect" in line
 
 
 def test_malformed_dataset_line_names_the_line(tmp_path):

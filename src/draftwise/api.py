@@ -163,6 +163,18 @@ class LLM:
         if getattr(self, "engine", None) is not None:
             self.engine.close()
 
+    def pause_background(self) -> None:
+        """Hold the speculator's background work (an adaptive learner's training) until
+        `resume_background`; returns once none runs. The bench holds every method but the
+        one it times, so no method's work runs on another's clock."""
+        if getattr(self, "engine", None) is not None and self.engine.proposer is not None:
+            self.engine.proposer.pause()
+
+    def resume_background(self) -> None:
+        """Let the speculator's background work go on after `pause_background`."""
+        if getattr(self, "engine", None) is not None and self.engine.proposer is not None:
+            self.engine.proposer.resume()
+
     # --- generation ---------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[int] | dict[str, Any]) -> list[int]:

@@ -9,6 +9,12 @@ the history of turn 2. Every finished generation is appended to `records.jsonl` 
 and finished (question_id, turn, method) triples are skipped when the run is restarted.
 By default one method runs over all questions, then the next; `interleave` alternates
 the methods question by question.
+
+Only the method being timed may work: every other engine's background work (an adaptive
+learner's training) is held while it runs, so no method is timed on a machine another
+one is loading. The run checks itself: plain decoding of a fixed prompt is timed at its
+start and end (the probe), and a drift beyond `PROBE_DRIFT` is reported in the notes and
+on stderr as a sign that something else took the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ WARMUP_TOKENS = 16
 # remembers (llama.cpp's prompt cache, a suffix cache of served requests) would answer the
 # measured run partly from the warm-up.
 WARMUP_MESSAGES = [{"role": "user", "content": "Name the days of the week, one per line."}]
+PROBE_MESSAGES = [{"role": "user", "content": "Count from one to fifty in words, separated by commas."}]
+PROBE_TOKENS = 32  # generated whatever the model says (ignore_eos), so start and end time the same work
+PROBE_DRIFT = 0.15  # beyond the run-to-run noise measured on these machines
 
 
 def draftwise_generate(llm) -> Generate:
@@ -70,6 +79,27 @@ def sampling_for(settings: BenchSettings, question: Question, turn: int, max_tok
     seed = None if settings.temperature == 0 else zlib.crc32(f"{question.question_id}/{turn}".encode())
     return SamplingParams(max_tokens=max_tokens or settings.max_tokens, temperature=settings.temperature, seed=seed,
                           sampling=settings.sampling)
+
+
+def probe_plain(llm, settings: BenchSettings) -> float:
+    """Tokens per second of plain greedy decoding of `PROBE_TOKENS` tokens of a fixed prompt
+    (`llm` decodes without speculation), wall time of the whole generation."""
+    prompt = build_prompt(llm, PROBE_MESSAGES, settings.chat_template)
+    params = SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, ignore_eos=True)
+    start = time.perf_counter()
+    out = llm.generate([prompt], params)[0]
+    return len(out.token_ids) / max(time.perf_counter() - start, 1e-9)
+
+
+def probe_note(start: float, end: float) -> tuple[str, bool]:
+    """The probe's line for the notes, and whether it drifted beyond `PROBE_DRIFT`."""
+    drift = end / start - 1.0
+    line = (f"plain probe ({PROBE_TOKENS} tokens of a fixed prompt): {start:.2f} tokens/s at the start of this run, "
+            f"{end:.2f} at its end ({drift:+.1%})")
+    if abs(drift) > PROBE_DRIFT:
+        return line + f": beyond the {PROBE_DRIFT:.0%} noise, so something else loaded the machine during the run " \
+                      "and its timings are suspect", True
+    return line, False
 
 
 def pending(store: RecordStore, questions: Sequence[Question], label: str) -> int:
@@ -127,7 +157,7 @@ def base_record(q: Question, turn: int, method: Method) -> dict[str, Any]:
 def run_bench(
     llm, questions: Sequence[Question], methods: Sequence[Method], out_dir: str | Path,
     settings: BenchSettings, *, progress: bool = True, plots: bool = True,
-    on_record: Callable[[dict], None] | None = None, interleave: bool = False,
+    on_record: Callable[[dict], None] | None = None, interleave: bool = False, probe: bool = True,
 ) -> dict[str, Any]:
     """Measure every method (plain first), then write results.json, results.md and plots.
 
@@ -136,7 +166,8 @@ def run_bench(
     saved (progress hooks; tests use it to simulate an interruption). `interleave` runs
     every method on one question before going to the next, instead of one method over all
     questions, so a drift in the machine's speed during the run hits all methods alike
-    (each method then warms up, and each peer loads, once per question).
+    (each method then warms up, and each peer loads, once per question). `probe` times plain
+    decoding at the start and end of the run (module docstring).
     """
     from draftwise.bench import peers as peer_engines
     from draftwise.bench.report import write_reports
@@ -151,33 +182,78 @@ def run_bench(
     started = time.time()
     rounds = [[q] for q in questions] if interleave else [list(questions)]
     skipped: set[str] = set()
-    engines: dict[str, object] = {}  # method label -> its LLM on the shared target
-    with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
-        for part in rounds:
-            for m in methods:
-                if m.label in skipped or pending(store, part, m.label) == 0:
-                    continue
-                bar.set_description(m.label)
-                if m.peer:
-                    try:
-                        peer = peer_engines.make_peer(m.peer, llm, methods, settings)
-                    except peer_engines.PeerUnavailable as e:
-                        notes.append(f"{m.label}: skipped ({e})")
-                        print(f"note: peer {m.label} skipped: {e}", file=sys.stderr)
-                        skipped.add(m.label)
-                        bar.total -= pending(store, questions, m.label)
-                        bar.refresh()
+    engines = Engines(llm)
+    probes: list[float] = []
+    try:
+        if probe and sum(todo.values()):
+            plain = engines.timing(methods[0])
+            probe_plain(plain, settings)  # a first generation pays one-time costs
+            probes.append(probe_plain(plain, settings))
+        with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
+            for part in rounds:
+                for m in methods:
+                    if m.label in skipped or pending(store, part, m.label) == 0:
                         continue
-                    try:
-                        run_method(llm, peer.generate, m, part, settings, store, bar, on_record)
-                    finally:
-                        peer.close()
-                else:  # each method keeps one engine (its draft model loaded once) across rounds
-                    if m.label not in engines:
-                        engines[m.label] = llm.with_speculation(m.config)
-                    run_method(engines[m.label], draftwise_generate(engines[m.label]), m, part, settings, store,
-                               bar, on_record)
-    engines.clear()
+                    bar.set_description(m.label)
+                    if m.peer:
+                        engines.hold_all()
+                        try:
+                            peer = peer_engines.make_peer(m.peer, llm, methods, settings)
+                        except peer_engines.PeerUnavailable as e:
+                            notes.append(f"{m.label}: skipped ({e})")
+                            print(f"note: peer {m.label} skipped: {e}", file=sys.stderr)
+                            skipped.add(m.label)
+                            bar.total -= pending(store, questions, m.label)
+                            bar.refresh()
+                            continue
+                        try:
+                            run_method(llm, peer.generate, m, part, settings, store, bar, on_record)
+                        finally:
+                            peer.close()
+                    else:
+                        e = engines.timing(m)
+                        run_method(e, draftwise_generate(e), m, part, settings, store, bar, on_record)
+        if probes:
+            probes.append(probe_plain(engines.timing(methods[0]), settings))
+            line, drifted = probe_note(*probes)
+            notes.append(line)
+            if drifted:
+                print(f"warning: {line}", file=sys.stderr)
+    finally:
+        engines.close()
     notes += peer_engines.standing_notes(methods)
     return write_reports(store.all(), methods, questions, settings, Path(out_dir), notes=notes,
                          seconds=time.time() - started, plots=plots)
+
+
+class Engines:
+    """One engine per draftwise method on the shared target (its draft model loaded once,
+    kept across rounds), made on first use. Only the method being timed may do background
+    work: `timing(m)` holds every other engine's (an adaptive learner's training) and lets
+    m's go on."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.by_label: dict[str, Any] = {}
+
+    def timing(self, m: Method):
+        """m's engine, the only one whose background work may run from now."""
+        if m.label not in self.by_label:
+            self.hold_all()
+            self.by_label[m.label] = self.llm.with_speculation(m.config)
+        for label, e in self.by_label.items():
+            if label != m.label:
+                e.pause_background()
+        engine = self.by_label[m.label]
+        engine.resume_background()
+        return engine
+
+    def hold_all(self) -> None:
+        for e in self.by_label.values():
+            e.pause_background()
+
+    def close(self) -> None:
+        """Stop every engine's background work (an adaptive state is saved)."""
+        for e in self.by_label.values():
+            e.close()
+        self.by_label.clear()

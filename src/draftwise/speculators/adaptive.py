@@ -240,6 +240,14 @@ class AdaptiveProposer(Proposer):
             feats = torch.cat(chunks)
             self.learner.buffer.add(request.all_ids[: feats.shape[0] + 1], feats, len(request.prompt_ids))
 
+    def pause(self) -> None:
+        if self.learner is not None:
+            self.learner.pause()
+
+    def resume(self) -> None:
+        if self.learner is not None:
+            self.learner.resume()
+
     def close(self) -> None:
         """Stop the learner and save the state (when a folder was given)."""
         if self.learner is None:

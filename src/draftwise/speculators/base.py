@@ -6,7 +6,9 @@ target's KV cache: rollback lives there, not here.
 
 Lifecycle per request: `begin` once, then per step `propose` and, after verification,
 `on_accept` with how many draft tokens were accepted; `end` when the request finishes.
-Once per engine: `attach_target_cache` before any request, `close` at shutdown.
+Once per engine: `attach_target_cache` before any request, `close` at shutdown. Between
+them, `pause` and `resume` hold and release the method's background work (the bench holds
+every method but the one it times).
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ class Proposer(ABC):
 
     def close(self) -> None:
         """The engine shuts down: stop background work, save what must survive a restart."""
+
+    def pause(self) -> None:
+        """Hold background work (a learner's training) until `resume`; returns once none
+        runs. The bench calls it while another method is timed, so no method's work runs on
+        another's clock. None by default."""
+
+    def resume(self) -> None:
+        """Let background work go on after `pause`."""
 
     def report(self) -> dict[str, float]:
         """Counters and gauges of the method for metrics (`draftwise:<method>_<key>`); none by default."""

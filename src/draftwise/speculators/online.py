@@ -144,6 +144,8 @@ class OnlineLearner:
         self._tick = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
+        self._paused = threading.Event()  # set: no training step may start (pause / resume)
+        self._gate = threading.Lock()  # held by the trainer through each step: pause waits on it
         self._rng = random.Random(settings.seed)
         self._thread: threading.Thread | None = None
         self._ticks = 0
@@ -168,6 +170,19 @@ class OnlineLearner:
         with self._lock:
             head, self.ready = self.ready, None
         return head
+
+    def pause(self) -> None:
+        """No training step runs from now until `resume` (waits for one in flight)."""
+        self._paused.set()
+        with self._gate:  # the step in flight, if any, ends; later ones see the flag
+            pass
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -229,15 +244,18 @@ class OnlineLearner:
                 time.sleep(0.05)
                 continue
             start = time.perf_counter()
-            self.busy = True
-            try:
-                self.train_step()
-            except Exception as e:  # noqa: BLE001 - any failure switches learning off, serving goes on
-                self.error = f"{type(e).__name__}: {e}"
-                log.warning("adaptive: online learning switched off: %s", self.error)
-                return
-            finally:
-                self.busy = False
+            with self._gate:
+                if self._paused.is_set():
+                    continue
+                self.busy = True
+                try:
+                    self.train_step()
+                except Exception as e:  # noqa: BLE001 - any failure switches learning off, serving goes on
+                    self.error = f"{type(e).__name__}: {e}"
+                    log.warning("adaptive: online learning switched off: %s", self.error)
+                    return
+                finally:
+                    self.busy = False
             if ticked and s.train_share < 1.0:  # the engine is busy: rest so training keeps its share
                 self._stop.wait((time.perf_counter() - start) * (1.0 - s.train_share) / s.train_share)
                 self._tick.clear()
