@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, dataset, monkeypatch)
         f.write('{"question_id": 161, "tu')  # a record cut short by the interruption
     data = run_bench(llm, questions, methods, out, settings(dataset), progress=False, plots=False)
     assert calls.count(MAX_TOKENS) == 8 - 1  # the first (question, turn, method) is not redone
-    assert len(calls) == 7 + 2 + 3  # plus one warm-up per method, and the plain probe (warm-up, start, end)
+    assert len(calls) == 7 + 2 + 7  # plus one warm-up per method, and the plain probe (a warm-up, 3 at the start, 3 at the end)
     assert len((out / "records.jsonl").read_text().splitlines()) == 8
     assert data["results"]["ngram"]["overall"]["exact_match"] == 1.0
 
@@ -195,7 +195,7 @@ def test_no_learner_trains_while_another_method_is_timed(tmp_path, dataset, monk
     data = run_bench(small_llm(), load_questions(dataset), methods, tmp_path, settings(dataset), progress=False,
                      plots=False, interleave=True)
     assert learners and learners[-1].steps >= 2 and len(steps) >= 2  # the learner did train, in adaptive's turns
-    assert len(plain) == 3 + 3 + 4  # the probe (warm-up, start, end), a warm-up per question, four generations
+    assert len(plain) == 7 + 3 + 4  # the probe (a warm-up, 3 at the start, 3 at the end), a warm-up per question, 4 turns
     overlaps = [(s, p) for s in steps for p in plain if s[0] < p[1] and p[0] < s[1]]
     assert not overlaps, f"{len(overlaps)} training steps ran while plain was timed"
     assert data["lossless"]["ok"]

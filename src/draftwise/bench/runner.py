@@ -13,12 +13,14 @@ the methods question by question.
 Only the method being timed may work: every other engine's background work (an adaptive
 learner's training) is held while it runs, so no method is timed on a machine another
 one is loading. The run checks itself: plain decoding of a fixed prompt is timed at its
-start and end (the probe), and a drift beyond `PROBE_DRIFT` is reported in the notes and
-on stderr as a sign that something else took the machine.
+start and end (the probe: the median of `PROBE_REPEATS` generations at each end), and a
+drift beyond `PROBE_DRIFT` is reported in the notes and on stderr as a sign that
+something else took the machine.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import zlib
@@ -41,6 +43,7 @@ WARMUP_TOKENS = 16
 WARMUP_MESSAGES = [{"role": "user", "content": "Name the days of the week, one per line."}]
 PROBE_MESSAGES = [{"role": "user", "content": "Count from one to fifty in words, separated by commas."}]
 PROBE_TOKENS = 32  # generated whatever the model says (ignore_eos), so start and end time the same work
+PROBE_REPEATS = 3  # the median of three at each end: one 32-token generation alone varies by ~10%
 PROBE_DRIFT = 0.15  # beyond the run-to-run noise measured on these machines
 
 
@@ -94,8 +97,8 @@ def probe_plain(llm, settings: BenchSettings) -> float:
 def probe_note(start: float, end: float) -> tuple[str, bool]:
     """The probe's line for the notes, and whether it drifted beyond `PROBE_DRIFT`."""
     drift = end / start - 1.0
-    line = (f"plain probe ({PROBE_TOKENS} tokens of a fixed prompt): {start:.2f} tokens/s at the start of this run, "
-            f"{end:.2f} at its end ({drift:+.1%})")
+    line = (f"plain probe ({PROBE_TOKENS} tokens of a fixed prompt, median of {PROBE_REPEATS}): {start:.2f} "
+            f"tokens/s at the start of this run, {end:.2f} at its end ({drift:+.1%})")
     if abs(drift) > PROBE_DRIFT:
         return line + f": beyond the {PROBE_DRIFT:.0%} noise, so something else loaded the machine during the run " \
                       "and its timings are suspect", True
@@ -188,7 +191,7 @@ def run_bench(
         if probe and sum(todo.values()):
             plain = engines.timing(methods[0])
             probe_plain(plain, settings)  # a first generation pays one-time costs
-            probes.append(probe_plain(plain, settings))
+            probes.append(statistics.median(probe_plain(plain, settings) for _ in range(PROBE_REPEATS)))
         with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
             for part in rounds:
                 for m in methods:
@@ -214,7 +217,8 @@ def run_bench(
                         e = engines.timing(m)
                         run_method(e, draftwise_generate(e), m, part, settings, store, bar, on_record)
         if probes:
-            probes.append(probe_plain(engines.timing(methods[0]), settings))
+            plain = engines.timing(methods[0])
+            probes.append(statistics.median(probe_plain(plain, settings) for _ in range(PROBE_REPEATS)))
             line, drifted = probe_note(*probes)
             notes.append(line)
             if drifted:
