@@ -296,6 +296,35 @@ def test_train_share_zero_trains_only_while_the_engine_is_idle(tokenizer):
         busy.stop()
 
 
+def test_pause_holds_training_and_gives_the_engine_thread_its_cores_back(tokenizer):
+    # the bench runs every method's engine on one thread: plain must not inherit adaptive's share
+    target = tiny_model()
+    llm = adaptive_llm(target, tokenizer)
+    proposer, learner = llm.engine.proposer, llm.engine.proposer.learner
+    torch.set_num_threads(2)
+    try:
+        llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        learner.busy = True  # as while a training step runs: the engine's thread keeps one core
+        proposer._share_cores()
+        assert torch.get_num_threads() == 1
+        learner.busy = False
+        llm.pause_background()
+        assert torch.get_num_threads() == 2 and learner.paused
+        steps = learner.steps
+        learner.tick()
+        time.sleep(1.5)  # longer than idle_after: a running learner would have trained
+        assert learner.steps == steps
+        llm.resume_background()
+        assert not learner.paused
+        deadline = time.monotonic() + 20
+        while learner.steps == steps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert learner.steps > steps
+    finally:
+        llm.close()
+        torch.set_num_threads(1)
+
+
 def test_shared_learning_two_engines_feed_one_learner_and_both_adopt_its_weights(tokenizer):
     """The Ray replicas' protocol (server/ray_learner.py) without Ray: two engines share
     their learners; one learner trains on both outboxes; both take its weights, swap them

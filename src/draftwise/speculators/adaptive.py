@@ -241,8 +241,11 @@ class AdaptiveProposer(Proposer):
             self.learner.buffer.add(request.all_ids[: feats.shape[0] + 1], feats, len(request.prompt_ids))
 
     def pause(self) -> None:
+        """Hold the learner, and give the calling (engine) thread back all its cores: the
+        engine that runs next on this thread must not inherit the share left to training."""
         if self.learner is not None:
             self.learner.pause()
+            self._restore_threads()
 
     def resume(self) -> None:
         if self.learner is not None:
@@ -253,8 +256,7 @@ class AdaptiveProposer(Proposer):
         if self.learner is None:
             return
         self.learner.stop()
-        if self._engine_threads is not None and self.learner.target.device.type == "cpu":
-            torch.set_num_threads(self._engine_threads)  # (when called on the engine's thread)
+        self._restore_threads()
         if self.state is not None and self.learner.steps:
             self._save()
 
@@ -277,6 +279,11 @@ class AdaptiveProposer(Proposer):
             if fresh is not None:
                 self.parts["learner"].set_head(fresh)
                 self.swaps += 1
+
+    def _restore_threads(self) -> None:
+        """The engine thread's own thread count again (when called on the engine's thread)."""
+        if self._engine_threads is not None and self.learner.target.device.type == "cpu":
+            torch.set_num_threads(self._engine_threads)
 
     def _share_cores(self) -> None:
         """On the CPU, while a training step runs, the engine's thread (this one) uses its
