@@ -220,6 +220,86 @@ def test_state_is_saved_on_close_and_resumed(tokenizer, tmp_path):
         again.close()
 
 
+NEVER_TRAINS = {**FAST_LEARNER, "min_tokens": 10**9}  # a CLI call's case: no training step before exit
+
+
+def stored_ids(proposer) -> list[list[int]]:
+    return [it.ids.tolist() for it in proposer.learner.buffer.snapshot()]
+
+
+def test_traffic_and_arbiter_are_kept_without_a_training_step(tokenizer, tmp_path):
+    target = tiny_model()
+    state = tmp_path / "state"
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
+    llm = adaptive_llm(target, tokenizer, adaptive_state=str(state), learner=NEVER_TRAINS)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+    first = llm.engine.proposer
+    served, tokens, arbiter = stored_ids(first), first.learner.buffer.tokens, first.arbiter.state()
+    llm.close()
+    assert first.learner.steps == 0 and len(served) == len(PROMPTS) and tokens > 0
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["head"] is None and saved["arbiter"] == json.loads(json.dumps(arbiter))
+    assert not list(state.glob("head-*")) and (state / "traffic.safetensors").exists()
+
+    again = adaptive_llm(target, tokenizer, adaptive_state=str(state), learner=NEVER_TRAINS)
+    try:
+        resumed = again.engine.proposer
+        assert stored_ids(resumed) == served and resumed.learner.buffer.tokens == tokens
+        assert resumed.arbiter.state() == json.loads(json.dumps(arbiter))
+        assert [o.token_ids for o in again.generate(PROMPTS, params)] == plain
+        assert stored_ids(resumed) == served + [p for p in stored_ids(resumed)[len(served):]]  # new traffic after it
+        assert len(stored_ids(resumed)) == 2 * len(PROMPTS)
+    finally:
+        again.close()
+
+
+def test_stored_traffic_is_bounded_and_saved_while_serving(tokenizer, tmp_path):
+    from draftwise.speculators.adaptive import SAVE_EVERY_REQUESTS
+
+    target = tiny_model()
+    state = tmp_path / "state"
+    llm = adaptive_llm(target, tokenizer, adaptive_state=str(state), learner={**NEVER_TRAINS, "buffer_tokens": 64})
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        for _ in range(SAVE_EVERY_REQUESTS // len(PROMPTS) + 1):
+            llm.generate(PROMPTS, params)
+        saver = llm.engine.proposer._saver
+        assert saver is not None  # saved while serving, before any exit
+        saver.join(10)
+        from safetensors.torch import load_file
+        stored = load_file(str(state / "traffic.safetensors"))
+        assert 0 < int(stored["lengths"].sum()) <= 64  # the buffer's bound, oldest out
+        assert json.loads((state / "state.json").read_text())["head"] is None
+    finally:
+        llm.close()
+
+
+def test_a_damaged_traffic_store_is_set_aside_with_one_line(tokenizer, tmp_path, caplog):
+    target = tiny_model()
+    state = tmp_path / "state"
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm = adaptive_llm(target, tokenizer, adaptive_state=str(state), learner=NEVER_TRAINS)
+    llm.generate(PROMPTS, params)
+    llm.close()
+    arbiter = json.loads((state / "state.json").read_text())["arbiter"]
+    data = (state / "traffic.safetensors").read_bytes()
+    (state / "traffic.safetensors").write_bytes(data[: len(data) // 2])  # cut short
+    with caplog.at_level("WARNING", logger="draftwise.adaptive"):
+        again = adaptive_llm(target, tokenizer, adaptive_state=str(state), learner=NEVER_TRAINS)
+    try:
+        warnings = [r for r in caplog.records if "traffic.safetensors" in r.getMessage()]
+        assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+        assert "starting with no stored traffic" in warnings[0].getMessage()
+        assert again.engine.proposer.learner.buffer.tokens == 0
+        assert again.engine.proposer.arbiter.state() == arbiter  # nothing else lost
+        assert (state / "traffic.safetensors.damaged").exists()
+        again.generate(PROMPTS, params)
+    finally:
+        again.close()
+    assert (state / "traffic.safetensors").exists()  # a fresh store
+
+
 def test_processes_saving_to_one_state_folder_leave_it_readable(tmp_path, monkeypatch):
     """Ray replicas sharing one learner may share one --adaptive-state folder: whatever the
     interleaving of their saves, state.json names a complete head, and each process removes

@@ -18,6 +18,11 @@ by matching, EAGLE heads by their first-token accuracy when they catch up (every
 `SHADOW_EVERY` steps). The engine's controller still sets the budget of each step (tree
 nodes, or chain length for chain parts) and switches speculation off when it does not pay.
 
+With `adaptive_state`, what it learned survives a restart (`adaptive_state.py`): the head,
+the arbiter's estimates and the replay buffer's traffic, saved every `save_every` swaps,
+every `SAVE_EVERY_REQUESTS` finished requests (off the engine's thread) and at `close`,
+whether or not a training step has run.
+
 Lossless by construction: whichever part drafts, and whatever weights the learner holds,
 the target verifies every token.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -50,6 +56,7 @@ log = logging.getLogger("draftwise.adaptive")
 
 LOOKUP = ("ngram", "suffix")  # methods whose proposals are cheap enough to make for every request
 SHADOW_EVERY = 4  # steps between catch-ups of EAGLE parts that are not drafting (their shadow score)
+SAVE_EVERY_REQUESTS = 8  # finished requests between saves of the state (its traffic included)
 NEW_HEAD_VOCAB = 16384  # a new head drafts over the lowest ids (BPE merges: the most frequent first)
 
 
@@ -129,6 +136,10 @@ class AdaptiveProposer(Proposer):
         self._accepted_since_tick: set[str] = set()  # requests seen in on_accept since the last tick
         self._engine_threads: int | None = None  # the engine thread's intra-op threads, learned at its first step
         self._learner_off_logged = False
+        self._unsaved = 0  # requests finished since the last save of the state
+        self._saver: threading.Thread | None = None
+        self._save_lock = threading.Lock()
+        self._head_saved_at = learner.steps if learner is not None else 0  # the learner's steps at the last head save
         if learner is not None:
             learner.on_swap_made = self._maybe_save
             learner.start()
@@ -181,6 +192,9 @@ class AdaptiveProposer(Proposer):
                 saved = state.saved.get("learner", {})
                 learner.steps = int(saved.get("steps", 0))
                 learner.swaps_made = int(saved.get("swaps", 0))
+            if state is not None:  # the traffic earlier processes served
+                for item in state.load_traffic(len(layers) * tcfg.hidden_size):
+                    buffer.put(item)
         if not parts:
             raise BadInput("adaptive: no part left to draft (parts: [\"learner\"] with the learner disabled)")
         return cls(parts, caps, learner, layers, config.eagle_tree_depth, state, lc.save_every)
@@ -239,6 +253,10 @@ class AdaptiveProposer(Proposer):
         if chunks and self._learning:
             feats = torch.cat(chunks)
             self.learner.buffer.add(request.all_ids[: feats.shape[0] + 1], feats, len(request.prompt_ids))
+        if self.state is not None:
+            self._unsaved += 1
+            if self._unsaved >= SAVE_EVERY_REQUESTS:
+                self._save_in_background()
 
     def pause(self) -> None:
         """Hold the learner, and give the calling (engine) thread back all its cores: the
@@ -252,12 +270,17 @@ class AdaptiveProposer(Proposer):
             self.learner.resume()
 
     def close(self) -> None:
-        """Stop the learner and save the state (when a folder was given)."""
+        """Stop the learner and save the state (when a folder was given): the head if a step
+        trained it, the arbiter's estimates and the stored traffic in any case."""
         if self.learner is None:
+            if self.state is not None:
+                self._save()
             return
         self.learner.stop()
         self._restore_threads()
-        if self.state is not None and self.learner.steps:
+        if self.state is not None:
+            if self._saver is not None:
+                self._saver.join()
             self._save()
 
     # --- drafting -------------------------------------------------------------------------
@@ -357,7 +380,34 @@ class AdaptiveProposer(Proposer):
         return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer_tokens}
 
     def _save(self) -> None:
-        self.state.save(self.learner.snapshot(), self.arbiter.state(), self._learner_counters())
+        with self._save_lock:  # the trainer thread, the engine's and a background save may all get here
+            ln = self.learner
+            if ln is None:
+                self.state.save(None, self.arbiter.state(), {})
+                return
+            steps = ln.steps
+            trained = steps > self._head_saved_at  # a head is written only when training changed it
+            self.state.save(ln.snapshot() if trained else None, self.arbiter.state(), self._learner_counters())
+            self._head_saved_at = steps
+            if not ln.shared:
+                self.state.save_traffic(ln.buffer.snapshot())
+            self._unsaved = 0
+
+    def _save_in_background(self) -> None:
+        """Every `SAVE_EVERY_REQUESTS` finished requests: the state saved off the engine's
+        thread (one save at a time; a request finishing meanwhile waits for the next)."""
+        if self._saver is not None and self._saver.is_alive():
+            return
+        self._unsaved = 0
+
+        def run() -> None:
+            try:
+                self._save()
+            except OSError as e:
+                log.warning("adaptive: could not save the state to %s: %s", self.state.folder, e)
+
+        self._saver = threading.Thread(target=run, name="draftwise-adaptive-save", daemon=True)
+        self._saver.start()
 
     def _maybe_save(self, learner: OnlineLearner) -> None:
         """In the trainer thread, after each new drafting copy: save every `save_every` of them."""

@@ -86,6 +86,11 @@ class ReplayBuffer:
             while self.tokens > self.max_tokens and len(self.items) > 1:
                 self.tokens -= self.items.popleft().feats.shape[0]
 
+    def snapshot(self) -> list[Stored]:
+        """The sequences now held, oldest first (a consistent copy: stored tensors never change)."""
+        with self._lock:
+            return list(self.items)
+
     def sample(self, batch_size: int, rng: random.Random) -> Batch | None:
         """A batch of windows (at most `max_len` pairs each), newer sequences more often
         (weight = 1 + position in the buffer); None when the buffer is empty."""
