@@ -1,9 +1,13 @@
-"""`draftwise train {eagle,medusa}`: train a speculation head for a target by self-distillation.
+"""`draftwise train {eagle,medusa,adaptive}`: train a speculation head for a target by self-distillation,
+or catch an adaptive state's head up on the traffic it stored.
 
 The target answers the prompts of --data greedily (draftwise's own engine) and its hidden
 states and next-token distributions become the labels; the head is trained on them and
 saved in --out, ready for `--speculator eagle|medusa --draft-model OUT`. The distilled
 data (OUT/data) and a checkpoint (OUT/checkpoint.pt) make --resume pick up where a run stopped.
+
+`train adaptive --state DIR` trains the head of an `--adaptive-state DIR` on the traffic
+stored there (`train/adaptive.py`), until --max-steps or --max-minutes.
 """
 
 from __future__ import annotations
@@ -16,14 +20,25 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train an EAGLE head or Medusa heads for a target model (self-distillation)",
-        description="Answer the prompts of --data with the target, then train a speculation head on its hidden "
-                    "states and next-token distributions. Training prompts must not come from the benchmark.",
+        "train", help="train an EAGLE head or Medusa heads for a target model (self-distillation), or an "
+                      "adaptive state's head on its stored traffic",
+        description="eagle, medusa: answer the prompts of --data with the target, then train a speculation head on "
+                    "its hidden states and next-token distributions (training prompts must not come from the "
+                    "benchmark). adaptive: train the head of an --adaptive-state folder on the traffic it stored, "
+                    "until --max-steps or --max-minutes (resumable; run it overnight or from cron); the next "
+                    "process using the state serves the result.",
     )
-    p.add_argument("method", choices=["eagle", "medusa"])
-    p.add_argument("--target", required=True, help="target model: bundled name, .gguf file or HF folder")
-    p.add_argument("--data", required=True, help='JSONL prompts: {"prompt": "..."} or {"messages": [...]} per line')
-    p.add_argument("--out", required=True, help="output folder (head, distilled data, checkpoint)")
+    p.add_argument("method", choices=["eagle", "medusa", "adaptive"])
+    p.add_argument("--target", help="target model: bundled name, .gguf file or HF folder (adaptive: default the "
+                                    "state's own)")
+    p.add_argument("--data", help='eagle, medusa: JSONL prompts: {"prompt": "..."} or {"messages": [...]} per line')
+    p.add_argument("--out", help="eagle, medusa: output folder (head, distilled data, checkpoint)")
+    a = p.add_argument_group("adaptive")
+    a.add_argument("--state", metavar="DIR", help="the --adaptive-state folder to train")
+    a.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+    a.add_argument("--quantization", default="none", metavar="Q",
+                   help="the target's quantization while training (default none; the same as when serving is fine)")
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the target's dtype (default bf16)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -32,7 +47,8 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("details")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
     g.add_argument("--max-len", type=int, default=512, help="tokens per training window (default 512)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all (adaptive: this "
+                   "run's steps; default 500 when --max-minutes is not given either)")
     g.add_argument("--also-data", action="append", default=[], metavar="DIR",
                    help="also train on data distilled earlier for the same target (another run's OUT/data); "
                         "repeatable")
@@ -71,6 +87,64 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from draftwise.errors import BadInput
+
+    if args.method == "adaptive":
+        return run_adaptive(args)
+    missing = [f"--{name}" for name in ("target", "data", "out") if getattr(args, name) is None]
+    if missing:
+        raise BadInput(f"train {args.method} needs {', '.join(missing)}")
+    return run_distill(args)
+
+
+def run_adaptive(args: argparse.Namespace) -> int:
+    import sys
+
+    from draftwise.api import LLM
+    from draftwise.errors import BadInput
+    from draftwise.speculators.adaptive_state import STATE, TRAFFIC
+    from draftwise.train.adaptive import train_adaptive
+
+    if args.state is None:
+        raise BadInput("train adaptive needs --state DIR (the folder given to --adaptive-state)")
+    folder = Path(args.state).expanduser()
+    if not (folder / STATE).is_file() and not (folder / TRAFFIC).is_file():
+        raise BadInput(f"--state {args.state}: no adaptive state there (serve or generate with "
+                       f"--speculator adaptive --adaptive-state {args.state} first)")
+    saved = None
+    if (folder / STATE).is_file():
+        try:
+            saved = json.loads((folder / STATE).read_text()).get("target")
+        except (OSError, ValueError, AttributeError) as e:
+            raise BadInput(f"--state {args.state}: {STATE} is damaged ({e}); remove the folder to start afresh") from None
+    if args.target is not None and saved is not None and args.target != saved:  # before loading any weights
+        raise BadInput(f"--state {args.state} was learned on {saved}, not {args.target}")
+    target = args.target or saved
+    if not target:
+        raise BadInput(f"--state {args.state}: {STATE} names no target; give --target")
+    max_steps = args.max_steps if args.max_steps is not None or args.max_minutes is not None else 500
+    spec = {"method": "adaptive", "adaptive_state": str(folder),
+            "learner": {"train_share": 0.0, "train_when_idle": False}}  # this process trains in its own loop
+    llm = LLM(target, dtype=args.dtype, quantization=args.quantization, speculative_config=spec)
+    try:
+        result = train_adaptive(llm.engine.proposer, max_steps, args.max_minutes, progress=not args.quiet)
+    finally:
+        llm.close()
+    if result.stopped_by == "no traffic":
+        print(f"{args.state} holds {result.traffic_tokens} tokens of traffic, less than one training batch: "
+              "nothing to train yet (serve or generate with this state first)")
+        return 0
+    print(json.dumps({"state": str(folder), "target": target, "steps": result.steps,
+                      "total_steps": result.total_steps, "first_loss": result.first_loss,
+                      "last_loss": result.last_loss, "seconds": round(result.seconds, 1),
+                      "traffic_tokens": result.traffic_tokens, "stopped_by": result.stopped_by}))
+    if result.stopped_by == "interrupted":
+        print("interrupted: what was trained is saved", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
     import torch
 
     from draftwise.api import default_device, load_model

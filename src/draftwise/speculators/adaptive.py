@@ -379,6 +379,10 @@ class AdaptiveProposer(Proposer):
         ln = self.learner
         return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer_tokens}
 
+    def save_state(self) -> None:
+        """Save the state now (head if trained since the last save, estimates, traffic)."""
+        self._save()
+
     def _save(self) -> None:
         with self._save_lock:  # the trainer thread, the engine's and a background save may all get here
             ln = self.learner

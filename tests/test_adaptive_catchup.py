@@ -1,0 +1,111 @@
+"""`draftwise train adaptive --state DIR` (train/adaptive.py): a head trained offline on the
+traffic a state stored, served by the next process; the command's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from draftwise.api import LLM
+from draftwise.sampling import SamplingParams
+from draftwise.speculators.eagle_checkpoint import save_eagle_head
+from draftwise.train.adaptive import train_adaptive
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["hello world hello world", "the cat sat on the mat", "abcabcabcabc", "def f(x): return x"]
+# serving that never trains (a CLI call's case), then the catch-up's own loop
+SERVING = {"min_tokens": 10**9, "train_every": 1, "batch_size": 2, "max_len": 64}
+CATCH_UP = {"min_tokens": 16, "train_share": 0.0, "train_when_idle": False, "batch_size": 4, "max_len": 64,
+            "lr": 3e-3}
+PARAMS = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def adaptive(target, tokenizer, state, learner) -> LLM:
+    spec = {"method": "adaptive", "num_speculative_tokens": 6, "adaptive_state": str(state), "learner": learner}
+    return LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=4)
+
+
+def mean_accepted(target, tokenizer, head_folder) -> tuple[float, list[list[int]]]:
+    llm = LLM.from_model(target, tokenizer, max_batch_size=4, speculative_config={
+        "method": "eagle", "model": str(head_folder), "num_speculative_tokens": 4, "adaptive": False})
+    outs = llm.generate(PROMPTS, PARAMS)
+    return sum(len(o.token_ids) for o in outs) / sum(o.stats["target_passes"] for o in outs), [o.token_ids for o in outs]
+
+
+def test_offline_training_improves_acceptance_and_the_next_process_serves_it(tokenizer, tmp_path):
+    target = tiny_model()
+    state = tmp_path / "state"
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, PARAMS)]
+    serving = adaptive(target, tokenizer, state, SERVING)
+    for _ in range(3):
+        assert [o.token_ids for o in serving.generate(PROMPTS, PARAMS)] == plain
+    save_eagle_head(serving.engine.proposer.learner.snapshot(), tmp_path / "before")
+    serving.close()
+    assert json.loads((state / "state.json").read_text())["head"] is None  # no step while serving
+
+    catching = adaptive(target, tokenizer, state, CATCH_UP)
+    try:
+        result = train_adaptive(catching.engine.proposer, max_steps=120, max_minutes=None, progress=False)
+    finally:
+        catching.close()
+    assert result.steps == result.total_steps == 120 and result.stopped_by == "steps"
+    assert result.last_loss < result.first_loss
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["head"] and saved["learner"]["steps"] == 120
+    trained = catching.engine.proposer.learner.snapshot()
+
+    before, before_out = mean_accepted(target, tokenizer, tmp_path / "before")
+    after, after_out = mean_accepted(target, tokenizer, state / saved["head"])
+    assert before_out == after_out == plain
+    assert after > before + 0.3, (before, after)
+
+    nxt = adaptive(target, tokenizer, state, SERVING)
+    try:
+        resumed = nxt.engine.proposer.learner.head  # the head the learner part drafts with, as loaded
+        assert torch.allclose(resumed.fc.weight.float(), trained.fc.weight.float(), atol=1e-2)  # bf16 on disk
+        assert nxt.engine.proposer.learner.steps == 120
+        assert [o.token_ids for o in nxt.generate(PROMPTS, PARAMS)] == plain
+    finally:
+        nxt.close()
+
+
+def test_train_adaptive_command(tokenizer, tmp_path, monkeypatch, capsys):
+    import draftwise.api
+    from draftwise.cli import main
+
+    target = tiny_model()
+    made = []
+
+    def llm(model, **kw):  # the command loads the state's target by name; here the tiny model
+        made.append(model)
+        return LLM.from_model(target, tokenizer, speculative_config=kw["speculative_config"], max_batch_size=4)
+
+    monkeypatch.setattr(draftwise.api, "LLM", llm)
+    state = tmp_path / "state"
+    assert main(["train", "adaptive", "--state", str(state)]) == 2
+    assert "no adaptive state there" in capsys.readouterr().err
+
+    empty = adaptive(target, tokenizer, state, SERVING)
+    empty.close()  # a state with no traffic yet
+    assert main(["train", "adaptive", "--state", str(state), "--quiet"]) == 0
+    assert "less than one training batch" in capsys.readouterr().out
+
+    serving = adaptive(target, tokenizer, state, SERVING)
+    serving.generate(PROMPTS, PARAMS)
+    serving.close()
+    made.clear()
+    assert main(["train", "adaptive", "--state", str(state), "--target", "another-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was learned on the target, not another-model" in err and not made
+
+    assert main(["train", "adaptive", "--state", str(state), "--max-steps", "5", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert made == ["the target"] and report["steps"] == 5 and report["total_steps"] == 5
+    assert main(["train", "adaptive", "--state", str(state), "--max-steps", "3", "--quiet"]) == 0  # resumes
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["total_steps"] == 8
+    assert main(["train", "eagle", "--target", "x"]) == 2
+    assert "needs --data, --out" in capsys.readouterr().err
