@@ -1,5 +1,6 @@
-"""`draftwise train adaptive --state DIR` (train/adaptive.py): a head trained offline on the
-traffic a state stored, served by the next process; the command's refusals."""
+"""An adaptive state's offline side: `draftwise train adaptive --state DIR` (train/adaptive.py)
+trains its head on the traffic it stored, the next process serves that head; `draftwise
+stats --state DIR` shows what it learned; the commands' refusals."""
 
 from __future__ import annotations
 
@@ -109,3 +110,39 @@ def test_train_adaptive_command(tokenizer, tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["total_steps"] == 8
     assert main(["train", "eagle", "--target", "x"]) == 2
     assert "needs --data, --out" in capsys.readouterr().err
+
+
+def test_stats_shows_what_a_state_learned(tokenizer, tmp_path, capsys):
+    from draftwise.cli import main
+
+    target = tiny_model()
+    state = tmp_path / "state"
+    serving = adaptive(target, tokenizer, state, SERVING)
+    for _ in range(2):
+        serving.generate(PROMPTS, PARAMS)
+    buffered = serving.engine.proposer.learner.buffer.tokens
+    serving.close()
+    assert main(["stats", "--state", str(state), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["target"] == "the target" and first["head"] is None
+    assert first["learned_from"]["requests"] == 2 * len(PROMPTS) and first["learned_from"]["tokens"] >= buffered > 0
+    assert first["stored_traffic"]["tokens"] == buffered and first["stored_traffic"]["sequences"] == 2 * len(PROMPTS)
+    assert first["training"] == {"steps": 0, "first_loss": None, "last_loss": None}
+    assert set(first["acceptance"]["now"]) == {"static", "learner", "suffix"}
+
+    catching = adaptive(target, tokenizer, state, CATCH_UP)
+    try:
+        train_adaptive(catching.engine.proposer, max_steps=5, max_minutes=None, progress=False)
+    finally:
+        catching.close()
+    assert main(["stats", "--state", str(state), "--json"]) == 0
+    later = json.loads(capsys.readouterr().out)
+    assert later["head"] and later["training"]["steps"] == 5
+    assert later["training"]["first_loss"] is not None and later["training"]["last_loss"] is not None
+    assert later["acceptance"]["first_save"] == first["acceptance"]["now"]
+    assert later["learned_from"] == first["learned_from"]  # training adds no traffic
+    assert main(["stats", "--state", str(state)]) == 0
+    table = capsys.readouterr().out
+    assert f"learned from: {2 * len(PROMPTS)} requests" in table and "training: 5 steps" in table
+    assert main(["stats", "--state", str(tmp_path / "none")]) == 2
+    assert "no adaptive state there" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from draftwise.config import one_line
 from draftwise.errors import DraftwiseError
 
 # each module in draftwise/commands/ has add_parser(subparsers); order = order in --help
-COMMANDS = ("generate", "serve", "bench", "cost", "loadtest", "train", "pull", "models")
+COMMANDS = ("generate", "serve", "bench", "cost", "loadtest", "train", "stats", "pull", "models")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

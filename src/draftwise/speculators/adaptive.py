@@ -137,6 +137,10 @@ class AdaptiveProposer(Proposer):
         self._engine_threads: int | None = None  # the engine thread's intra-op threads, learned at its first step
         self._learner_off_logged = False
         self._unsaved = 0  # requests finished since the last save of the state
+        carried = (state.saved or {}).get("learner", {}) if state is not None else {}
+        self.learned_requests = int(carried.get("requests", 0))  # finished requests the buffer took, all processes
+        self.learned_tokens = int(carried.get("tokens", 0))
+        self._first_loss = carried.get("first_loss")  # the state's first training loss
         self._saver: threading.Thread | None = None
         self._save_lock = threading.Lock()
         self._head_saved_at = learner.steps if learner is not None else 0  # the learner's steps at the last head save
@@ -253,6 +257,8 @@ class AdaptiveProposer(Proposer):
         if chunks and self._learning:
             feats = torch.cat(chunks)
             self.learner.buffer.add(request.all_ids[: feats.shape[0] + 1], feats, len(request.prompt_ids))
+            self.learned_requests += 1
+            self.learned_tokens += feats.shape[0]
         if self.state is not None:
             self._unsaved += 1
             if self._unsaved >= SAVE_EVERY_REQUESTS:
@@ -377,7 +383,10 @@ class AdaptiveProposer(Proposer):
 
     def _learner_counters(self) -> dict:
         ln = self.learner
-        return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "buffer_tokens": ln.buffer_tokens}
+        if self._first_loss is None:
+            self._first_loss = ln.last_loss
+        return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "first_loss": self._first_loss,
+                "buffer_tokens": ln.buffer_tokens, "requests": self.learned_requests, "tokens": self.learned_tokens}
 
     def save_state(self) -> None:
         """Save the state now (head if trained since the last save, estimates, traffic)."""
@@ -433,5 +442,6 @@ class AdaptiveProposer(Proposer):
         if self.learner is not None:
             ln = self.learner
             out.update({"learner_steps": ln.steps, "learner_loss": ln.last_loss if ln.last_loss is not None else 0.0,
-                        "learner_buffer_tokens": ln.buffer_tokens, "learner_alive": float(ln.alive)})
+                        "learner_buffer_tokens": ln.buffer_tokens, "learner_alive": float(ln.alive),
+                        "learner_requests": self.learned_requests, "learner_tokens": self.learned_tokens})
         return out

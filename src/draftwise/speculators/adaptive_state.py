@@ -2,8 +2,9 @@
 
 Layout of DIR:
 - `state.json`: which target it was learned on, the folder of the newest head (null
-  before the first training step), the arbiter's estimates (`Arbiter.state`) and the
-  learner's counters;
+  before the first training step), the arbiter's estimates (`Arbiter.state`, now and as
+  at the state's first save) and the learner's counters (steps, first and last loss,
+  requests and tokens learned from);
 - `head-N-PID/`: a learned head in our layout (`save_eagle_head`, bf16 weights);
 - `traffic.safetensors`: the replay buffer, the served requests the learner trains on
   (tokens, prompt lengths and the target's features, bf16), as bounded as the buffer
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from draftwise.errors import BadInput
@@ -93,7 +94,9 @@ class AdaptiveState:
                               if p.name.split("-")[1].isdigit()] or [0])
             name = f"head-{number}-{os.getpid()}"
             save_eagle_head(head, self.folder / name, {"adaptive": learner}, "bf16")
-        data = {"target": self.target_name, "head": name, "arbiter": arbiter, "learner": learner}
+        first = (self.saved or {}).get("arbiter_first", arbiter)  # the estimates of the state's first save
+        data = {"target": self.target_name, "head": name, "arbiter": arbiter, "arbiter_first": first,
+                "learner": learner}
         tmp = self.folder / f"{STATE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.folder / STATE)
@@ -117,6 +120,18 @@ class AdaptiveState:
         tmp = self.folder / f"{TRAFFIC}.{os.getpid()}.tmp"
         save_file(tensors, str(tmp), {"target": self.target_name})
         tmp.replace(self.folder / TRAFFIC)
+
+    def traffic_summary(self) -> dict[str, int]:
+        """Sequences, tokens and bytes of the stored traffic (the file's lengths only)."""
+        path = self.folder / TRAFFIC
+        if not path.exists():
+            return {"sequences": 0, "tokens": 0, "bytes": 0}
+        try:
+            with safe_open(str(path), "pt") as f:  # the lengths alone, not the features
+                lengths = f.get_tensor("lengths")
+        except (OSError, SafetensorError, KeyError) as e:
+            raise BadInput(f"{path} cannot be read ({e})") from None
+        return {"sequences": len(lengths), "tokens": int(lengths.sum()), "bytes": path.stat().st_size}
 
     def load_traffic(self, width: int) -> list[Stored]:
         """The stored sequences (oldest first) whose features are `width` wide; [] when none
