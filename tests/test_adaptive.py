@@ -5,7 +5,9 @@ that follows measured acceptance, state that survives a restart, and clear refus
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 import threading
 import time
 
@@ -400,6 +402,34 @@ def test_pause_holds_training_and_gives_the_engine_thread_its_cores_back(tokeniz
         while learner.steps == steps and time.monotonic() < deadline:
             time.sleep(0.05)
         assert learner.steps > steps
+    finally:
+        llm.close()
+        torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
+def test_the_trainer_runs_at_the_lowest_priority_and_an_idle_only_engine_keeps_its_cores(tokenizer):
+    # a request arriving mid-step on the 1.5B waited up to 651 ms more for its first token at normal priority
+    target = tiny_model()
+    llm = adaptive_llm(target, tokenizer, learner={**FAST_LEARNER, "train_share": 0.0})
+    proposer, learner = llm.engine.proposer, llm.engine.proposer.learner
+    torch.set_num_threads(2)
+    try:
+        deadline = time.monotonic() + 10
+        while not learner.low_priority and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert learner.low_priority
+        tid = learner._thread.native_id
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the engine's thread is untouched
+        llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        learner.busy = True  # a step in flight: idle-only learning leaves the engine every core
+        proposer._share_cores()
+        assert torch.get_num_threads() == 2
+        learner.settings.train_share = 0.5  # learning beside requests: the engine cedes the trainer's core
+        proposer._share_cores()
+        assert torch.get_num_threads() == 1
+        learner.busy = False
     finally:
         llm.close()
         torch.set_num_threads(1)

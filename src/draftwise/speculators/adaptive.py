@@ -323,7 +323,11 @@ class AdaptiveProposer(Proposer):
         if self._engine_threads is None:
             self._engine_threads = torch.get_num_threads()
         full = self._engine_threads
-        want = max(1, full - self.learner.settings.train_threads) if self.learner.busy else full
+        ln = self.learner
+        # learning only while idle, with the trainer at the lowest priority: a step in flight when a
+        # request arrives goes on in the engine's gaps, and the engine keeps every core
+        yields = ln.low_priority and ln.settings.train_share <= 0
+        want = max(1, full - ln.settings.train_threads) if ln.busy and not yields else full
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 

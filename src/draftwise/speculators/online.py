@@ -16,7 +16,11 @@ buffer, newest sequences most often, in a thread of its own, never the engine's:
   the wall time (`train_share` 0: never while it works); while the engine is idle (no
   step for `idle_after` seconds), freely;
 - cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
-  that setting per thread, so the engine's passes keep theirs);
+  that setting per thread, so the engine's passes keep theirs) and, on Linux, the lowest
+  CPU priority (nice 19, this thread only): a request that arrives during a step gets the
+  cores at once and the step goes on in what the engine leaves (on the 1.5B, 2 cores, the
+  first token came 30 ms later in the median instead of 107 ms, at most 153 ms instead
+  of 651);
 - swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
   kernels, `with_kernels`) *in its own thread* and leaves it in `ready`; the speculator
   takes it between engine steps, which costs one reference assignment. A new head only
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -124,6 +130,19 @@ class LearnerSettings:
     idle_after: float | None = 1.0  # seconds without an engine step after which training runs anyway (None: never)
 
 
+def lower_this_thread() -> bool:
+    """Give the calling thread the lowest CPU priority (nice 19; Linux sets it per thread),
+    so that a request arriving during a training step gets the cores at once and the step
+    goes on in what the engine leaves. False where the platform cannot."""
+    if not sys.platform.startswith("linux"):  # elsewhere the call would take the whole process down
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        return False
+    return True
+
+
 class OnlineLearner:
     """Trains a copy of `head` on `buffer` in a background thread (see the module docstring)."""
 
@@ -146,6 +165,7 @@ class OnlineLearner:
         self.ready: EagleHead | None = None  # a drafting copy waiting to be swapped in
         self.on_swap_made = None  # callback(learner) in the trainer thread after each drafting copy
         self.busy = False  # a training step is running (the engine then leaves it its cores)
+        self.low_priority = False  # the trainer thread runs at the lowest CPU priority (`lower_this_thread`)
         self._tick = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
@@ -237,6 +257,7 @@ class OnlineLearner:
 
     def _run(self) -> None:
         torch.set_num_threads(max(1, self.settings.train_threads))  # this thread's intra-op pool only
+        self.low_priority = lower_this_thread()
         s = self.settings
         while not self._stop.is_set():
             ticked = self._tick.wait(s.idle_after)  # False: the engine was idle that long
