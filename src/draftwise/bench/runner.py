@@ -187,11 +187,15 @@ def run_bench(
     skipped: set[str] = set()
     engines = Engines(llm)
     probes: list[float] = []
+
+    def probe_now() -> float:
+        plain = engines.timing(methods[0])
+        return statistics.median(probe_plain(plain, settings) for _ in range(PROBE_REPEATS))
+
     try:
         if probe and sum(todo.values()):
-            plain = engines.timing(methods[0])
-            probe_plain(plain, settings)  # a first generation pays one-time costs
-            probes.append(statistics.median(probe_plain(plain, settings) for _ in range(PROBE_REPEATS)))
+            probe_plain(engines.timing(methods[0]), settings)  # a first generation pays one-time costs
+            probes.append(probe_now())
         with tqdm(total=sum(todo.values()), unit="gen", disable=not progress, dynamic_ncols=True) as bar:
             for part in rounds:
                 for m in methods:
@@ -217,8 +221,7 @@ def run_bench(
                         e = engines.timing(m)
                         run_method(e, draftwise_generate(e), m, part, settings, store, bar, on_record)
         if probes:
-            plain = engines.timing(methods[0])
-            probes.append(statistics.median(probe_plain(plain, settings) for _ in range(PROBE_REPEATS)))
+            probes.append(probe_now())
             line, drifted = probe_note(*probes)
             notes.append(line)
             if drifted:
@@ -243,7 +246,6 @@ class Engines:
     def timing(self, m: Method):
         """m's engine, the only one whose background work may run from now."""
         if m.label not in self.by_label:
-            self.hold_all()
             self.by_label[m.label] = self.llm.with_speculation(m.config)
         for label, e in self.by_label.items():
             if label != m.label:

@@ -22,15 +22,12 @@ def add_parser(sub) -> None:
 def summary(folder: Path) -> dict:
     from draftwise.errors import BadInput
     from draftwise.speculators.adaptive_control import PRIOR_TOKENS, PRIOR_WEIGHT, Faded
-    from draftwise.speculators.adaptive_state import STATE, AdaptiveState
+    from draftwise.speculators.adaptive_state import STATE, AdaptiveState, read_state
 
-    path = folder / STATE
-    if not path.is_file():
+    saved = read_state(folder, "--state")
+    if saved is None:
         raise BadInput(f"--state {folder}: no adaptive state there ({STATE} missing)")
-    try:
-        target = json.loads(path.read_text()).get("target")
-    except (OSError, ValueError, AttributeError) as e:
-        raise BadInput(f"--state {folder}: {STATE} is damaged ({e})") from None
+    target = saved.get("target")
     state = AdaptiveState(folder, target)
     saved = state.saved or {}
 

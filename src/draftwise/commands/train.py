@@ -102,7 +102,7 @@ def run_adaptive(args: argparse.Namespace) -> int:
 
     from draftwise.api import LLM
     from draftwise.errors import BadInput
-    from draftwise.speculators.adaptive_state import STATE, TRAFFIC
+    from draftwise.speculators.adaptive_state import STATE, TRAFFIC, read_state
     from draftwise.train.adaptive import train_adaptive
 
     if args.state is None:
@@ -111,12 +111,7 @@ def run_adaptive(args: argparse.Namespace) -> int:
     if not (folder / STATE).is_file() and not (folder / TRAFFIC).is_file():
         raise BadInput(f"--state {args.state}: no adaptive state there (serve or generate with "
                        f"--speculator adaptive --adaptive-state {args.state} first)")
-    saved = None
-    if (folder / STATE).is_file():
-        try:
-            saved = json.loads((folder / STATE).read_text()).get("target")
-        except (OSError, ValueError, AttributeError) as e:
-            raise BadInput(f"--state {args.state}: {STATE} is damaged ({e}); remove the folder to start afresh") from None
+    saved = (read_state(folder, "--state") or {}).get("target")
     if args.target is not None and saved is not None and args.target != saved:  # before loading any weights
         raise BadInput(f"--state {args.state} was learned on {saved}, not {args.target}")
     target = args.target or saved

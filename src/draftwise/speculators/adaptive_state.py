@@ -45,6 +45,21 @@ TRAFFIC = "traffic.safetensors"
 log = logging.getLogger("draftwise.adaptive")
 
 
+def read_state(folder: Path, flag: str = "--adaptive-state") -> dict[str, Any] | None:
+    """DIR/state.json, read without touching the folder (None when there is none); a
+    damaged one is refused with the reason, naming the option (`flag`) that gave DIR."""
+    path = folder / STATE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("head", ""), (str, type(None))):
+            raise ValueError("no head folder named")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{flag} {folder}: {STATE} is damaged ({e}); remove the folder to start afresh") from None
+    return data
+
+
 class AdaptiveState:
     def __init__(self, folder: str | Path, target_name: str) -> None:
         self.folder = Path(folder).expanduser()
@@ -60,16 +75,9 @@ class AdaptiveState:
         self.written: list[str] = [self.saved["head"]] if self.saved and self.saved.get("head") else []  # may remove
 
     def _read(self) -> dict[str, Any] | None:
-        path = self.folder / STATE
-        if not path.exists():
+        data = read_state(self.folder)
+        if data is None:
             return None
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not isinstance(data.get("head", ""), (str, type(None))):
-                raise ValueError("no head folder named")
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise BadInput(f"--adaptive-state {self.folder}: {STATE} is damaged ({e}); remove the folder "
-                           f"to start afresh") from None
         if data.get("target") not in (None, self.target_name):
             raise BadInput(f"--adaptive-state {self.folder} was learned on {data['target']}, not {self.target_name}")
         return data
