@@ -5,6 +5,10 @@ this thread. Asyncio handlers talk to it through a command queue that is drained
 steps, which is also where requests join (continuous batching) and leave (abort). Results
 go back to each handler's own asyncio.Queue with `loop.call_soon_threadsafe`, already
 detokenized, so handlers never touch engine state.
+
+The thread that hands the engine over (usually the one that loaded the model) releases
+its OpenMP workers here: the engine thread then holds the process's only pool, and its
+passes run as fast as `LLM.generate` on one thread (kernels/openmp.py says why).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from draftwise.engine.engine import StepOutput
 from draftwise.errors import BadInput
+from draftwise.kernels.openmp import release_thread_pool
 from draftwise.sampling import SamplingParams
 from draftwise.server.metrics import ServerMetrics
 
@@ -105,6 +110,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._reserved = 0  # engine requests admitted and not yet finished (guarded by _lock)
         self._thread = threading.Thread(target=self._run, name="draftwise-engine", daemon=True)
+        release_thread_pool()
 
     # --- handler side (event loop thread) ------------------------------------------------
 

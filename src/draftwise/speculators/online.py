@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draftwise.kernels.openmp import release_thread_pool
 from draftwise.speculators.eagle_head import EagleHead, with_kernels
 from draftwise.speculators.eagle_loss import Batch, EagleObjective
 
@@ -282,6 +283,7 @@ class OnlineLearner:
                     return
                 finally:
                     self.busy = False
+                    release_thread_pool()  # between steps the engine's pool is the only one
             if ticked and s.train_share < 1.0:  # the engine is busy: rest so training keeps its share
                 self._stop.wait((time.perf_counter() - start) * (1.0 - s.train_share) / s.train_share)
                 self._tick.clear()
