@@ -137,6 +137,17 @@ def test_completion_stream_matches_offline(client, offline):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
 
 
+def test_a_long_answer_streams_as_its_tokens_are_committed(client, offline):
+    """A 64-token answer arrives in many chunks, one per engine step (never held to the end),
+    each carrying the tokens that step committed, and together the offline answer."""
+    chunks = [c for c in client.completions.create(model=MODEL, prompt=PROMPTS[2], stream=True, **greedy(64))
+              if c.choices]
+    per_chunk = [len(c.choices[0].model_extra.get("token_ids", [])) for c in chunks]
+    assert sum(per_chunk) == 64 and len(chunks) > 1
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == offline(PROMPTS[2], 64).token_ids
+    assert max(per_chunk) <= 4, "a chunk holds at most one step: the ngram draft (3) and the bonus token"
+
+
 def test_chat_stream_and_not_match_offline(client, offline):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abcabcabc"}]
     ref = offline(messages, 16, chat=True)

@@ -160,8 +160,12 @@ class EngineLoop:
                 self._update_queue_gauges()
 
     def _drain_commands(self, block: bool) -> bool:
-        """Apply queued commands; False when told to stop."""
+        """Apply queued commands; False when told to stop. Before it waits for work, the
+        engine thread releases its OpenMP workers, so that another pool (a trainer using the
+        idle time, another engine in this process) is the only one while it waits."""
         try:
+            if block:
+                release_thread_pool()
             cmd = self._commands.get(block=block)
         except queue.Empty:
             return True
