@@ -39,7 +39,7 @@ def test_generate_json_and_stats_line(hf_folder, capsys):
     (["generate", "x", "--model", "{folder}", "--temperature", "-1"], "temperature"),
     (["generate", "x", "--model", "{folder}", "--speculator", "nope"], "unknown speculator"),
     (["generate", "x", "--model", "{folder}", "--speculative-config", "{{bad json"], "not valid JSON"),
-    (["generate", "x" * 300, "--model", "{folder}"], "context window"),
+    (["generate", "x" * 300, "--model", "{folder}"], "maximum context length"),
     (["generate", "", "--model", "{folder}"], "empty"),
     (["generate", "x", "--model", "{folder}", "--speculator", "draft_model", "--draft-model", "{folder}",
       "--draft-quantization", "w3a9"], "draft_quantization 'w3a9' does not exist"),

@@ -92,7 +92,7 @@ def test_chat_template_is_applied(tokenizer):
 
 def test_bad_inputs_raise_clear_errors(tokenizer):
     llm = LLM.from_model(tiny_model(), tokenizer, max_model_len=64)
-    with pytest.raises(BadInput, match="exceeds the context window of 64"):
+    with pytest.raises(BadInput, match="maximum context length is 64 tokens"):
         llm.generate(["x" * 60], SamplingParams(temperature=0.0, max_tokens=10))
     with pytest.raises(BadInput, match="empty"):
         llm.generate([[]], SamplingParams(temperature=0.0, max_tokens=128))

@@ -213,9 +213,12 @@ def test_logit_bias_min_tokens_and_stop_string_options(client, http, offline):
     kept = client.completions.create(model=MODEL, prompt=PROMPTS[0], stop=[stop],
                                      **greedy(12, include_stop_str_in_output=True))
     assert kept.choices[0].text == ref.text[: ref.text.index(stop) + 2] and kept.choices[0].finish_reason == "stop"
-    for bad in ({"9x": 1}, {"3": 101}):
+    for bad in ({"9x": 1}, {"3": 101}, {"-1": 1}, {"100000": 1}):
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logit_bias": bad})
-        assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert r.status_code == 400 and "logit_bias" in error["message"] and error["param"] == "logit_bias", bad
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "stop_token_ids": [100000]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
 
 
 def test_concurrent_requests_with_different_settings(client, offline):
@@ -349,6 +352,8 @@ def test_models_health_tokenize(http, tokenizer):
     assert http.get("/health").status_code == 200
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["draftwise"] == {"quantization": "none", "dtype": "fp32", "device": "cpu",
+                                              "speculator": "ngram"}
     tok = http.post("/tokenize", json={"prompt": "hello"}).json()
     assert tok["tokens"] == tokenizer.encode("hello") and tok["count"] == 5 and tok["max_model_len"] == 512
     assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "hello"

@@ -18,3 +18,13 @@ class CorruptModel(DraftwiseError):
 class BadInput(DraftwiseError, ValueError):
     """A prompt or request the engine cannot serve (e.g. longer than the context window, an
     invalid JSON schema); a ValueError too, as vLLM raises for bad requests."""
+
+
+class RequestRefused(BadInput):
+    """A request the engine refuses before it is queued, naming the field at fault
+    (`param`: prompt, logit_bias, stop_token_ids) and, for one too long for the context
+    window, OpenAI's error code `context_length_exceeded`. The server answers it with a 400."""
+
+    def __init__(self, message: str, param: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code

@@ -90,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
     if (args.replicas or 1) > 1 or scaled:
         return run_replicas(args, spec, settings)
     app = build_app(settings)
-    method = spec.method if spec else "plain decoding"
-    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"serving {args.model} ({describe(app.state.draftwise.serving())}) on http://{args.host}:{args.port}/v1",
+          flush=True)
     serve(app, args.host, args.port, args.log_level, args.header_timeout)
     return 0
+
+
+def describe(serving: dict[str, str]) -> str:
+    """'w4a8-all, bf16, cpu, suffix': what the start line says is served."""
+    method = serving["speculator"]
+    return ", ".join([serving["quantization"] if serving["quantization"] != "none" else "not quantized",
+                      serving["dtype"], serving["device"], "plain decoding" if method == "none" else method])
 
 
 def run_replicas(args: argparse.Namespace, spec, settings) -> int:
@@ -109,8 +116,9 @@ def run_replicas(args: argparse.Namespace, spec, settings) -> int:
     start_ray(args.ray_address, args.ray_timeout)
     app = build_application(settings, replicas=args.replicas or 1, min_replicas=lo, max_replicas=hi,
                             num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica)
-    method = spec.method if spec else "plain decoding"
-    print(f"serving {args.model} ({method}) on http://{args.host}:{args.port}/v1 with Ray Serve "
+    serving = describe({"quantization": settings.quantization, "dtype": settings.dtype,
+                        "device": settings.device or "default device", "speculator": spec.method if spec else "none"})
+    print(f"serving {args.model} ({serving}) on http://{args.host}:{args.port}/v1 with Ray Serve "
           f"({args.replicas or lo} replica(s))", flush=True)
     run_application(app, args.host, args.port)
     return 0

@@ -25,7 +25,7 @@ from draftwise.engine.constrained import FORCED_MAX, FittedBatch, constraint_for
 from draftwise.engine.controller import AdaptiveController, FixedController
 from draftwise.metrics import SpecStats
 from draftwise.engine.step import prefill, target_step
-from draftwise.errors import BadInput
+from draftwise.errors import RequestRefused
 from draftwise.models.transformer import Transformer
 from draftwise.request import RequestState
 from draftwise.sampling import SamplingParams, TokenLogprob
@@ -92,20 +92,8 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> RequestState:
         prompt_ids = list(prompt_ids)
-        vocab = self.model.config.vocab_size
-        if not prompt_ids:
-            raise BadInput("the prompt is empty")
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise BadInput(f"prompt token ids must be in [0, {vocab})")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
-        if max_tokens < 1 or len(prompt_ids) + max_tokens > self.max_model_len:
-            raise BadInput(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context window of {self.max_model_len} tokens"
-            )
-        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            if any(not 0 <= t < vocab for t in ids):
-                raise BadInput(f"{name} token ids must be in [0, {vocab})")
+        max_tokens = self.check_prompt(prompt_ids, params.max_tokens)
+        self.check_token_ids(params)
         banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         seed = params.seed if params.seed is not None else self.next_seed()
         gen = torch.Generator(device="cpu")
@@ -115,6 +103,32 @@ class Engine:
                            constraint=constraint_for(params, self.tokenizer, self.model.config))
         self.waiting.append(req)
         return req
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
+        """The tokens a request with this prompt may generate (`max_tokens`, or what the
+        context window leaves when None), or RequestRefused: an empty prompt, an id outside
+        the vocabulary, or more tokens than the window holds. Reads only the model's
+        configuration, so any thread may call it (the server does, before queueing)."""
+        vocab, limit = self.model.config.vocab_size, self.max_model_len
+        if not prompt_ids:
+            raise RequestRefused("the prompt is empty", "prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestRefused(f"prompt token ids must be in [0, {vocab})", "prompt")
+        wanted = max_tokens if max_tokens is not None else max(limit - len(prompt_ids), 1)
+        if len(prompt_ids) + wanted > limit:
+            raise RequestRefused(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, {wanted} for the completion). "
+                f"Please reduce the length of the prompt or of the completion.", "prompt", "context_length_exceeded")
+        return wanted
+
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """RequestRefused when the sampling params name a token outside the vocabulary
+        (logit_bias, stop_token_ids); like check_prompt, safe from any thread."""
+        vocab = self.model.config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestRefused(f"{name} token ids must be in [0, {vocab})", name)
 
     def next_seed(self) -> int:
         """The seed of a request that set none."""

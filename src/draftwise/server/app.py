@@ -14,7 +14,6 @@ import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -27,50 +26,8 @@ from draftwise.server.generation import check_text_length, create_chat_completio
 from draftwise.server.metrics import ServerMetrics
 from draftwise.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from draftwise.server.settings import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, ServerSettings
+from draftwise.server.state import ServerState
 from draftwise.version import __version__
-
-
-@dataclass
-class ServerState:
-    llm: object
-    engine: EngineLoop
-    metrics: ServerMetrics
-    model_name: str
-    api_key: str | None
-    max_body_bytes: int
-    shutdown_timeout: float
-    vocab_size: int
-    max_model_len: int
-    spec_method: str
-    max_token_chars: int = 1024  # characters of the longest token (what one token can cover at most)
-    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a request body may take to arrive
-    created: int = field(default_factory=lambda: int(time.time()))
-    draining: bool = False
-    drain_deadline: float = 0.0
-    drain_aborted: bool = False
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
-
-    def begin_drain(self) -> None:
-        """Stop accepting requests (503); in-flight ones get `shutdown_timeout` seconds to finish."""
-        if not self.draining:
-            self.drain_deadline = time.monotonic() + self.shutdown_timeout
-            self.draining = True
-
-    def drained(self) -> bool:
-        """True once draining and nothing is in flight; past the deadline, abort what is left."""
-        if not self.draining:
-            return False
-        if self.engine.in_flight == 0 or not self.engine.alive:
-            return True
-        now = time.monotonic()
-        if now >= self.drain_deadline and not self.drain_aborted:
-            self.drain_aborted = True
-            self.engine.abort_all("the server shut down before this request finished (shutdown timeout)")
-        return now >= self.drain_deadline + 2.0
 
 
 def create_app(llm, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
@@ -122,7 +79,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "draftwise",
-            "root": state.model_name, "max_model_len": state.max_model_len,
+            "root": state.model_name, "max_model_len": state.max_model_len, "draftwise": state.serving(),
         }]}
 
     @app.get("/metrics")

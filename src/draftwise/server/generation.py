@@ -24,12 +24,13 @@ from pydantic import ValidationError
 
 from draftwise.config import one_line
 from draftwise.constraints import StructuredOutputsParams, compile_constraint
-from draftwise.errors import BadInput
+from draftwise.errors import BadInput, RequestRefused
 from draftwise.sampling import SamplingParams
 from draftwise.server.engine_loop import Event, Submission
 from draftwise.server.errors import APIError
 from draftwise.server.logprobs import LogprobFormatter
 from draftwise.server.protocol import BadField, ChatCompletionRequest, CompletionRequest, SamplingFields
+from draftwise.server.state import ServerState
 from draftwise.toolcalls import ToolCallParser, ToolInputError, ToolPlan, finish_reason, parse_tool_calls, plan_tools
 
 DISCONNECTED = Event(-1, error="client disconnected", status=499)
@@ -38,7 +39,7 @@ DISCONNECTED = Event(-1, error="client disconnected", status=499)
 # --- validation -----------------------------------------------------------------------------
 
 
-def check_text_length(state, chars: int, param: str) -> None:
+def check_text_length(state: ServerState, chars: int, param: str) -> None:
     """Refuse text that cannot fit the context window before tokenizing it: a token covers
     at most `state.max_token_chars` characters, so `chars` need at least that many tokens."""
     if chars > state.max_token_chars * state.max_model_len:
@@ -56,22 +57,22 @@ async def off_loop(fn, *args):
     return await run_in_threadpool(fn, *args)
 
 
-def check_prompt(state, ids: list[int], max_tokens: int | None, param: str) -> int:
-    """Validate one prompt's token ids and return the max_tokens it gets."""
-    if not ids:
-        raise APIError(400, "the prompt is empty", param=param)
-    vocab = state.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
-    limit = state.max_model_len
-    wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
-    if len(ids) + wanted > limit:
-        raise APIError(
-            400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                 f"{len(ids) + wanted} tokens ({len(ids)} in the prompt, {wanted} for the completion). "
-                 f"Please reduce the length of the prompt or of the completion.",
-            param=param, code="context_length_exceeded")
-    return wanted
+def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, param: str) -> int:
+    """Validate one prompt's token ids with the engine's own checks (one wording, one
+    place) and return the max_tokens it gets; a refusal is a 400 naming `param`."""
+    try:
+        return state.llm.engine.check_prompt(ids, max_tokens)
+    except RequestRefused as e:
+        raise APIError(400, str(e), param=param, code=e.code) from None
+
+
+def check_token_ids(state: ServerState, params: list[SamplingParams]) -> None:
+    """The token ids the sampling params name (logit_bias, stop_token_ids) are in the vocabulary."""
+    try:
+        for p in params:
+            state.llm.engine.check_token_ids(p)
+    except RequestRefused as e:
+        raise APIError(400, str(e), param=e.param) from None
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, sample: int,
@@ -103,11 +104,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, sample: int,
             sampling=body.sampling,
             structured_outputs=constraint,
         )
-    except ValidationError as e:
-        raise APIError(400, one_line(e)) from None
+    except ValidationError as e:  # name the field at fault (e.g. logit_bias with a negative token id)
+        loc = e.errors()[0]["loc"] if e.errors() else ()
+        raise APIError(400, one_line(e), param=str(loc[0]) if loc else None) from None
 
 
-def check_common(state, body: SamplingFields) -> None:
+def check_common(state: ServerState, body: SamplingFields) -> None:
     state.check_model(body.model)
     refused = body.unsupported()
     if refused is not None:
@@ -122,7 +124,7 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan | None:
         raise APIError(400, str(e), param=e.param) from None
 
 
-async def check_constraint(state, body: SamplingFields, plan: ToolPlan | None = None) -> StructuredOutputsParams | None:
+async def check_constraint(state: ServerState, body: SamplingFields, plan: ToolPlan | None = None) -> StructuredOutputsParams | None:
     """The request's constraint (its structured-output field, or the grammar of its tool
     calls), compiled once here so that a bad one is a 400 naming the field it came from."""
     try:
@@ -146,7 +148,7 @@ async def check_constraint(state, body: SamplingFields, plan: ToolPlan | None = 
     return spec
 
 
-def submit(state, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
+def submit(state: ServerState, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
     sub = Submission(asyncio.get_running_loop(), prompts, params)
     if len(prompts) > state.engine.capacity:
         raise APIError(400, f"this request asks for {len(prompts)} sequences (prompts x n); the server holds at "
@@ -177,6 +179,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         for i in range(body.n):
             prompts.append(ids)
             params.append(sampling_params(body, max_tokens, i, constraint))
+    check_token_ids(state, params)
     reply = Reply(state, body, "cmpl", "text_completion", prompts)
     sub = submit(state, prompts, params)
     if body.stream:
@@ -201,6 +204,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     max_tokens = check_prompt(state, ids, body.token_limit(), "messages")
     prompts = [ids] * body.n
     params = [sampling_params(body, max_tokens, i, constraint) for i in range(body.n)]
+    check_token_ids(state, params)
     reply = Reply(state, body, "chatcmpl", "chat.completion", prompts, plan)
     sub = submit(state, prompts, params)
     if body.stream:
@@ -233,7 +237,7 @@ class EngineStream(StreamingResponse):
 class Reply:
     """Builds the OpenAI response (or stream of chunks) of one submission."""
 
-    def __init__(self, state, body: SamplingFields, prefix: str, kind: str, prompts: list[list[int]],
+    def __init__(self, state: ServerState, body: SamplingFields, prefix: str, kind: str, prompts: list[list[int]],
                  tools: ToolPlan | None = None) -> None:
         self.state, self.body, self.kind = state, body, kind
         self.chat = kind == "chat.completion"
