@@ -1,4 +1,4 @@
-"""The adaptive speculator (speculators/adaptive.py, adaptive_control.py, online.py, adaptive_state.py):
+"""The adaptive speculator (speculators/adaptive/: proposer.py, control.py, online.py, state.py):
 lossless across weight swaps, a learner that learns off the engine's thread, a controller
 that follows measured acceptance, state that survives a restart, and clear refusals."""
 
@@ -18,10 +18,8 @@ from conftest import tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.adaptive import AdaptiveProposer, new_head
-from draftwise.speculators.adaptive_control import Arbiter
-from draftwise.speculators.eagle_checkpoint import save_eagle_head
-from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.speculators.adaptive import AdaptiveProposer, Arbiter, LearnerSettings, OnlineLearner, ReplayBuffer, new_head
+from draftwise.speculators.eagle import save_eagle_head
 from draftwise.tree import matched_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,7 +255,7 @@ def test_traffic_and_arbiter_are_kept_without_a_training_step(tokenizer, tmp_pat
 
 
 def test_stored_traffic_is_bounded_and_saved_while_serving(tokenizer, tmp_path):
-    from draftwise.speculators.adaptive import SAVE_EVERY_REQUESTS
+    from draftwise.speculators.adaptive.proposer import SAVE_EVERY_REQUESTS
 
     target = tiny_model()
     state = tmp_path / "state"
@@ -308,7 +306,7 @@ def test_processes_saving_to_one_state_folder_leave_it_readable(tmp_path, monkey
     only the heads it wrote."""
     import os
 
-    from draftwise.speculators.adaptive_state import AdaptiveState
+    from draftwise.speculators.adaptive import AdaptiveState
 
     target = tiny_model()
     states = [AdaptiveState(tmp_path, "tiny"), AdaptiveState(tmp_path, "tiny")]
@@ -439,7 +437,7 @@ def test_shared_learning_two_engines_feed_one_learner_and_both_adopt_its_weights
     """The Ray replicas' protocol (server/ray_learner.py) without Ray: two engines share
     their learners; one learner trains on both outboxes; both take its weights, swap them
     in and stay identical to plain decoding."""
-    from draftwise.speculators.online import Stored
+    from draftwise.speculators.adaptive import Stored
 
     target = tiny_model()
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)

@@ -102,7 +102,7 @@ def run_adaptive(args: argparse.Namespace) -> int:
 
     from draftwise.api import LLM
     from draftwise.errors import BadInput
-    from draftwise.speculators.adaptive_state import STATE, TRAFFIC, read_state
+    from draftwise.speculators.adaptive import STATE, TRAFFIC, read_state
     from draftwise.train.adaptive import train_adaptive
 
     if args.state is None:

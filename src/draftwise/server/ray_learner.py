@@ -1,6 +1,6 @@
 """One learner for every Ray Serve replica: the adaptive speculator's online learning, shared.
 
-Alone, an adaptive speculator (speculators/adaptive.py) trains its EAGLE head on the
+Alone, an adaptive speculator (speculators/adaptive/) trains its EAGLE head on the
 traffic of its own engine. Behind one endpoint, N replicas each see a 1/N share of the
 traffic; trained apart, each head learns from that share only. Here the replicas' heads
 learn from all of it:
@@ -59,8 +59,8 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
             import torch
 
             from draftwise.api import default_device, load_model
-            from draftwise.speculators.eagle_head import EagleConfig, EagleHead
-            from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+            from draftwise.speculators.adaptive import LearnerSettings, OnlineLearner, ReplayBuffer
+            from draftwise.speculators.eagle import EagleConfig, EagleHead
 
             device = spec["device"] or default_device()
             target, _ = load_model(spec["model"], spec["dtype"], device, False, spec["quantization"],
@@ -84,7 +84,7 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
         def exchange(self, replica: str, items: list[tuple], busy: bool, have: int) -> dict:
             """Take a replica's finished sequences; return the state, and the weights when
             they are newer than version `have`."""
-            from draftwise.speculators.online import Stored
+            from draftwise.speculators.adaptive import Stored
 
             for ids, feats, prompt_len in items:
                 self.learner.buffer.put(Stored(ids, feats, prompt_len))

@@ -1,14 +1,14 @@
 """Online learning of an EAGLE head from the traffic it serves: a replay buffer and a trainer.
 
-The adaptive speculator (`speculators/adaptive.py`) hands every finished request to the
+The adaptive speculator (`adaptive/proposer.py`) hands every finished request to the
 `ReplayBuffer`: its tokens (prompt and output) and the target's hidden states of those
 tokens (the head's feature layers and the last layer, whose LM-head distribution is the
 soft label), exactly what `draftwise train eagle` distils offline. The buffer keeps the
 most recent `buffer_tokens` tokens.
 
 The `OnlineLearner` trains its own fp32 copy of the head with the offline objective
-(`speculators/eagle_loss.py`, training-time test included) on windows drawn from the
-buffer, newest sequences most often, in a thread of its own, never the engine's:
+(`eagle/loss.py`, training-time test included) on windows drawn from the buffer, newest
+sequences most often, in a thread of its own, never the engine's:
 
 - duty cycle: while the engine works, at most one training step per `train_every`
   engine steps (the engine `tick`s the learner once per step), and after a step of d
@@ -49,8 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.kernels.openmp import release_thread_pool
-from draftwise.speculators.eagle_head import EagleHead, with_kernels
-from draftwise.speculators.eagle_loss import Batch, EagleObjective
+from draftwise.speculators.eagle import Batch, EagleHead, EagleObjective, with_kernels
 
 log = logging.getLogger("draftwise.adaptive")
 
