@@ -121,6 +121,39 @@ def test_tree_methods_get_the_tree_controller_unless_fixed():
     assert isinstance(make_controller(fixed), FixedController)
 
 
+def test_every_controller_is_an_engine_controller():
+    from draftwise.engine.controller import Controller, FixedController
+    from draftwise.engine.tree_controller import TreeController
+
+    for c in (AdaptiveController(4), FixedController(4), TreeController(8, 3)):
+        assert isinstance(c, Controller)
+        c.observe(1, 5, 0.01, draft_positions=4, draft_seconds=0.001)
+        assert len(c.choose([req(0, 0)])) == 1
+
+
+def test_the_controller_follows_the_proposer_class_not_the_method_name(monkeypatch):
+    """A method registered under any name gets the controller its class asks for."""
+    from draftwise.config import SpeculativeConfig
+    from draftwise.engine.controller import make_controller
+    from draftwise.engine.tree_controller import TreeController
+    from draftwise.speculators import base
+
+    class Shallow(base.Proposer):
+        name = "ngram"  # a name the registry knows; the class is what counts
+        drafts_trees = True
+
+        @classmethod
+        def max_tree_depth(cls, config):
+            return config.num_speculative_tokens // 4
+
+        def propose(self, requests, num_tokens):
+            return base.Draft.empty(len(requests))
+
+    monkeypatch.setitem(base._REGISTRY, "ngram", Shallow)
+    c = make_controller(SpeculativeConfig(method="ngram", num_speculative_tokens=12))
+    assert isinstance(c, TreeController) and c.budget == 12 and c.depth == 3
+
+
 def tree_controller(accepted_at: dict[int, int], pass_per_token: float = 0.0, draft: float = 0.0, budget: int = 16):
     """A TreeController that measured a flat (or rising) pass cost, a draft cost, and at each
     budget n an accepted path of accepted_at[n] tokens, 50 steps each."""

@@ -61,6 +61,14 @@ class Proposer(ABC):
     hidden_layers: tuple[int, ...] = ()
 
     @classmethod
+    def max_tree_depth(cls, config: SpeculativeConfig) -> int | None:
+        """For a method that drafts trees: the depth of the deepest path its trees can have
+        under `config`, i.e. the most draft tokens one step can accept; None when only the
+        node budget bounds it. The engine's controller reads it from the class, with
+        `drafts_trees`, to pick and size itself (`engine/controller.py`'s `make_controller`)."""
+        return None
+
+    @classmethod
     def from_config(cls, config: SpeculativeConfig, target: "Target") -> "Proposer":
         """Build the method from its config for `target` (how `build_proposer` makes every
         registered method); BadInput (one line) on what cannot work."""

@@ -104,7 +104,7 @@ class _Pending:
 @register
 class AdaptiveProposer(Proposer):
     name = "adaptive"
-    drafts_trees = True
+    drafts_trees = True  # of any depth up to the budget (a chain part's draft): `max_tree_depth` None
 
     def __init__(self, parts: dict[str, Proposer], caps: dict[str, int], learner: OnlineLearner | None = None,
                  data_layers: Sequence[int] = (), depth: int = 5, state: AdaptiveState | None = None,

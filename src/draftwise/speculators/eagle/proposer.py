@@ -107,6 +107,10 @@ class EagleProposer(Proposer):
         self.lookup = LookupGraft(lookup) if lookup is not None else None
 
     @classmethod
+    def max_tree_depth(cls, config: SpeculativeConfig) -> int | None:
+        return config.eagle_tree_depth
+
+    @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "EagleProposer":
         if isinstance(target.draft_model, EagleHead):
             head = target.draft_model
