@@ -45,7 +45,7 @@ from draftwise.request import RequestState
 from draftwise.speculators.adaptive.control import Arbiter, geometric_tokens
 from draftwise.speculators.adaptive.online import LearnerSettings, OnlineLearner, ReplayBuffer
 from draftwise.speculators.adaptive.state import AdaptiveState
-from draftwise.speculators.base import Draft, Proposer, Target, proposer_class, register
+from draftwise.speculators.base import Draft, Learned, Proposer, Sharing, Target, proposer_class, register
 from draftwise.speculators.eagle import (EagleHead, EagleProposer, config_for_target, default_eagle3_layers,
                                          init_head_from_target, load_eagle_head)
 from draftwise.speculators.suffix import SuffixProposer
@@ -381,6 +381,35 @@ class AdaptiveProposer(Proposer):
                     self.parts[part].catch_up([requests[i] for i in active if i not in groups.get(part, [])])
         self._proposed_at = time.perf_counter()
         return draft
+
+    # --- replicas behind one endpoint (server/ray_serve.py) ----------------------------------
+
+    def share(self) -> Sharing | None:
+        """Every part shares what it learns (the suffix cache its finished sequences); the
+        learner stops training here, and its spec builds the one learner of all replicas."""
+        sequences = False
+        for prop in self.parts.values():
+            got = prop.share()
+            sequences = sequences or (got is not None and got.sequences)
+        learner = None
+        if self.learner is not None:
+            self.learner.share()
+            learner = self.learner.spec()
+        return Sharing(sequences, learner) if sequences or learner is not None else None
+
+    def take_shared(self) -> Learned:
+        out = Learned()
+        for prop in self.parts.values():
+            out.sequences += prop.take_shared().sequences
+        if self.learner is not None:
+            out.examples = self.learner.take_examples()
+        return out
+
+    def adopt(self, sequences: Sequence[list[int]] = (), learner: dict | None = None) -> None:
+        for prop in self.parts.values():
+            prop.adopt(sequences)
+        if learner is not None and self.learner is not None:
+            self.learner.receive(learner)
 
     # --- state and metrics ----------------------------------------------------------------
 
