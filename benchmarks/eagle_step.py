@@ -21,7 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from draftwise.api import LLM, load_model
+from draftwise.api import LLM
+from draftwise.models.build import load_model
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.eagle import EagleHead, load_eagle_head
 from draftwise.speculators.eagle import proposer as eagle_proposer  # where the proposer looks up with_kernels

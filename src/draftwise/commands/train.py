@@ -142,8 +142,8 @@ def run_adaptive(args: argparse.Namespace) -> int:
 def run_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from draftwise.api import default_device, load_model
     from draftwise.errors import BadInput
+    from draftwise.models.build import default_device, load_model
     from draftwise.train.data import build_dataset, read_prompts
     from draftwise.train.dataset import Distilled, read_meta
     from draftwise.train.loop import TrainSettings

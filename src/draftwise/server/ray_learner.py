@@ -53,7 +53,7 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
         def __init__(self, spec: dict) -> None:
             import torch
 
-            from draftwise.api import default_device, load_model
+            from draftwise.models.build import default_device, load_model
             from draftwise.speculators.adaptive import OnlineLearner
 
             device = spec["device"] or default_device()
