@@ -203,6 +203,28 @@ def test_tree_controller_learns_from_request_stats():
     assert c.expected_tokens(8) == pytest.approx(3.0)
 
 
+def test_tree_controller_reads_exactly_the_acceptance_a_scripted_target_gives(tokenizer):
+    """Through the engine, against a scripted target whose every draft is right for exactly
+    3 tokens: whatever budgets the controller tries (it follows measured wall time), each
+    one it measured reads acceptance 1 down to depth 3 and 0 below, so 4 tokens a step."""
+    from conftest import FixedAcceptance, ScriptedTarget
+    from draftwise.engine.engine import Engine
+    from draftwise.engine.tree_controller import TreeController
+
+    c = TreeController(8)
+    engine = Engine(ScriptedTarget(), tokenizer, proposer=FixedAcceptance([3], tree=True), controller=c,
+                    max_batch_size=2, max_speculative_tokens=8)
+    for prompt in (b"abc", b"xyz"):
+        engine.add_request(list(prompt), SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    for _ in range(40):  # far from max_tokens: no draft is cut to the room left
+        engine.step()
+    assert engine.running and sum(c.steps_seen.values()) > 0
+    for n, seen in c.steps_seen.items():
+        depth = c.tree_depth(n)
+        assert c.acceptance(n) == [1.0] * min(3, depth) + [0.0] * max(0, depth - 3), n
+        assert c.expected_tokens(n) == 1 + min(3, depth)
+
+
 def test_draft_cost_counts_the_catch_up_pass():
     c = AdaptiveController(8)
     c.observe(1, 3, 1.0, draft_positions=2, draft_seconds=0.3)  # catch-up + 2 positions
