@@ -6,8 +6,8 @@ does not wait for the step to end: the engine starts at once, but shares the cor
 the step's remainder. This measures what that costs the request: its time to first token
 (and to its last) when it arrives during a training step, against the same request with
 the learner held (`LLM.pause_background`), alternating, one loaded target. The trainer
-thread runs at the lowest CPU priority (`online.lower_this_thread`); `--normal-priority`
-measures it without.
+thread runs at the lowest CPU priority (`lower_this_thread`, speculators/adaptive/online.py);
+`--normal-priority` measures it without.
 
     python benchmarks/adaptive_idle_wait.py --model qwen2.5-coder-1.5b --quantization w4a8-all
 """
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from draftwise.api import LLM
     from draftwise.sampling import SamplingParams
-    from draftwise.speculators.online import OnlineLearner
+    from draftwise.speculators.adaptive import OnlineLearner
 
     steps: list[tuple[float, float]] = []
     real_step = OnlineLearner.train_step
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     OnlineLearner.train_step = timed_step
     if args.normal_priority:
-        import draftwise.speculators.online as online
+        import draftwise.speculators.adaptive.online as online  # where the learner looks it up
 
         online.lower_this_thread = lambda: False
     llm = LLM(args.model, quantization=args.quantization, speculative_config={"method": "adaptive"})

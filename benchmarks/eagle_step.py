@@ -21,10 +21,11 @@ from collections import defaultdict
 
 import torch
 
-from draftwise.api import LLM, load_model
+from draftwise.api import LLM
+from draftwise.models.build import load_model
 from draftwise.sampling import SamplingParams
-from draftwise.speculators import eagle as eagle_mod
-from draftwise.speculators.eagle_head import EagleHead
+from draftwise.speculators.eagle import EagleHead, load_eagle_head
+from draftwise.speculators.eagle import proposer as eagle_proposer  # where the proposer looks up with_kernels
 
 PROMPTS = [
     "Explain how a hash map handles collisions, with a short Python example.",
@@ -78,11 +79,11 @@ def main() -> None:
     spec = {"method": "eagle", "model": args.head, "num_speculative_tokens": args.nodes, "adaptive": False,
             "eagle_tree_depth": args.depth, "eagle_tree_top_k": args.top_k}
     kernels = LLM.from_model(target, tok, speculative_config=spec, max_batch_size=1)
-    plain_head: EagleHead = eagle_mod.load_eagle_head(args.head, target)
-    real = eagle_mod.with_kernels
-    eagle_mod.with_kernels = lambda head, quantization="none": head  # the head as nn.Linear layers
+    plain_head: EagleHead = load_eagle_head(args.head, target)
+    real = eagle_proposer.with_kernels
+    eagle_proposer.with_kernels = lambda head, quantization="none": head  # the head as nn.Linear layers
     before = LLM.from_model(target, tok, speculative_config=spec, max_batch_size=1, draft_model=plain_head)
-    eagle_mod.with_kernels = real
+    eagle_proposer.with_kernels = real
     plain = LLM.from_model(target, tok, max_batch_size=1)
     runs = {"kernels": kernels, "nn.Linear": before}
     times = {name: defaultdict(list) for name in runs}

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from draftwise.api import LLM, load_model
+from draftwise.api import LLM
 from draftwise.bench.peers import LlamaCppPeer, PeerUnavailable, gguf_path, hf_model
+from draftwise.models.build import load_model
 from draftwise.models.quantize import QUANTIZATIONS
 from draftwise.sampling import SamplingParams
 

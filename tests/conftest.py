@@ -9,10 +9,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from draftwise.cache import BLOCK, KVCache
 from draftwise.kernels import w4a8
 from draftwise.models.config import ModelConfig
 from draftwise.models.packed import pack
-from draftwise.models.transformer import Transformer
+from draftwise.models.transformer import ModelOutput, Transformer
 from draftwise.speculators.base import Draft, Proposer
 
 EOS_ID = 256  # the byte tokenizer's only special token
@@ -161,6 +162,79 @@ def oracle_tree_outputs(model, tokenizer, prompts, params, plain_outputs, max_ba
     reqs = [engine.add_request(p, params) for p in prompts]
     engine.run_until_done()
     return reqs
+
+
+# --- a scripted target, and drafts of fixed acceptance -------------------------------------
+
+
+def script_next(token: int) -> int:
+    """The scripted target's next token after `token`, whatever came before: the next byte."""
+    return (token + 1) % 256
+
+
+class ScriptedTarget(torch.nn.Module):
+    """A weightless stand-in for the target whose greedy continuation is fixed by a script:
+    after token t it puts (all but) all its probability on `script_next(t)`, whatever the
+    context. Plain decoding's output is then known without running a model, a pass costs
+    next to nothing, and drafts written against the script (`FixedAcceptance`) are
+    accepted exactly as far as they follow it. It takes the native decoder's call
+    (`Transformer.forward`) and hands out a real KV cache, which stays empty: the engine's
+    bookkeeping (lengths, kept tree paths) runs as with a model."""
+
+    def __init__(self, max_position_embeddings: int = 1024) -> None:
+        super().__init__()
+        self.config = tiny_config(num_hidden_layers=1, max_position_embeddings=max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        c = self.config
+        cap = min(capacity, c.max_position_embeddings) + BLOCK
+        return KVCache(1, batch_size, c.num_key_value_heads, c.head_dim, cap, self.dtype, self.device)
+
+    def forward(self, ids, positions, cache, *, tree_mask=None, rows=None, logits_at=None, hidden_layers=(),
+                compute_logits=True) -> ModelOutput:
+        nxt = (ids + 1) % 256  # script_next of every fed token   [batch, T]
+        if logits_at is not None:
+            nxt = torch.gather(nxt, 1, logits_at)
+        logits = torch.full((*nxt.shape, self.config.vocab_size), -1e4)  # [batch, n, vocab]
+        logits.scatter_(-1, nxt[..., None], 0.0)
+        hidden = {layer: torch.zeros(*ids.shape, self.config.hidden_size) for layer in hidden_layers}
+        return ModelOutput(logits if compute_logits else None, hidden)
+
+
+class FixedAcceptance(Proposer):
+    """Drafts for a `ScriptedTarget` of exactly set acceptance: a request's n-th draft
+    (counted per request) follows the script for `accept[n % len(accept)]` tokens, then
+    goes wrong, so verification accepts exactly min(that, budget) tokens (greedy; sampled,
+    all but surely). Each draft fills its budget; `parents` None (a chain) unless `tree`,
+    which lists the same chain as a tree (node j the child of node j - 1)."""
+
+    name = "fixed_acceptance"
+
+    def __init__(self, accept, tree: bool = False) -> None:
+        self.accept, self.tree = list(accept), tree
+        self.drafts: dict[str, int] = {}  # request id -> drafts made
+
+    def propose(self, requests, num_tokens):
+        draft = Draft.empty(len(requests))
+        for i, (req, k) in enumerate(zip(requests, num_tokens)):
+            if k <= 0:
+                continue
+            n = self.drafts.get(req.request_id, 0)
+            self.drafts[req.request_id] = n + 1
+            right, token = self.accept[n % len(self.accept)], req.all_ids[-1]
+            for j in range(k):
+                token = script_next(token) if j != right else (script_next(token) + 1) % 256
+                draft.tokens[i].append(token)
+            draft.parents[i] = list(range(-1, k - 1)) if self.tree else None
+        return draft
 
 
 def decode_alone(model, prompt: torch.Tensor, seq: torch.Tensor) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The adaptive speculator (speculators/adaptive.py, adaptive_control.py, online.py, adaptive_state.py):
+"""The adaptive speculator (speculators/adaptive/: proposer.py, control.py, online.py, state.py):
 lossless across weight swaps, a learner that learns off the engine's thread, a controller
 that follows measured acceptance, state that survives a restart, and clear refusals."""
 
@@ -18,10 +18,8 @@ from conftest import tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.adaptive import AdaptiveProposer, new_head
-from draftwise.speculators.adaptive_control import Arbiter
-from draftwise.speculators.eagle_checkpoint import save_eagle_head
-from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.speculators.adaptive import AdaptiveProposer, Arbiter, LearnerSettings, OnlineLearner, ReplayBuffer, new_head
+from draftwise.speculators.eagle import save_eagle_head
 from draftwise.tree import matched_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,7 +255,7 @@ def test_traffic_and_arbiter_are_kept_without_a_training_step(tokenizer, tmp_pat
 
 
 def test_stored_traffic_is_bounded_and_saved_while_serving(tokenizer, tmp_path):
-    from draftwise.speculators.adaptive import SAVE_EVERY_REQUESTS
+    from draftwise.speculators.adaptive.proposer import SAVE_EVERY_REQUESTS
 
     target = tiny_model()
     state = tmp_path / "state"
@@ -308,7 +306,7 @@ def test_processes_saving_to_one_state_folder_leave_it_readable(tmp_path, monkey
     only the heads it wrote."""
     import os
 
-    from draftwise.speculators.adaptive_state import AdaptiveState
+    from draftwise.speculators.adaptive import AdaptiveState
 
     target = tiny_model()
     states = [AdaptiveState(tmp_path, "tiny"), AdaptiveState(tmp_path, "tiny")]
@@ -436,36 +434,47 @@ def test_the_trainer_runs_at_the_lowest_priority_and_an_idle_only_engine_keeps_i
 
 
 def test_shared_learning_two_engines_feed_one_learner_and_both_adopt_its_weights(tokenizer):
-    """The Ray replicas' protocol (server/ray_learner.py) without Ray: two engines share
-    their learners; one learner trains on both outboxes; both take its weights, swap them
-    in and stay identical to plain decoding."""
-    from draftwise.speculators.online import Stored
+    """The Ray replicas' protocol (server/ray_serve.py, ray_learner.py) without Ray, through
+    the Proposer hooks: two engines `share`; one learner, built from the spec `share`
+    returned, trains on what both `take_shared`; both `adopt` its answer (weights included)
+    and the other's sequences, swap the weights in and stay identical to plain decoding."""
+    from draftwise.speculators.adaptive import Stored
 
     target = tiny_model()
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=4).generate(PROMPTS, params)]
     engines = [adaptive_llm(target, tokenizer) for _ in range(2)]
     try:
-        learners = [e.engine.proposer.learner for e in engines]
-        for ln in learners:
-            ln.share()
+        proposers = [e.engine.proposer for e in engines]
+        learners = [p.learner for p in proposers]
+        sharing = [p.share() for p in proposers]
+        for ln, sh in zip(learners, sharing):
             assert ln._thread is None and ln.shared
+            assert sh.sequences and sh.learner["steps"] == 0 and sh.learner["data_layers"] == ln.data_layers
+        served = []
         for e, (a, b) in zip(engines, ((0, 2), (2, 4))):  # each engine serves half of the traffic
-            assert [o.token_ids for o in e.generate(PROMPTS[a:b], params)] == plain[a:b]
+            served.append(e.generate(PROMPTS[a:b], params))
+            assert [o.token_ids for o in served[-1]] == plain[a:b]
         assert all(ln.steps == 0 and ln.buffer.tokens == 0 for ln in learners)  # nothing trained locally
-        shared = OnlineLearner(learners[0].snapshot(), target, learners[0].data_layers,
-                               ReplayBuffer(4096, 64), LearnerSettings(min_tokens=16, batch_size=2, lr=1e-3))
-        for ln in learners:
-            assert len(ln.buffer.outbox) == 2
-            while ln.buffer.outbox:
-                it = ln.buffer.outbox.popleft()
-                shared.buffer.put(Stored(it.ids, it.feats, it.prompt_len))
+        shared = OnlineLearner.from_spec(sharing[0].learner, target, min_tokens=16, batch_size=2, lr=1e-3)
+        assert shared.buffer.max_tokens == learners[0].buffer.max_tokens
+        learned = [p.take_shared() for p in proposers]
+        for got, outs in zip(learned, served):
+            assert sorted(got.sequences) == sorted(o.prompt_token_ids + o.token_ids for o in outs)
+            assert len(got.examples) == 2  # each request's tokens the target ran, with their features
+            assert all(ids.tolist() in [seq[: len(ids)] for seq in got.sequences] for ids, _, _ in got.examples)
+            for ids, feats, prompt_len in got.examples:
+                shared.buffer.put(Stored(ids, feats, prompt_len))
+        assert all(p.take_shared() == type(learned[0])() for p in proposers)  # taken once
         for _ in range(6):
             assert shared.train_step() is not None
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                  for k, v in shared.snapshot().state_dict().items()}
-        for e, ln in zip(engines, learners):
-            ln.adopt(state, shared.steps, shared.last_loss, shared.buffer.tokens)
+        answer = {"error": None, "steps": shared.steps, "loss": shared.last_loss,
+                  "buffer_tokens": shared.buffer.tokens, "state": state, "version": 1}
+        for i, (e, ln) in enumerate(zip(engines, learners)):
+            e.engine.proposer.adopt(sequences=learned[1 - i].sequences, learner=answer)
+            assert e.engine.proposer.parts["suffix"].inbox.qsize() == 2
             assert [o.token_ids for o in e.generate(PROMPTS, params)] == plain
             assert e.engine.proposer.swaps == 1 and ln.steps == 6
             assert e.engine.proposer.report()["learner_buffer_tokens"] == shared.buffer.tokens > 0

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from draftwise.api import LLM
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.eagle_checkpoint import save_eagle_head
+from draftwise.speculators.eagle import save_eagle_head
 from draftwise.train.adaptive import train_adaptive
 
 pytestmark = pytest.mark.usefixtures("one_thread")

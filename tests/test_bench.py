@@ -157,7 +157,7 @@ ADAPTIVE = {"method": "adaptive", "num_speculative_tokens": 4,
 def test_no_learner_trains_while_another_method_is_timed(tmp_path, dataset, monkeypatch):
     # a learner that trained while plain was timed made adaptive look 1.93x on the 1.5B
     from draftwise.bench import runner
-    from draftwise.speculators.online import OnlineLearner
+    from draftwise.speculators.adaptive import OnlineLearner
 
     steps, plain, learners = [], [], []
     real_step, real_run, real_probe = OnlineLearner.train_step, runner.run_method, runner.probe_plain

@@ -87,6 +87,12 @@ def test_generate_adaptive_equals_plain_and_takes_a_state_folder(hf_folder, tmp_
     assert state.is_dir()
 
 
+def test_the_module_docstring_names_every_command():
+    import draftwise.cli as cli
+
+    assert all(f"`{name}`" in cli.__doc__ for name in cli.COMMANDS)
+
+
 def test_version_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

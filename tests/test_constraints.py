@@ -367,7 +367,9 @@ def test_renormalized_draft_sampling_gives_the_constrained_target_distribution()
 
 # --- the real smollm2 ----------------------------------------------------------------------
 
-from test_real_model import smollm2  # noqa: E402,F401 - the fixture (fails in CI when the model cannot load)
+import test_real_model  # noqa: E402
+
+smollm2 = test_real_model.smollm2  # the fixture (fails in CI when the model cannot load)
 
 PERSON = {
     "type": "object",

@@ -121,6 +121,39 @@ def test_tree_methods_get_the_tree_controller_unless_fixed():
     assert isinstance(make_controller(fixed), FixedController)
 
 
+def test_every_controller_is_an_engine_controller():
+    from draftwise.engine.controller import Controller, FixedController
+    from draftwise.engine.tree_controller import TreeController
+
+    for c in (AdaptiveController(4), FixedController(4), TreeController(8, 3)):
+        assert isinstance(c, Controller)
+        c.observe(1, 5, 0.01, draft_positions=4, draft_seconds=0.001)
+        assert len(c.choose([req(0, 0)])) == 1
+
+
+def test_the_controller_follows_the_proposer_class_not_the_method_name(monkeypatch):
+    """A method registered under any name gets the controller its class asks for."""
+    from draftwise.config import SpeculativeConfig
+    from draftwise.engine.controller import make_controller
+    from draftwise.engine.tree_controller import TreeController
+    from draftwise.speculators import base
+
+    class Shallow(base.Proposer):
+        name = "ngram"  # a name the registry knows; the class is what counts
+        drafts_trees = True
+
+        @classmethod
+        def max_tree_depth(cls, config):
+            return config.num_speculative_tokens // 4
+
+        def propose(self, requests, num_tokens):
+            return base.Draft.empty(len(requests))
+
+    monkeypatch.setitem(base._REGISTRY, "ngram", Shallow)
+    c = make_controller(SpeculativeConfig(method="ngram", num_speculative_tokens=12))
+    assert isinstance(c, TreeController) and c.budget == 12 and c.depth == 3
+
+
 def tree_controller(accepted_at: dict[int, int], pass_per_token: float = 0.0, draft: float = 0.0, budget: int = 16):
     """A TreeController that measured a flat (or rising) pass cost, a draft cost, and at each
     budget n an accepted path of accepted_at[n] tokens, 50 steps each."""
@@ -168,6 +201,28 @@ def test_tree_controller_learns_from_request_stats():
         budget = c.choose([r])[0]
     assert sum(c.steps_seen.values()) > 3.9  # every step that drafted was read (a k = 0 step is not)
     assert c.expected_tokens(8) == pytest.approx(3.0)
+
+
+def test_tree_controller_reads_exactly_the_acceptance_a_scripted_target_gives(tokenizer):
+    """Through the engine, against a scripted target whose every draft is right for exactly
+    3 tokens: whatever budgets the controller tries (it follows measured wall time), each
+    one it measured reads acceptance 1 down to depth 3 and 0 below, so 4 tokens a step."""
+    from conftest import FixedAcceptance, ScriptedTarget
+    from draftwise.engine.engine import Engine
+    from draftwise.engine.tree_controller import TreeController
+
+    c = TreeController(8)
+    engine = Engine(ScriptedTarget(), tokenizer, proposer=FixedAcceptance([3], tree=True), controller=c,
+                    max_batch_size=2, max_speculative_tokens=8)
+    for prompt in (b"abc", b"xyz"):
+        engine.add_request(list(prompt), SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    for _ in range(40):  # far from max_tokens: no draft is cut to the room left
+        engine.step()
+    assert engine.running and sum(c.steps_seen.values()) > 0
+    for n, seen in c.steps_seen.items():
+        depth = c.tree_depth(n)
+        assert c.acceptance(n) == [1.0] * min(3, depth) + [0.0] * max(0, depth - 3), n
+        assert c.expected_tokens(n) == 1 + min(3, depth)
 
 
 def test_draft_cost_counts_the_catch_up_pass():

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from conftest import needs_w4a8, tiny_model
 from draftwise.api import LLM
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.eagle_checkpoint import load_eagle_head, save_eagle_head
-from draftwise.speculators.eagle_head import EagleHead, config_for_target, init_head_from_target
+from draftwise.speculators.eagle import EagleHead, config_for_target, init_head_from_target, load_eagle_head, save_eagle_head
 
 PROMPTS = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "x = 1\nx = 1\nx = 1\n", "zz"]
 
@@ -211,7 +210,8 @@ def test_our_layout_roundtrips_and_bad_heads_are_refused(tokenizer, tmp_path):
 def test_head_on_kernels_drafts_like_the_plain_head(tokenizer):
     """with_kernels: bf16 on oneDNN's packed weights gives the plain head's outputs bit for
     bit (fused q/k/v and gate/up included); the original head is left untouched."""
-    from draftwise.speculators.eagle_head import KernelLinear, with_kernels
+    from draftwise.speculators.eagle import with_kernels
+    from draftwise.speculators.eagle.head import KernelLinear
 
     target = tiny_model("llama", torch.bfloat16, seed=3, num_hidden_layers=4)
     head = random_head(target, "eagle3", 100).eval()
@@ -238,7 +238,7 @@ def test_head_on_kernels_drafts_like_the_plain_head(tokenizer):
 def test_greedy_eagle_on_w4a8_all_target_equals_plain(tokenizer):
     """The head drafts on the w4a8 kernel beside a w4a8-all target; output stays the target's."""
     from draftwise.models.quantize import quantize
-    from draftwise.speculators.eagle_head import KernelLinear
+    from draftwise.speculators.eagle.head import KernelLinear
 
     target = quantize(tiny_model("qwen2", torch.bfloat16, seed=0, num_hidden_layers=4), "w4a8-all")
     head = random_head(target, "eagle3")
@@ -270,7 +270,7 @@ def test_shipped_heads_match_their_hashes_and_load(name, tmp_path):
 
     from draftwise.errors import BadInput
     from draftwise.heads import SHIPPED, check_file
-    from draftwise.speculators.eagle_head import EagleConfig
+    from draftwise.speculators.eagle import EagleConfig
 
     head = SHIPPED[name]
     assert check_file(head) is None

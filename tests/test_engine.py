@@ -1,4 +1,4 @@
-"""Plain generation through the engine and the Python API."""
+"""Plain generation through the engine and the Python API; the engine's counters against a scripted target."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import EOS_ID, tiny_model
+from conftest import EOS_ID, FixedAcceptance, ScriptedTarget, script_next, tiny_model
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
@@ -150,3 +150,34 @@ def test_stop_string_check_decodes_only_the_newest_tokens(tokenizer, monkeypatch
     cut = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=60, stop=[stop], ignore_eos=True))[0]
     assert cut.text == free[: free.index(stop)] and cut.finish_reason == "stop"
 
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_counters_are_exactly_what_the_scripted_acceptance_sets(tokenizer, tree):
+    """Against a scripted target, drafts of 4 of which exactly 2 are right: every step
+    commits 3 tokens (2 accepted + the bonus), the last one's draft is cut to the room
+    left, and the output is the script's, as plain decoding gives it."""
+    from draftwise.engine.controller import FixedController
+    from draftwise.engine.engine import Engine
+
+    target = ScriptedTarget()
+    prompt = list(b"abc")
+    params = SamplingParams(temperature=0.0, max_tokens=31, ignore_eos=True)
+    plain = Engine(target, tokenizer)
+    plain_req = plain.add_request(prompt, params)
+    plain.run_until_done()
+    engine = Engine(target, tokenizer, proposer=FixedAcceptance([2], tree=tree), controller=FixedController(4),
+                    max_speculative_tokens=4)
+    req = engine.add_request(prompt, params)
+    engine.run_until_done()
+    want, t = [], prompt[-1]
+    for _ in range(31):
+        t = script_next(t)
+        want.append(t)
+    assert req.output_ids == plain_req.output_ids == want
+    s = req.stats
+    assert (s.target_passes, s.drafts, s.draft_tokens, s.accepted_tokens) == (11, 10, 9 * 4 + 2, 20)
+    assert s.num_speculative_tokens == [4] * 9 + [2]  # room for 2 drafted + the bonus in the last step
+    assert s.accepted_per_position == [10, 10] and s.rejected_per_position == [0, 0, 9]
+    assert s.drafted_per_position == [10, 10, 9, 9]
+    assert s.to_dict()["mean_accepted_length"] == 3.0 and plain_req.stats.target_passes == 31

@@ -1,20 +1,33 @@
-"""Batch invariance of the native model: the property greedy exactness rests on.
+"""Batch invariance of the native model: the property greedy exactness rests on; and every
+registered speculator, exact through the engine.
 
 A token's logits must be bit-identical whether it is decoded alone, verified among up to
 16 tokens in a chain or as a node of a tree, or run in a batch beside other sequences of
 other lengths, at short and long contexts (across the attention's key blocks).
+
+Every method in the registry (`available_methods()`, read when the tests are collected, so
+a new method is picked up by its registration alone) must give plain decoding's tokens,
+greedy, with a fixed draft length and with the engine's controller; the same tokens again
+for the same seed; and plain greedy's tokens under top_k = 1 sampling. A method that cannot
+be built from its name alone gets a recipe in `RECIPES` (its weights, made up here). So does
+the example method of docs/adding-a-speculator.md, run as the page shows it.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import VARIANTS, check_tree_pass, decode_alone, oracle_tree_outputs, tiny_model
+from conftest import (VARIANTS, check_seeded_and_top1_greedy, check_tree_pass, decode_alone, oracle_tree_outputs,
+                      tiny_model)
 from draftwise.api import LLM
 from draftwise.engine.step import prefill
 from draftwise.request import RequestState
 from draftwise.sampling import SamplingParams
+from draftwise.speculators import available_methods, base
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -150,3 +163,76 @@ def test_static_shape_passes_are_exact_too(dtype, tokenizer):
     model.static_shapes, model.attention_kernel = False, False
     assert [o.token_ids for o in LLM.from_model(model, tokenizer, max_batch_size=2).generate(prompts, params)] \
         == [o.token_ids for o in plain]
+
+
+# --- every registered speculator ---------------------------------------------------------
+
+EXACT_PROMPTS = ["hello world hello world", "the cat sat on the mat", "abcabcabcabc"]
+NEVER_TRAINS = {"min_tokens": 10**9}  # the adaptive learner: no training thread at work during the check
+
+
+def _eagle(target):
+    from test_eagle import random_head
+
+    return {}, random_head(target)
+
+
+def _medusa(target):
+    from test_medusa import random_heads
+
+    return {}, random_heads(target)
+
+
+def _mtp(target):
+    from test_mtp import random_mtp
+
+    return {}, random_mtp(target)
+
+
+# method -> target -> (its extra config, the draft model / head passed as `draft_model`)
+RECIPES = {
+    "draft_model": lambda target: ({}, tiny_model("qwen2", target.dtype, seed=3, num_hidden_layers=1)),
+    "eagle": _eagle,
+    "medusa": _medusa,
+    "mtp": _mtp,
+    "adaptive": lambda target: ({"learner": NEVER_TRAINS}, None),
+}
+
+
+def check_method_is_exact(method: str, tokenizer) -> None:
+    """`method` (registered) on a tiny target: greedy equals plain decoding with a fixed draft
+    length and with the engine's controller; seeded sampling repeats; top_k = 1 is greedy."""
+    target = tiny_model("qwen2", torch.float32, seed=0, num_hidden_layers=4)
+    extra, draft = RECIPES.get(method, lambda t: ({}, None))(target)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(target, tokenizer, max_batch_size=3).generate(EXACT_PROMPTS, greedy)]
+    for adaptive in (False, None):
+        spec = {"method": method, "num_speculative_tokens": 6, **extra, "adaptive": adaptive}
+        llm = LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=3, draft_model=draft)
+        try:
+            outs = llm.generate(EXACT_PROMPTS, greedy)
+            assert [o.token_ids for o in outs] == plain, f"{method} (adaptive={adaptive}) changed greedy output"
+            if adaptive is False:
+                assert sum(o.stats["draft_tokens"] for o in outs) > 0, f"{method} drafted nothing: nothing was checked"
+                check_seeded_and_top1_greedy(llm, target, tokenizer, EXACT_PROMPTS)
+        finally:
+            llm.close()
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_registered_speculator_is_exact(method, tokenizer):
+    check_method_is_exact(method, tokenizer)
+
+
+DOC = Path(__file__).parent.parent / "docs" / "adding-a-speculator.md"
+
+
+def test_the_documented_example_speculator_is_exact(tokenizer, monkeypatch):
+    """docs/adding-a-speculator.md's example, run as written: its module registers the
+    method on import (here into a copy of the registry), and it passes the same checks."""
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    exec(compile(code, str(DOC), "exec"), {"__name__": "bigram"})
+    assert "bigram" in available_methods()
+    assert len(code.splitlines()) <= 70  # the page promises a short example
+    check_method_is_exact("bigram", tokenizer)

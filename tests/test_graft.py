@@ -12,7 +12,7 @@ from draftwise.api import LLM
 from draftwise.request import RequestState
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.base import Draft, Proposer
-from draftwise.speculators.graft import LookupGraft, graft
+from draftwise.speculators.eagle.graft import LookupGraft, graft
 from draftwise.tree import matched_length, matched_path
 from test_eagle import eagle_llm, random_head
 

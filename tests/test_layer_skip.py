@@ -9,7 +9,7 @@ from conftest import tiny_model, check_seeded_and_top1_greedy
 from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
-from draftwise.speculators.layer_calibration import candidate_layers, pick_num_layers
+from draftwise.speculators.layer_skip import candidate_layers, pick_num_layers
 
 PROMPTS = ["abcabcabcabcabc", "the cat sat on the mat. the cat sat on the", "x = 1\nx = 1\nx = 1\n", "zz"]
 

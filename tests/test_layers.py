@@ -80,3 +80,14 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_speculator_families_are_reached_through_their_front_door():
+    """A family of modules under speculators/ (a folder: eagle/, adaptive/, layer_skip/) is
+    imported from outside only through its `__init__`; its modules are its own business."""
+    families = {m for m in imports() if m.count(".") == 2 and m.startswith("draftwise.speculators.")
+                and (ROOT / "speculators" / m.split(".")[2] / "__init__.py").is_file()}
+    inside = sorted(f"{m} -> {t}" for m, ts in imports().items() for t in ts for fam in families
+                    if t.startswith(fam + ".") and not (m == fam or m.startswith(fam + ".")))
+    assert families >= {"draftwise.speculators.eagle", "draftwise.speculators.adaptive"}
+    assert not inside, "imports of a family's internals from outside it:\n" + "\n".join(inside)

@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-from draftwise.api import LLM, load_model
+from draftwise.api import LLM
 from draftwise.errors import DraftwiseError
+from draftwise.models.build import load_model
 from draftwise.sampling import SamplingParams
 
 pytestmark = pytest.mark.real_model

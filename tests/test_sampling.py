@@ -141,7 +141,7 @@ def draft_trees(draw: st.DrawFn, vocab: int) -> tuple[list[int], list[int] | Non
 def test_each_row_equals_plain_decoding_with_its_path_committed(tree, prompt, output, rep, presence, frequency, seed):
     tokens, parents = tree
     logits = torch.randn(len(tokens) + 1, 8, generator=torch.Generator().manual_seed(seed))
-    params = SamplingParams(max_tokens=128, 
+    params = SamplingParams(max_tokens=128,
         temperature=0.9, repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency
     )
     rows = target_distribution(logits, params, prompt, output, tokens, parents)

@@ -649,7 +649,7 @@ def test_generated_bodies_get_2xx_or_a_4xx_envelope_never_5xx(http, body):
     if r.status_code >= 400:
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
-    elif not body.get("stream") is True:
+    elif body.get("stream") is not True:
         assert "choices" in r.json()
 
 

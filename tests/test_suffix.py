@@ -276,7 +276,7 @@ def test_repeats_stay_linear_in_nodes() -> None:
 
 
 def test_shared_sequences_reach_another_engines_global_tree(tokenizer):
-    """share(): a finished sequence goes to `outbox`; put into another suffix cache's `inbox`,
+    """share(): a finished sequence goes out (`take_shared`); adopted by another suffix cache,
     it is drafted from there at once (what Ray Serve replicas do through their hub)."""
     from conftest import tiny_model
     from draftwise.api import LLM
@@ -285,12 +285,14 @@ def test_shared_sequences_reach_another_engines_global_tree(tokenizer):
     target = tiny_model()
     spec = {"method": "suffix", "num_speculative_tokens": 8, "adaptive": False}
     a, b, c = (LLM.from_model(target, tokenizer, speculative_config=spec, max_batch_size=1) for _ in range(3))
-    a.engine.proposer.share()
+    assert a.engine.proposer.share().sequences and c.engine.proposer.take_shared().sequences == []
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     prompt = "quite a different prompt: "
     first = a.generate(prompt, params)[0]
-    assert list(a.engine.proposer.outbox) == [first.prompt_token_ids + first.token_ids]
-    b.engine.proposer.inbox.put(a.engine.proposer.outbox.popleft())
+    sent = a.engine.proposer.take_shared()
+    assert sent.sequences == [first.prompt_token_ids + first.token_ids] and not sent.examples
+    assert a.engine.proposer.take_shared().sequences == []
+    b.engine.proposer.adopt(sent.sequences)
     shared, alone = b.generate(prompt, params)[0], c.generate(prompt, params)[0]
     assert shared.token_ids == alone.token_ids == first.token_ids
     assert shared.stats["mean_accepted_length"] > 4 > alone.stats["mean_accepted_length"] + 1

@@ -76,7 +76,8 @@ def test_distilled_features_are_the_target_hidden_states(tokenizer, tmp_path):
 
 
 def test_train_eagle_end_to_end_loss_drops_resume_continues(target_folder, prompts_file, tmp_path):
-    from draftwise.api import LLM, load_model
+    from draftwise.api import LLM
+    from draftwise.models.build import load_model
 
     out = tmp_path / "head"
     train_cli("eagle", target_folder, prompts_file, out, "--epochs", "2", "--draft-vocab", "128", "--ttt-steps", "2")

@@ -294,7 +294,7 @@ def test_first_two_tokens_with_sampling_options_and_penalties() -> None:
     gen = torch.Generator().manual_seed(40)
     logit_table = torch.randn(V + 1, V + 1, V, generator=gen) * 2  # [V+1, V+1, V]
     prompt = [1, 1, 4]
-    params = SamplingParams(max_tokens=128, 
+    params = SamplingParams(max_tokens=128,
         temperature=0.8, top_k=5, top_p=0.9, min_p=0.1,
         repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
     )

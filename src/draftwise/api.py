@@ -21,7 +21,7 @@ from draftwise.constraints import compile_constraint
 from draftwise.engine.controller import make_controller
 from draftwise.engine.engine import Engine, StepOutput, context_window
 from draftwise.errors import BadInput
-from draftwise.models.build import DTYPES, default_device, load_model, load_tokenizer, parse_dtype  # noqa: F401
+from draftwise.models.build import load_model, load_tokenizer
 from draftwise.models.transformer import Transformer
 from draftwise.outputs import CompletionOutput, RequestOutput, completion  # noqa: F401 (the public API)
 from draftwise.sampling import SamplingParams

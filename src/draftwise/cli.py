@@ -1,4 +1,15 @@
-"""Command line: `draftwise generate | pull | models`.
+"""Command line: `draftwise COMMAND`, one module of draftwise/commands/ each (`COMMANDS`):
+
+- `generate`: text for one prompt (streamed), with optional speculation;
+- `serve`: an OpenAI-compatible HTTP API (one process, or Ray Serve replicas);
+- `bench`: speculators against plain decoding on a prompt set (Spec-Bench protocol);
+- `cost`: what speculation saves on a self-hosted GPU bill;
+- `loadtest`: load on a running OpenAI-compatible server;
+- `train`: an EAGLE head or Medusa heads by self-distillation, or an adaptive state's head
+  on its stored traffic;
+- `stats`: what an adaptive state has learned;
+- `pull`: a bundled model fetched ahead of time;
+- `models`: the bundled models and shipped heads.
 
 Errors a user can fix (unknown model, bad value, prompt too long, ...) are printed as one
 line starting with `error:` and exit with status 2, never a traceback.

@@ -12,7 +12,7 @@ from draftwise.tree import order_parent_first
 
 
 class LearnerConfig(BaseModel):
-    """adaptive: the EAGLE head learned online from served traffic (speculators/online.py)."""
+    """adaptive: the EAGLE head learned online from served traffic (speculators/adaptive/online.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -143,7 +143,7 @@ def assistant_model(llm, methods: Sequence[Method], settings: BenchSettings):
         raise PeerUnavailable("hf-assisted needs a draft_model speculator among --speculator (its draft is used)")
     draft = getattr(llm, "_draft_model", None)
     if draft is None:
-        from draftwise.api import load_model
+        from draftwise.models.build import load_model
 
         draft, _ = load_model(cfg.model, llm.model.dtype, str(llm.model.device), progress=False)
     return hf_model(draft)

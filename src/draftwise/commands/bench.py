@@ -56,15 +56,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from draftwise.api import LLM, default_device
+    from draftwise.api import LLM
     from draftwise.bench import BenchSettings, load_questions, parse_methods, run_bench
     from draftwise.errors import BadInput
+    from draftwise.models.build import default_device
 
     if not (args.roofline or args.quality or args.no_plots) and importlib.util.find_spec("matplotlib") is None:
         raise BadInput("the benchmark's plots need matplotlib: pip install 'draftwise[bench]' (or pass --no-plots)")
     if args.roofline:
-        from draftwise.api import load_model
         from draftwise.bench.roofline import measure, report
+        from draftwise.models.build import load_model
 
         model, _ = load_model(args.model, args.dtype, args.device, not args.quiet, args.quantization)
         print(report(measure(model), args.model, args.dtype, args.quantization))
@@ -96,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from draftwise.api import load_model
     from draftwise.bench.quality import measure, read_text, report
     from draftwise.errors import BadInput
+    from draftwise.models.build import load_model
     from draftwise.models.quantize import QUANTIZATIONS
 
     text = read_text(args.text)

@@ -21,8 +21,7 @@ def add_parser(sub) -> None:
 
 def summary(folder: Path) -> dict:
     from draftwise.errors import BadInput
-    from draftwise.speculators.adaptive_control import PRIOR_TOKENS, PRIOR_WEIGHT, Faded
-    from draftwise.speculators.adaptive_state import STATE, AdaptiveState, read_state
+    from draftwise.speculators.adaptive import STATE, AdaptiveState, read_state, saved_window_tokens
 
     saved = read_state(folder, "--state")
     if saved is None:
@@ -31,10 +30,8 @@ def summary(folder: Path) -> dict:
     state = AdaptiveState(folder, target)
     saved = state.saved or {}
 
-    def acceptance(arbiter: dict) -> dict[str, float]:
-        window = (arbiter or {}).get("window", {})
-        return {part: round(Faded(float(t), float(w)).mean(PRIOR_TOKENS, PRIOR_WEIGHT), 3)
-                for part, (t, w) in window.items()}
+    def acceptance(arbiter: dict | None) -> dict[str, float]:
+        return {part: round(e, 3) for part, e in saved_window_tokens(arbiter).items()}
 
     learner = saved.get("learner", {})
     return {"state": str(folder), "target": target, "head": saved.get("head"),

@@ -102,7 +102,7 @@ def run_adaptive(args: argparse.Namespace) -> int:
 
     from draftwise.api import LLM
     from draftwise.errors import BadInput
-    from draftwise.speculators.adaptive_state import STATE, TRAFFIC, read_state
+    from draftwise.speculators.adaptive import STATE, TRAFFIC, read_state
     from draftwise.train.adaptive import train_adaptive
 
     if args.state is None:
@@ -142,8 +142,8 @@ def run_adaptive(args: argparse.Namespace) -> int:
 def run_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from draftwise.api import default_device, load_model
     from draftwise.errors import BadInput
+    from draftwise.models.build import default_device, load_model
     from draftwise.train.data import build_dataset, read_prompts
     from draftwise.train.dataset import Distilled, read_meta
     from draftwise.train.loop import TrainSettings

@@ -32,11 +32,17 @@ only when drafting could pay at a high acceptance (`OPTIMISTIC_ALPHA`): on a bat
 large for any draft to pay, exploring would only cost throughput. Each exploration that
 leaves speculation off doubles the wait before the next (from `explore_every` steps up
 to `MAX_EXPLORE_GAP`), so a settled "off" costs little.
+
+The engine sees every controller through one protocol, `Controller` (`choose` before a
+step, `observe` after it): this adaptive one for chains, `TreeController`
+(engine/tree_controller.py) for methods that draft trees, and `FixedController` when
+`adaptive` is off. `make_controller` picks one from what the proposer class says of its
+drafts (`Proposer.drafts_trees`, `Proposer.max_tree_depth`), never from the method's name.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 from draftwise.config import SpeculativeConfig
 from draftwise.engine.costs import MAX_EXPLORE_GAP, CostModel
@@ -46,6 +52,24 @@ from draftwise.request import RequestState
 from draftwise.speculators import proposer_class
 
 OPTIMISTIC_ALPHA = 0.9  # acceptance at which exploring a draft while speculation is off could pay
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """What the engine asks of a controller, once per speculative step."""
+
+    def choose(self, requests: Sequence[RequestState]) -> list[int]:
+        """The draft budget of each running request this step: a chain's length, or a tree's
+        node count for a method that drafts trees; 0 is plain decoding."""
+        ...
+
+    def observe(self, batch: int, tokens_per_row: int, pass_seconds: float, draft_positions: int,
+                draft_seconds: float) -> None:
+        """What the step cost: a target pass over `batch` rows of `tokens_per_row` tokens (the
+        fed token and the longest draft) took `pass_seconds`; drafting `draft_positions` tokens
+        deep (the longest draft a speculator made) took `draft_seconds` (a draft model's prompt
+        prefill left out). Acceptance the controller reads from the requests' stats."""
+        ...
 
 
 class AdaptiveController:
@@ -115,26 +139,22 @@ class FixedController:
     def choose(self, requests: Sequence[RequestState]) -> list[int]:
         return [self.k] * len(requests)
 
-    def observe(self, *args, **kwargs) -> None:
+    def observe(self, batch: int, tokens_per_row: int, pass_seconds: float, draft_positions: int,
+                draft_seconds: float) -> None:
         pass
 
 
-def make_controller(config: SpeculativeConfig):
-    """Chains: AdaptiveController; methods that draft trees (`Proposer.drafts_trees`):
-    TreeController (engine/tree_controller.py); either FixedController when `adaptive` is false."""
+def make_controller(config: SpeculativeConfig) -> Controller:
+    """Chains: AdaptiveController; methods whose class drafts trees (`Proposer.drafts_trees`):
+    TreeController (engine/tree_controller.py), as deep as the class says its trees go under
+    `config` (`Proposer.max_tree_depth`); either FixedController when `adaptive` is false."""
     adaptive = config.adaptive if config.adaptive is not None else True
     if not adaptive:
         return FixedController(config.num_speculative_tokens)
     try:
-        trees = proposer_class(config.method).drafts_trees
+        method = proposer_class(config.method)
     except ValueError:  # an unknown method is refused where the proposer is built
-        trees = False
-    if trees:
-        if config.method == "eagle":
-            depth = config.eagle_tree_depth
-        elif config.method == "medusa" and config.tree:
-            depth = max(len(p) for p in config.tree)
-        else:  # adaptive (chains up to the budget), or medusa's default tree
-            depth = None
-        return TreeController(config.num_speculative_tokens, depth)
+        return AdaptiveController(config.num_speculative_tokens)
+    if method.drafts_trees:
+        return TreeController(config.num_speculative_tokens, method.max_tree_depth(config))
     return AdaptiveController(config.num_speculative_tokens)

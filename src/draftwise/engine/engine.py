@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from draftwise.engine.constrained import FORCED_MAX, FittedBatch, constraint_for, count_forced, fit_batch, own_accepted
-from draftwise.engine.controller import AdaptiveController, FixedController
+from draftwise.engine.controller import Controller
 from draftwise.metrics import SpecStats
 from draftwise.engine.step import prefill, target_step
 from draftwise.errors import RequestRefused
@@ -61,7 +61,7 @@ class Engine:
         tokenizer,
         *,
         proposer: Proposer | None = None,
-        controller: AdaptiveController | FixedController | None = None,
+        controller: Controller | None = None,
         max_batch_size: int = 8,
         max_model_len: int | None = None,
         max_speculative_tokens: int = 0,

@@ -36,7 +36,9 @@ LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class TreeController:
-    """Choose the tree node budget of each step from measurements (see the module docstring)."""
+    """Choose the tree node budget of each step from measurements (see the module docstring);
+    an engine `Controller` (engine/controller.py). `depth`: the proposer's deepest tree path
+    (`Proposer.max_tree_depth`), None for as deep as the budget."""
 
     def __init__(self, budget: int, depth: int | None = None, explore_every: int = 16) -> None:
         self.budget = budget

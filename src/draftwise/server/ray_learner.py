@@ -1,20 +1,20 @@
 """One learner for every Ray Serve replica: the adaptive speculator's online learning, shared.
 
-Alone, an adaptive speculator (speculators/adaptive.py) trains its EAGLE head on the
+Alone, an adaptive speculator (speculators/adaptive/) trains its EAGLE head on the
 traffic of its own engine. Behind one endpoint, N replicas each see a 1/N share of the
 traffic; trained apart, each head learns from that share only. Here the replicas' heads
 learn from all of it:
 
-- the replicas' learners stop training (`OnlineLearner.share`); each finished request's
-  tokens and target features go from a replica's outbox to one `SharedLearner` actor
-  (named, created by the first replica that asks), every `PUSH_SECONDS`, with whether
-  the replica had work;
+- the replicas' learners stop training (`Proposer.share`, which also gives the spec the
+  actor builds its learner from); each finished request's tokens and target features
+  (`Proposer.take_shared`) go to one `SharedLearner` actor (named, created by the first
+  replica that asks), every `PUSH_SECONDS`, with whether the replica had work;
 - the actor keeps one replay buffer of every replica's traffic and trains one copy of
   the head on it, with the replicas' learner settings and the same rule for when: while
   any replica has work, at most `train_share` of the wall time (0: not at all); once all
   have been idle for `idle_after` seconds (`train_when_idle`), freely;
 - every `swap_every` training steps it publishes the weights with a new version; each
-  replica, at its next exchange, takes them (`OnlineLearner.adopt`: the drafting copy is
+  replica, at its next exchange, takes them (`Proposer.adopt`: the drafting copy is
   built in the replica's sync thread) and swaps them in between engine steps. Output is
   unchanged by any swap: verification keeps it the target's.
 
@@ -26,7 +26,6 @@ shared cache like a replica does.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -37,16 +36,12 @@ LEARNER_NAME = "draftwise-learner"
 BUSY_SECONDS = 3.0  # a replica that reported work this recently counts as busy
 
 
-def learner_spec(learner, settings) -> dict:
+def learner_spec(learner: dict, settings) -> dict:
     """What the actor needs to build the same learner as a replica's: the target (from the
-    server settings), the head (its config and weights), the data layers, the settings."""
-    head = learner.snapshot()
+    server settings) and the learner's own spec (`Sharing.learner`: head, data layers,
+    settings)."""
     return {"model": settings.model, "dtype": settings.dtype, "quantization": settings.quantization,
-            "revision": settings.revision, "device": settings.device,
-            "head_config": head.config.model_dump(), "head_state": head.state_dict(),
-            "data_layers": list(learner.data_layers), "settings": dataclasses.asdict(learner.settings),
-            "buffer_tokens": learner.buffer.max_tokens, "max_len": learner.buffer.max_len,
-            "steps": learner.steps}
+            "revision": settings.revision, "device": settings.device, **learner}
 
 
 def shared_learner(spec: dict, num_gpus: float = 0.0):
@@ -58,20 +53,14 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
         def __init__(self, spec: dict) -> None:
             import torch
 
-            from draftwise.api import default_device, load_model
-            from draftwise.speculators.eagle_head import EagleConfig, EagleHead
-            from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+            from draftwise.models.build import default_device, load_model
+            from draftwise.speculators.adaptive import OnlineLearner
 
             device = spec["device"] or default_device()
             target, _ = load_model(spec["model"], spec["dtype"], device, False, spec["quantization"],
                                    spec["revision"])
-            head = EagleHead(EagleConfig(**spec["head_config"]))
-            head.load_state_dict(spec["head_state"])
-            s = LearnerSettings(**{**spec["settings"], "swap_every": 1 << 30})  # publishing is done here
             self.swap_every = spec["settings"]["swap_every"]
-            self.learner = OnlineLearner(head, target, spec["data_layers"],
-                                         ReplayBuffer(spec["buffer_tokens"], spec["max_len"]), s)
-            self.learner.steps = spec["steps"]
+            self.learner = OnlineLearner.from_spec(spec, target, swap_every=1 << 30)  # publishing is done here
             self.torch = torch
             self.version = 0
             self.published: dict | None = None
@@ -84,7 +73,7 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
         def exchange(self, replica: str, items: list[tuple], busy: bool, have: int) -> dict:
             """Take a replica's finished sequences; return the state, and the weights when
             they are newer than version `have`."""
-            from draftwise.speculators.online import Stored
+            from draftwise.speculators.adaptive import Stored
 
             for ids, feats, prompt_len in items:
                 self.learner.buffer.put(Stored(ids, feats, prompt_len))
@@ -137,29 +126,22 @@ def shared_learner(spec: dict, num_gpus: float = 0.0):
 
 
 class LearnerLink:
-    """A replica's side: its learner shared, its outbox sent, the newest weights adopted."""
+    """A replica's side: its proposer's training examples sent, the shared learner's answers
+    (the newest weights among them) handed to the proposer (`Proposer.adopt`)."""
 
-    def __init__(self, learner, engine, settings, replica: str, num_gpus: float = 0.0) -> None:
-        self.learner, self.engine, self.replica = learner, engine, replica
+    def __init__(self, proposer, learner: dict, engine, settings, replica: str, num_gpus: float = 0.0) -> None:
+        """`learner`: the proposer's learner spec (`Sharing.learner`, after `share`)."""
+        self.proposer, self.engine, self.replica = proposer, engine, replica
         self.actor = shared_learner(learner_spec(learner, settings), num_gpus)
-        learner.share()
         self.version = 0
 
-    def sync(self, timeout: float = 60.0) -> None:
-        """One exchange with the actor (the replica's sync thread calls it every PUSH_SECONDS)."""
+    def sync(self, examples: list[tuple], timeout: float = 60.0) -> None:
+        """One exchange with the actor (the replica's sync thread calls it every PUSH_SECONDS)
+        with the `examples` the proposer took since the last (`Learned.examples`)."""
         import ray
 
-        outbox = self.learner.buffer.outbox
-        items = []
-        while outbox:
-            it = outbox.popleft()
-            items.append((it.ids, it.feats, it.prompt_len))
-        out = ray.get(self.actor.exchange.remote(self.replica, items, bool(self.engine.has_work), self.version),
+        out = ray.get(self.actor.exchange.remote(self.replica, examples, bool(self.engine.has_work), self.version),
                       timeout=timeout)
-        if out["error"] and self.learner.error is None:
-            self.learner.error = f"shared learner: {out['error']}"
+        self.proposer.adopt(learner=out)
         if out.get("state") is not None:
-            self.learner.adopt(out["state"], out["steps"], out["loss"], out["buffer_tokens"])
             self.version = out["version"]
-        else:
-            self.learner.shared_buffer_tokens = out["buffer_tokens"]

@@ -10,11 +10,13 @@ logprobs, the error envelope, the API key, the body cap, the queue limit (429, p
 replica), a client disconnect cancelling its request (Ray cancels the replica's handler,
 which aborts the engine request and frees its cache row), `/health`.
 
-What spans replicas:
+What spans replicas (what a speculator learns from traffic passes through the `Proposer`
+hooks, never its internals: `share` once, then `take_shared` and `adopt` every
+`PUSH_SECONDS`):
 - the suffix cache's learned traffic: every replica's suffix cache (the `suffix` method,
   or the adaptive speculator's suffix part) sends its finished sequences to one
-  `ReplicaHub` actor and takes the other replicas' from it, every `PUSH_SECONDS`; so a
-  question answered by one replica is drafted from by all of them;
+  `ReplicaHub` actor and takes the other replicas' from it; so a question answered by
+  one replica is drafted from by all of them;
 - the adaptive speculator's online learning: one `SharedLearner` actor trains one head on
   every replica's traffic and pushes its weights back to all of them
   (server/ray_learner.py), so N replicas learn from N times the traffic;
@@ -127,15 +129,6 @@ def replica_hub():
                               lifetime="detached").remote()
 
 
-def suffix_parts(proposer) -> list:
-    """The suffix caches inside a speculator (itself, or the parts of a composite one)."""
-    from draftwise.speculators.suffix import SuffixProposer
-
-    if isinstance(proposer, SuffixProposer):
-        return [proposer]
-    return [p for p in getattr(proposer, "parts", {}).values() if isinstance(p, SuffixProposer)]
-
-
 # series that describe the one shared learner (server/ray_learner.py): every replica reports
 # its latest copy of them, so the merged line is the freshest copy (most learner steps), not a sum
 LEARNER_STEPS = "draftwise:adaptive_learner_steps"
@@ -197,35 +190,29 @@ def build_replica_app(settings: ServerSettings, num_gpus: float = 0.0):
     state = app.state.draftwise
     replica = ray.get_runtime_context().get_actor_id()[:12]
     hub = replica_hub()
-    suffixes = suffix_parts(state.llm.engine.proposer)
-    if suffixes:
-        suffixes[0].share()  # one outbox per replica; every suffix part takes the others' sequences
+    proposer = state.llm.engine.proposer
+    sharing = proposer.share() if proposer is not None else None  # what its method learns from traffic
     seen = 0  # position in the traffic hub's log already taken
     link = None
-    learner = getattr(state.llm.engine.proposer, "learner", None)
-    if learner is not None:  # the adaptive speculator: one learner for all replicas
+    if sharing is not None and sharing.learner is not None:  # the adaptive speculator: one learner for all replicas
         from draftwise.server.ray_learner import LearnerLink
 
-        link = LearnerLink(learner, state.llm.engine, settings, replica, num_gpus)
+        link = LearnerLink(proposer, sharing.learner, state.llm.engine, settings, replica, num_gpus)
 
     def push_forever() -> None:
         nonlocal seen
         while True:
+            learned = proposer.take_shared() if sharing is not None else None
             try:
                 hub.put.remote(replica, state.metrics.render())  # fire and forget
-                if suffixes:
-                    mine = []
-                    while suffixes[0].outbox:
-                        mine.append(suffixes[0].outbox.popleft())
-                    theirs, seen = ray.get(hub.exchange.remote(replica, mine, seen), timeout=30)
-                    for part in suffixes:
-                        for seq in theirs:
-                            part.inbox.put(seq)
+                if learned is not None and sharing.sequences:
+                    theirs, seen = ray.get(hub.exchange.remote(replica, learned.sequences, seen), timeout=30)
+                    proposer.adopt(sequences=theirs)
             except Exception:  # noqa: BLE001 - the hubs are best effort; serving goes on
                 pass
             try:
                 if link is not None:
-                    link.sync()
+                    link.sync(learned.examples)
             except Exception as e:  # noqa: BLE001 - drafting goes on with the weights it has
                 logging.getLogger("draftwise.adaptive").warning("adaptive: shared learner unreachable: %s", e)
             time.sleep(PUSH_SECONDS)

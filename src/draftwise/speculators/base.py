@@ -9,12 +9,17 @@ Lifecycle per request: `begin` once, then per step `propose` and, after verifica
 Once per engine: `attach_target_cache` before any request, `close` at shutdown. Between
 them, `pause` and `resume` hold and release the method's background work (the bench holds
 every method but the one it times).
+
+Replicas behind one endpoint (server/ray_serve.py) pool what their methods learn from
+traffic through three hooks, no-ops by default: `share` once (what the method will pool),
+then, every exchange, `take_shared` (what this replica learned since the last one) and
+`adopt` (what the others learned). `report` gives the method's counters for metrics.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -49,6 +54,34 @@ class Draft:
         return cls(tokens=[[] for _ in range(n)], parents=[None] * n, probs=[None] * n)
 
 
+@dataclass
+class Sharing:
+    """What a method pools with the other replicas once `Proposer.share` was called.
+
+    sequences: finished requests' tokens go out (`Learned.sequences`) and the other
+               replicas' come in (`Proposer.adopt`): a lookup cache learns from them (suffix).
+    learner:   the spec of the method's head learner (`OnlineLearner.spec`, adaptive), from
+               which one shared learner is built to train for every replica
+               (server/ray_learner.py); None when the method trains no head.
+    """
+
+    sequences: bool = False
+    learner: dict | None = None
+
+
+@dataclass
+class Learned:
+    """What a replica's method took from its traffic since it was last asked (`take_shared`).
+
+    sequences: finished requests' token ids, prompt then output.
+    examples:  finished requests' training examples for the shared learner, each
+               (ids [n+1], target features [n, F] bf16, prompt length).
+    """
+
+    sequences: list[list[int]] = field(default_factory=list)
+    examples: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+
+
 class Proposer(ABC):
     """Base class of all speculation methods."""
 
@@ -59,6 +92,14 @@ class Proposer(ABC):
     # target layers whose outputs this proposer reads (-1 = last layer, before the final
     # norm); the engine then calls `on_hidden` after every target pass
     hidden_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def max_tree_depth(cls, config: SpeculativeConfig) -> int | None:
+        """For a method that drafts trees: the depth of the deepest path its trees can have
+        under `config`, i.e. the most draft tokens one step can accept; None when only the
+        node budget bounds it. The engine's controller reads it from the class, with
+        `drafts_trees`, to pick and size itself (`engine/controller.py`'s `make_controller`)."""
+        return None
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: "Target") -> "Proposer":
@@ -103,6 +144,26 @@ class Proposer(ABC):
     def report(self) -> dict[str, float]:
         """Counters and gauges of the method for metrics (`draftwise:<method>_<key>`); none by default."""
         return {}
+
+    # --- replicas behind one endpoint (server/ray_serve.py) ------------------------------
+
+    def share(self) -> Sharing | None:
+        """From now on, pool what the method learns from traffic with the other replicas:
+        keep it for `take_shared` (a head learner stops training here: one shared learner
+        trains for all). Returns what is pooled; None (the default) when the method learns
+        nothing from traffic."""
+        return None
+
+    def take_shared(self) -> Learned:
+        """What the method learned since the last call (after `share`), to send to the others;
+        called from the replica's sync thread, not the engine's."""
+        return Learned()
+
+    def adopt(self, sequences: Sequence[list[int]] = (), learner: dict | None = None) -> None:
+        """Take what the other replicas learned: their finished `sequences`, and the shared
+        learner's answer to this replica's last exchange (`learner`: its counters, and newer
+        weights when it has some; `OnlineLearner.receive`). Called from the replica's sync
+        thread: a method hands anything the engine's thread uses over safely."""
 
 
 # --- registry ---------------------------------------------------------------------------

@@ -175,6 +175,11 @@ class MedusaProposer(Proposer):
         self.last_hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden] of its last target-run token
 
     @classmethod
+    def max_tree_depth(cls, config: SpeculativeConfig) -> int | None:
+        """A configured tree's longest path; the default tree is bounded by the budget only."""
+        return max(len(p) for p in config.tree) if config.tree else None
+
+    @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "MedusaProposer":
         if isinstance(target.draft_model, MedusaHeads):
             heads = target.draft_model

@@ -14,10 +14,11 @@ finished requests (prompt + output, added in `end`, oldest evicted past
 `suffix_max_cached_requests` or `max_cached_tokens`). The draft with the higher score
 (sum of node probabilities = expected accepted tokens under the counts) wins.
 
-Sharing (several engines, e.g. Ray Serve replicas): with `share()` on, every finished
-sequence is also left in `outbox` for someone to carry elsewhere, and sequences put in
-`inbox` (from other engines, by any thread) join the global tree at the next `propose`,
-on the engine's thread, so the tree is never touched by two threads.
+Sharing (several engines, e.g. Ray Serve replicas; the `Proposer` hooks): with `share()`
+on, every finished sequence is also left in `outbox` (`take_shared` empties it) for someone
+to carry elsewhere, and sequences put in `inbox` (`adopt`: from other engines, by any
+thread) join the global tree at the next `propose`, on the engine's thread, so the tree is
+never touched by two threads.
 
 The tree is path-compressed: an edge is a (sequence, start, length) label into the held
 sequences, and a node exists only where paths branch or windows end, so a tree holds
@@ -40,7 +41,7 @@ from typing import Any, Iterable, Sequence
 
 from draftwise.config import SpeculativeConfig
 from draftwise.request import RequestState
-from draftwise.speculators.base import Draft, Proposer, register
+from draftwise.speculators.base import Draft, Learned, Proposer, Sharing, register
 
 
 _NO_TOKENS = array("i")
@@ -327,9 +328,22 @@ class SuffixProposer(Proposer):
         self.outbox: deque[list[int]] | None = None  # finished sequences for other engines (share())
         self.inbox: queue.SimpleQueue[list[int]] = queue.SimpleQueue()  # theirs, added at the next propose
 
-    def share(self, keep: int = 1000) -> None:
+    def share(self, keep: int = 1000) -> Sharing:
         """Leave every finished sequence (prompt + output) in `outbox` (the newest `keep`)."""
         self.outbox = deque(maxlen=keep)
+        return Sharing(sequences=True)
+
+    def take_shared(self) -> Learned:
+        """The finished sequences left in `outbox` since the last call."""
+        out = Learned()
+        while self.outbox:
+            out.sequences.append(self.outbox.popleft())
+        return out
+
+    def adopt(self, sequences: Sequence[list[int]] = (), learner: dict | None = None) -> None:
+        """Other engines' finished sequences join the global tree at the next `propose`."""
+        for seq in sequences:
+            self.inbox.put(seq)
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Any = None) -> "SuffixProposer":

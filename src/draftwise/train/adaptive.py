@@ -2,7 +2,7 @@
 
 A serving process learns from its traffic only in idle time, and a `draftwise generate`
 call has none: its requests still go into the state's traffic store
-(`speculators/adaptive_state.py`). This trains the state's head on that stored traffic,
+(`speculators/adaptive/state.py`). This trains the state's head on that stored traffic,
 with the learner's own objective and optimizer settings, until a step or time budget,
 saving the head every `SAVE_EVERY` steps and at the end (an interrupted run keeps what it
 trained; the next run goes on from there). The next process that uses the state serves

@@ -98,7 +98,7 @@ class Recorder(Proposer):
 
 def distill_layers(num_layers: int) -> list[int]:
     """What the data keeps: EAGLE-3's three capture points and the last layer."""
-    from draftwise.speculators.eagle_head import default_eagle3_layers
+    from draftwise.speculators.eagle import default_eagle3_layers
 
     return sorted(set(default_eagle3_layers(num_layers)) | {num_layers - 1})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from draftwise.errors import BadInput
-from draftwise.speculators.eagle_loss import Batch
+from draftwise.speculators.eagle import Batch
 
 
 def read_meta(folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Training an EAGLE head on self-distilled data (the objective: speculators/eagle_loss.py)."""
+"""Training an EAGLE head on self-distilled data (the objective: speculators/eagle/loss.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from draftwise.errors import BadInput
-from draftwise.speculators.eagle_checkpoint import load_eagle_head, save_eagle_head
-from draftwise.speculators.eagle_head import EagleHead, config_for_target, default_eagle3_layers, init_head_from_target
-from draftwise.speculators.eagle_loss import EagleObjective
+from draftwise.speculators.eagle import (EagleHead, EagleObjective, config_for_target, default_eagle3_layers,
+                                         init_head_from_target, load_eagle_head, save_eagle_head)
 from draftwise.train.dataset import Distilled
 from draftwise.train.loop import TrainSettings, fit
 

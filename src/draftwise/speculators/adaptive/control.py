@@ -61,6 +61,13 @@ class Faded:
         return (self.total + prior * prior_weight) / (self.weight + prior_weight)
 
 
+def saved_window_tokens(saved: dict | None) -> dict[str, float]:
+    """Each part's E over recent traffic, read from a saved arbiter state (`Arbiter.state`)
+    as `Arbiter.window_tokens` reads its own (`draftwise stats` shows them)."""
+    window = (saved or {}).get("window", {})
+    return {part: Faded(float(t), float(w)).mean(PRIOR_TOKENS, PRIOR_WEIGHT) for part, (t, w) in window.items()}
+
+
 def geometric_tokens(a: float, depth: int) -> float:
     """a + a^2 + ... + a^depth: accepted tokens when each depth is accepted with chance a."""
     return sum(a ** j for j in range(1, depth + 1))

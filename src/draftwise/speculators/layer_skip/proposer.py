@@ -17,7 +17,7 @@ the draft's KV equals the target's. Two modes:
   It costs an L-layer prefill per request and L/N of the target's cache memory.
 
 L comes from `SpeculativeConfig.num_layers`, or else from a short calibration
-(speculators/layer_calibration.py: measured early-exit acceptance against cost).
+(`layer_skip/calibration.py`: measured early-exit acceptance against cost).
 
 The draft runs the target's first L layers with `models/partial.py` and drafts with the
 chain loop of `speculators/chain.py`.
@@ -37,7 +37,7 @@ from draftwise.models.transformer import Transformer
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, register
 from draftwise.speculators.chain import CacheBook, draft_chain
-from draftwise.speculators.layer_calibration import CALIBRATION_TEXT, calibrate, pick_num_layers
+from draftwise.speculators.layer_skip.calibration import CALIBRATION_TEXT, calibrate, pick_num_layers
 
 # --- the proposer -----------------------------------------------------------------------
 

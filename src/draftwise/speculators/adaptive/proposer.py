@@ -6,19 +6,19 @@ Parts:
 - `static`: any other method (`static` in the config; default: the shipped EAGLE head of
   the target when there is one, else prompt lookup). It never changes: the floor.
 - `learner`: an EAGLE head (`learner.init`: a shipped head, a folder, or a new head) that
-  keeps training on finished requests (`speculators/online.py`) in a thread of its own;
+  keeps training on finished requests (`adaptive/online.py`) in a thread of its own;
   new weights are swapped in between engine steps.
 - `suffix`: the suffix cache, which learns from traffic without training.
 
 It is one `Proposer`: it forwards `begin`, `on_hidden`, `on_accept` and `end` to every part
 (so each stays in step with the committed tokens), and in `propose` asks its `Arbiter`
-(`speculators/adaptive_control.py`) which part drafts for which request. Parts that did not
+(`adaptive/control.py`) which part drafts for which request. Parts that did not
 draft are scored in `on_accept` against the tokens the target committed: lookup proposals
 by matching, EAGLE heads by their first-token accuracy when they catch up (every
 `SHADOW_EVERY` steps). The engine's controller still sets the budget of each step (tree
 nodes, or chain length for chain parts) and switches speculation off when it does not pay.
 
-With `adaptive_state`, what it learned survives a restart (`adaptive_state.py`): the head,
+With `adaptive_state`, what it learned survives a restart (`adaptive/state.py`): the head,
 the arbiter's estimates and the replay buffer's traffic, saved every `save_every` swaps,
 every `SAVE_EVERY_REQUESTS` finished requests (off the engine's thread) and at `close`,
 whether or not a training step has run.
@@ -42,13 +42,12 @@ from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.heads import SHIPPED
 from draftwise.request import RequestState
-from draftwise.speculators.adaptive_control import Arbiter, geometric_tokens
-from draftwise.speculators.adaptive_state import AdaptiveState
-from draftwise.speculators.base import Draft, Proposer, Target, proposer_class, register
-from draftwise.speculators.eagle import EagleProposer
-from draftwise.speculators.eagle_checkpoint import load_eagle_head
-from draftwise.speculators.eagle_head import EagleHead, config_for_target, default_eagle3_layers, init_head_from_target
-from draftwise.speculators.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.speculators.adaptive.control import Arbiter, geometric_tokens
+from draftwise.speculators.adaptive.online import LearnerSettings, OnlineLearner, ReplayBuffer
+from draftwise.speculators.adaptive.state import AdaptiveState
+from draftwise.speculators.base import Draft, Learned, Proposer, Sharing, Target, proposer_class, register
+from draftwise.speculators.eagle import (EagleHead, EagleProposer, config_for_target, default_eagle3_layers,
+                                         init_head_from_target, load_eagle_head)
 from draftwise.speculators.suffix import SuffixProposer
 from draftwise.tree import matched_length
 
@@ -105,7 +104,7 @@ class _Pending:
 @register
 class AdaptiveProposer(Proposer):
     name = "adaptive"
-    drafts_trees = True
+    drafts_trees = True  # of any depth up to the budget (a chain part's draft): `max_tree_depth` None
 
     def __init__(self, parts: dict[str, Proposer], caps: dict[str, int], learner: OnlineLearner | None = None,
                  data_layers: Sequence[int] = (), depth: int = 5, state: AdaptiveState | None = None,
@@ -382,6 +381,35 @@ class AdaptiveProposer(Proposer):
                     self.parts[part].catch_up([requests[i] for i in active if i not in groups.get(part, [])])
         self._proposed_at = time.perf_counter()
         return draft
+
+    # --- replicas behind one endpoint (server/ray_serve.py) ----------------------------------
+
+    def share(self) -> Sharing | None:
+        """Every part shares what it learns (the suffix cache its finished sequences); the
+        learner stops training here, and its spec builds the one learner of all replicas."""
+        sequences = False
+        for prop in self.parts.values():
+            got = prop.share()
+            sequences = sequences or (got is not None and got.sequences)
+        learner = None
+        if self.learner is not None:
+            self.learner.share()
+            learner = self.learner.spec()
+        return Sharing(sequences, learner) if sequences or learner is not None else None
+
+    def take_shared(self) -> Learned:
+        out = Learned()
+        for prop in self.parts.values():
+            out.sequences += prop.take_shared().sequences
+        if self.learner is not None:
+            out.examples = self.learner.take_examples()
+        return out
+
+    def adopt(self, sequences: Sequence[list[int]] = (), learner: dict | None = None) -> None:
+        for prop in self.parts.values():
+            prop.adopt(sequences)
+        if learner is not None and self.learner is not None:
+            self.learner.receive(learner)
 
     # --- state and metrics ----------------------------------------------------------------
 

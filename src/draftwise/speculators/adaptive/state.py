@@ -36,9 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from draftwise.errors import BadInput
-from draftwise.speculators.eagle_checkpoint import load_eagle_head, save_eagle_head
-from draftwise.speculators.eagle_head import EagleHead
-from draftwise.speculators.online import Stored
+from draftwise.speculators.adaptive.online import Stored
+from draftwise.speculators.eagle import EagleHead, load_eagle_head, save_eagle_head
 
 STATE = "state.json"
 TRAFFIC = "traffic.safetensors"

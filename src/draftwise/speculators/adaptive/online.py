@@ -1,14 +1,14 @@
 """Online learning of an EAGLE head from the traffic it serves: a replay buffer and a trainer.
 
-The adaptive speculator (`speculators/adaptive.py`) hands every finished request to the
+The adaptive speculator (`adaptive/proposer.py`) hands every finished request to the
 `ReplayBuffer`: its tokens (prompt and output) and the target's hidden states of those
 tokens (the head's feature layers and the last layer, whose LM-head distribution is the
 soft label), exactly what `draftwise train eagle` distils offline. The buffer keeps the
 most recent `buffer_tokens` tokens.
 
 The `OnlineLearner` trains its own fp32 copy of the head with the offline objective
-(`speculators/eagle_loss.py`, training-time test included) on windows drawn from the
-buffer, newest sequences most often, in a thread of its own, never the engine's:
+(`eagle/loss.py`, training-time test included) on windows drawn from the buffer, newest
+sequences most often, in a thread of its own, never the engine's:
 
 - duty cycle: while the engine works, at most one training step per `train_every`
   engine steps (the engine `tick`s the learner once per step), and after a step of d
@@ -28,15 +28,17 @@ buffer, newest sequences most often, in a thread of its own, never the engine's:
 - failure: any exception (out of memory included) switches the learner off with the
   reason in `error`; serving goes on with the other speculators.
 - shared (`share()`, Ray Serve replicas: server/ray_learner.py): the learner trains no
-  more itself; its buffer hands each finished sequence to an outbox that one learner for
-  all replicas drains, and that learner's weights come back through `adopt`, which
-  builds the drafting copy (in the caller's thread) and leaves it in `ready` as a local
-  training step would.
+  more itself; its buffer hands each finished sequence to an outbox (`take_examples`)
+  that one learner for all replicas drains, built from this one's `spec`; that learner's
+  answers come back through `receive`, its weights through `adopt`, which builds the
+  drafting copy (in the caller's thread) and leaves it in `ready` as a local training
+  step would.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -49,8 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.kernels.openmp import release_thread_pool
-from draftwise.speculators.eagle_head import EagleHead, with_kernels
-from draftwise.speculators.eagle_loss import Batch, EagleObjective
+from draftwise.speculators.eagle import Batch, EagleConfig, EagleHead, EagleObjective, with_kernels
 
 log = logging.getLogger("draftwise.adaptive")
 
@@ -178,6 +179,25 @@ class OnlineLearner:
         self.shared = False  # trained elsewhere (share / adopt)
         self.shared_buffer_tokens = 0  # the shared learner's buffer, as last reported
 
+    @classmethod
+    def from_spec(cls, spec: dict, target, **settings) -> "OnlineLearner":
+        """The learner `spec` describes (`OnlineLearner.spec`) for `target`, its settings
+        overridden by `settings` (the shared learner publishes weights on its own clock)."""
+        head = EagleHead(EagleConfig(**spec["head_config"]))
+        head.load_state_dict(spec["head_state"])
+        learner = cls(head, target, spec["data_layers"], ReplayBuffer(spec["buffer_tokens"], spec["max_len"]),
+                      LearnerSettings(**{**spec["settings"], **settings}))
+        learner.steps = spec["steps"]
+        return learner
+
+    def spec(self) -> dict:
+        """What builds the same learner elsewhere (`from_spec`): the head (its config and
+        weights), the data layers, the settings, the buffer's bounds and the steps so far."""
+        head = self.snapshot()
+        return {"head_config": head.config.model_dump(), "head_state": head.state_dict(),
+                "data_layers": list(self.data_layers), "settings": dataclasses.asdict(self.settings),
+                "buffer_tokens": self.buffer.max_tokens, "max_len": self.buffer.max_len, "steps": self.steps}
+
     # --- the engine's side --------------------------------------------------------------
 
     def start(self) -> None:
@@ -234,6 +254,26 @@ class OnlineLearner:
         self.stop()
         self.shared = True
         self.buffer.outbox = deque()
+
+    def take_examples(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The finished sequences left in the outbox since the last call, as (ids [n+1],
+        feats [n, F], prompt length); none unless shared."""
+        outbox, items = self.buffer.outbox, []
+        while outbox:
+            it = outbox.popleft()
+            items.append((it.ids, it.feats, it.prompt_len))
+        return items
+
+    def receive(self, answer: dict) -> None:
+        """The shared learner's answer to an exchange (`error`, `steps`, `loss`,
+        `buffer_tokens`, and `state` when its weights are newer than this replica's): its
+        failure switches learning off here too; newer weights are adopted."""
+        if answer["error"] and self.error is None:
+            self.error = f"shared learner: {answer['error']}"
+        if answer.get("state") is not None:
+            self.adopt(answer["state"], answer["steps"], answer["loss"], answer["buffer_tokens"])
+        else:
+            self.shared_buffer_tokens = answer["buffer_tokens"]
 
     def adopt(self, state: dict[str, torch.Tensor], steps: int, loss: float | None, buffer_tokens: int) -> None:
         """Take the shared learner's weights: the drafting copy is built here (the caller's

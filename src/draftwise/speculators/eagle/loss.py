@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from draftwise.errors import BadInput
-from draftwise.speculators.eagle_head import EagleHead
+from draftwise.speculators.eagle.head import EagleHead
 
 
 @dataclass

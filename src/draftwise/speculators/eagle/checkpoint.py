@@ -39,7 +39,7 @@ from draftwise.config import one_line
 from draftwise.errors import BadInput
 from draftwise.heads import SHIPPED, check_file
 from draftwise.heads import resolve as resolve_head
-from draftwise.speculators.eagle_head import EagleConfig, EagleHead, default_eagle3_layers
+from draftwise.speculators.eagle.head import EagleConfig, EagleHead, default_eagle3_layers
 
 OURS_KEY = "draftwise_eagle"
 WEIGHTS = "model.safetensors"

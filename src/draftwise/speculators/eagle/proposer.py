@@ -19,7 +19,7 @@ target's argmax, sampling uses recursive rejection over these point-mass candida
 Settings (`SpeculativeConfig`): `eagle_tree_top_k` (k), `eagle_tree_depth`,
 `eagle_total_tokens` (N, default and maximum: the engine's budget, i.e.
 `num_speculative_tokens`), and `lookup` (`ngram` or `suffix`: that method's draft is
-grafted onto the tree before the best N are kept; `speculators/graft.py`).
+grafted onto the tree before the best N are kept; `eagle/graft.py`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from draftwise.config import SpeculativeConfig
 from draftwise.errors import BadInput
 from draftwise.request import RequestState
 from draftwise.speculators.base import Draft, Proposer, Target, proposer_class, register
-from draftwise.speculators.eagle_checkpoint import check_against_target, load_eagle_head
-from draftwise.speculators.eagle_head import EagleHead, target_features, with_kernels
-from draftwise.speculators.graft import LookupGraft, graft
+from draftwise.speculators.eagle.checkpoint import check_against_target, load_eagle_head
+from draftwise.speculators.eagle.head import EagleHead, target_features, with_kernels
+from draftwise.speculators.eagle.graft import LookupGraft, graft
 
 LONG_CATCH_UP = 16  # rows with more unseen pairs than this (a prompt) catch up on their own
 
@@ -105,6 +105,10 @@ class EagleProposer(Proposer):
         self.track_hits = False
         self.hits: dict[str, list[int]] = {}  # request id -> [correct, predicted] since last taken
         self.lookup = LookupGraft(lookup) if lookup is not None else None
+
+    @classmethod
+    def max_tree_depth(cls, config: SpeculativeConfig) -> int | None:
+        return config.eagle_tree_depth
 
     @classmethod
     def from_config(cls, config: SpeculativeConfig, target: Target) -> "EagleProposer":
