@@ -102,6 +102,8 @@ class Engine:
                            max_tokens=max_tokens, banned=banned if params.min_tokens else [],
                            constraint=constraint_for(params, self.tokenizer, self.model.config))
         self.waiting.append(req)
+        if self.proposer is not None:
+            self.proposer.request_arrived()
         return req
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:

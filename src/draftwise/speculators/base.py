@@ -141,6 +141,11 @@ class Proposer(ABC):
     def resume(self) -> None:
         """Let background work go on after `pause`."""
 
+    def request_arrived(self) -> None:
+        """A request was just queued, before its prefill (the engine's `add_request`): a
+        method whose background work runs only while the engine is idle stops it at its next
+        safe point, so the request has the cores. None by default."""
+
     def report(self) -> dict[str, float]:
         """Counters and gauges of the method for metrics (`draftwise:<method>_<key>`); none by default."""
         return {}

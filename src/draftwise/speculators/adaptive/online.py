@@ -145,6 +145,10 @@ def lower_this_thread() -> bool:
     return True
 
 
+class StepInterrupted(Exception):
+    """Raised at a safe point of a training step when a request arrived (`OnlineLearner.interrupt`)."""
+
+
 class OnlineLearner:
     """Trains a copy of `head` on `buffer` in a background thread (see the module docstring)."""
 
@@ -172,6 +176,8 @@ class OnlineLearner:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
         self._paused = threading.Event()  # set: no training step may start (pause / resume)
+        self._interrupt = threading.Event()  # set: a request arrived; the step in flight stops (idle-only)
+        self.interrupted = 0  # training steps given up for a request that arrived
         self._gate = threading.Lock()  # held by the trainer through each step: pause waits on it
         self._rng = random.Random(settings.seed)
         self._thread: threading.Thread | None = None
@@ -216,6 +222,26 @@ class OnlineLearner:
         with self._lock:
             head, self.ready = self.ready, None
         return head
+
+    def interrupt(self) -> None:
+        """A request arrived. Learning only while idle (`train_share` <= 0), the step in
+        flight stops at its next safe point (a module of the head about to run forward, a
+        gradient of its parameters computed) without updating the head, so the request does
+        not share the cores with the rest of it; the next step starts once the engine is idle
+        again. Learning beside the engine (`train_share` > 0), steps go on."""
+        if self.settings.train_share <= 0:
+            self._interrupt.set()
+
+    def _safe_point(self, *_) -> None:
+        if self._interrupt.is_set():
+            raise StepInterrupted
+
+    def _safe_points(self) -> list:
+        """Hooks that call `_safe_point` before each head module's forward and after each
+        parameter's gradient; on only through a step (the head's drafting copies, taken
+        between steps, never carry them)."""
+        handles = [m.register_forward_pre_hook(self._safe_point) for m in self.head.modules()]
+        return handles + [p.register_hook(self._safe_point) for p in self.params]
 
     def pause(self) -> None:
         """No training step runs from now until `resume` (waits for one in flight)."""
@@ -314,6 +340,7 @@ class OnlineLearner:
             with self._gate:
                 if self._paused.is_set():
                     continue
+                self._interrupt.clear()  # the engine was idle until now
                 self.busy = True
                 try:
                     self.train_step()
@@ -339,12 +366,22 @@ class OnlineLearner:
         for group in self.opt.param_groups:  # linear warm-up: Adam's first steps are the largest
             group["lr"] = self.settings.lr * min(1.0, (self._fresh_steps + 1) / max(1, self.settings.warmup))
         with self._lock:
-            with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = self.objective(batch)
-            if not loss.requires_grad:
+            hooks = self._safe_points()
+            try:
+                with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, _ = self.objective(batch)
+                if not loss.requires_grad:
+                    return None
+                self.opt.zero_grad(set_to_none=True)
+                self._safe_point()
+                loss.backward()
+            except StepInterrupted:  # a request arrived: give the step up, the head unchanged
+                self.opt.zero_grad(set_to_none=True)
+                self.interrupted += 1
                 return None
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            finally:
+                for hook in hooks:
+                    hook.remove()
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
             self.opt.step()
             self.steps += 1

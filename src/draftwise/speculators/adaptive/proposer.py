@@ -274,6 +274,10 @@ class AdaptiveProposer(Proposer):
         if self.learner is not None:
             self.learner.resume()
 
+    def request_arrived(self) -> None:
+        if self.learner is not None:
+            self.learner.interrupt()
+
     def close(self) -> None:
         """Stop the learner and save the state (when a folder was given): the head if a step
         trained it, the arbiter's estimates and the stored traffic in any case."""
