@@ -75,9 +75,10 @@ class Server:
             if time.monotonic() > deadline:
                 raise SystemExit("draftwise serve did not start within 600 s")
             time.sleep(0.5)
+        self.model = self.client.get("/v1/models").json()["data"][0]["id"]
 
     def complete(self, prompt: str, max_tokens: int) -> Timing:
-        body = {"model": self.model_id(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "return_token_ids": True}
         ids: list[int] = []
         times: list[float] = []
@@ -96,11 +97,6 @@ class Server:
                     ids += new
         return Timing(times[0] - start, (times[-1] - times[0]) / (len(ids) - 1), ids, len(times),
                       [b - a for a, b in zip(times, times[1:])])
-
-    def model_id(self) -> str:
-        if not hasattr(self, "_model"):
-            self._model = self.client.get("/v1/models").json()["data"][0]["id"]
-        return self._model
 
     def close(self) -> None:
         self.client.close()

@@ -21,6 +21,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name `parse_dtype` takes for `dtype` (bf16, fp32, fp16)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from draftwise.models.build import dtype_name
 from draftwise.server.engine_loop import EngineLoop
 from draftwise.server.errors import APIError
 from draftwise.server.metrics import ServerMetrics
@@ -43,9 +44,7 @@ class ServerState:
         """What this server runs: the weights' quantization, compute dtype, device and
         speculator (in the start line and in /v1/models)."""
         model = self.llm.model
-        dtype = {"torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16"}.get(
-            str(model.dtype), str(model.dtype))
-        return {"quantization": getattr(model, "quantization", "none"), "dtype": dtype,
+        return {"quantization": getattr(model, "quantization", "none"), "dtype": dtype_name(model.dtype),
                 "device": str(model.device), "speculator": self.spec_method}
 
     def check_model(self, name: str | None) -> None:

@@ -16,11 +16,13 @@ sequences most often, in a thread of its own, never the engine's:
   the wall time (`train_share` 0: never while it works); while the engine is idle (no
   step for `idle_after` seconds), freely;
 - cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
-  that setting per thread, so the engine's passes keep theirs) and, on Linux, the lowest
-  CPU priority (nice 19, this thread only): a request that arrives during a step gets the
-  cores at once and the step goes on in what the engine leaves (on the 1.5B, 2 cores, the
-  first token came 30 ms later in the median instead of 107 ms, at most 153 ms instead
-  of 651);
+  that setting per thread, so the engine's passes keep theirs), on Linux the lowest CPU
+  priority (nice 19, this thread only), and releases its OpenMP workers after each step
+  (kernels/openmp.py: a second pool slows every engine pass on few cores);
+- arrivals (`interrupt`, from the engine's `add_request`): learning only while idle, the
+  step in flight stops at its next safe point without updating the head, so a request that
+  arrives mid-step does not share the cores with the rest of it (on the 1.5B, 2 cores, the
+  first token came at most 104 ms later instead of 248);
 - swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
   kernels, `with_kernels`) *in its own thread* and leaves it in `ready`; the speculator
   takes it between engine steps, which costs one reference assignment. A new head only
