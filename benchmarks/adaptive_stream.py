@@ -1,7 +1,9 @@
 """Replay a stream of requests in order and watch the adaptive speculator learn.
 
-The stream is `--per-domain` questions of each of `--domains` (Spec-Bench categories, in
-that order: the second domain is the shift). Methods, side by side on one loaded target:
+The stream is `--per-domain` questions of each of `--domains`, in that order (the second
+domain is the shift): Spec-Bench categories, or the generated domains of
+`stream_prompts.py` (`sql`, `extraction`: one user's traffic, fresh prompts from `--seed`).
+Methods, side by side on one loaded target:
 
 - plain: no speculation;
 - static: the static part alone (`--static`, default: the shipped EAGLE head of the model
@@ -11,19 +13,29 @@ that order: the second domain is the shift). Methods, side by side on one loaded
 - adaptive: static + learner + suffix under the controller.
 
 `--interleave` runs every method on request i before any method moves to request i+1, so
-slow drift of the machine hits all of them alike. At `--concurrency` c, c requests of the
+slow drift of the machine hits all of them alike. `--think S` is the user's reading time:
+after request i has run on every method, S seconds of idle follow, in which only the
+adaptive methods' learners may train (learning only while idle, the default on a small CPU);
+each method's background work is held while any other method is timed. With think time
+the adaptive method runs request i first, right after the gap, so a request that arrives
+during a training step is measured as it would be served (the step stops at a safe point).
+`--state DIR` keeps adaptive's state (traffic, head, estimates) for `draftwise train
+adaptive`; `--resume` goes on from the records of a run cut short (the state resumes from
+DIR; the suffix caches start empty again). At `--concurrency` c, c requests of the
 stream run as one batch. Per request: output tokens, seconds, mean accepted length; the
 table gives, per method, the first and last quarter of each domain (tokens/s, ratio to
 plain, MAL); the PNG plots rolling MAL and tokens/s against the request index.
 
     python benchmarks/adaptive_stream.py --model smollm2-135m --per-domain 100 --interleave
+    python benchmarks/adaptive_stream.py --model qwen2.5-coder-1.5b --quantization w4a8-all \
+        --domains sql,extraction --per-domain 150,50 --think 15 --interleave --state st --out sql_stream
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import time
 from datetime import date
@@ -34,14 +46,27 @@ DATA = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 METHODS = ("plain", "static", "learner", "adaptive", "static+suffix")
 
 
-def stream(path: Path, domains: list[str], per_domain: int, distinct: int | None) -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def stream(path: Path, domains: list[str], per_domain: list[int], distinct: int | None, seed: int,
+           exclude_seed: int | None) -> list[tuple[str, list[dict]]]:
+    """(domain, conversation) in order: generated domains from `stream_prompts`, else Spec-Bench
+    categories of `path`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stream_prompts
+
+    rows = None
     out = []
-    for d in domains:
-        qs = [r["turns"][0] for r in rows if r["category"] == d][:distinct]
-        if not qs:
-            sys.exit(f"error: no questions of category {d!r} in {path}")
-        out += [(d, qs[i % len(qs)]) for i in range(per_domain)]
+    for d, count in zip(domains, per_domain):
+        if d in stream_prompts.DOMAINS:
+            avoid = {c[-1]["content"] for c in stream_prompts.prompts(d, 1000, exclude_seed)} \
+                if exclude_seed is not None else None
+            convs = stream_prompts.prompts(d, distinct or count, seed, avoid)
+        else:
+            rows = rows or [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            convs = [[{"role": "user", "content": r["turns"][0]}] for r in rows if r["category"] == d][:distinct]
+            if not convs:
+                sys.exit(f"error: no questions of category {d!r} in {path} (generated domains: "
+                         f"{', '.join(stream_prompts.DOMAINS)})")
+        out += [(d, convs[i % len(convs)]) for i in range(count)]
     return out
 
 
@@ -51,12 +76,14 @@ def configs(args, llm_name: str) -> dict[str, dict | None]:
     head = shipped_head_for(llm_name)
     static = json.loads(args.static) if args.static else (
         {"method": "eagle", "model": head, "num_speculative_tokens": args.k} if head else {"method": "ngram"})
-    # no idle training: the other methods' engines run in this process between this one's requests
-    learner = {"init": head if head else None, "train_threads": 1, "train_when_idle": False,
-               "train_share": args.train_share, **json.loads(args.learner)}
+    # without think time no idle training: the other methods' engines run in this process
+    # between this one's requests; with it, training only in the gaps (the bench holds it otherwise)
+    learner = {"init": head if head else None, "train_threads": 1, "train_when_idle": args.think > 0,
+               "train_share": 0.0 if args.think > 0 else args.train_share, **json.loads(args.learner)}
     adaptive = {"method": "adaptive", "num_speculative_tokens": args.k, "static": static, "learner": learner}
+    state = {"adaptive_state": args.state} if args.state else {}  # adaptive's own: the others learn apart
     return {"plain": None, "static": {**static, "num_speculative_tokens": static.get("num_speculative_tokens", args.k)},
-            "learner": {**adaptive, "parts": ["learner"]}, "adaptive": adaptive,
+            "learner": {**adaptive, "parts": ["learner"]}, "adaptive": {**adaptive, **state},
             "static+suffix": {**adaptive, "parts": ["static", "suffix"]}}
 
 
@@ -64,7 +91,7 @@ def quarter_table(records: list[dict], domains: list[str], methods: list[str]) -
     lines = ["| method | " + " | ".join(f"{d} {q}" for d in domains for q in ("first 1/4", "last 1/4")) + " |",
              "|---|" + "---:|" * (2 * len(domains))]
     plain_rate = {}
-    for m in methods:
+    for m in sorted(methods, key=lambda m: m != "plain"):  # plain's rates first: the ratios' base
         cells = []
         for d in domains:
             rs = [r for r in records if r["method"] == m and r["domain"] == d]
@@ -78,8 +105,9 @@ def quarter_table(records: list[dict], domains: list[str], methods: list[str]) -
                 ratio = rate / plain_rate[key] if plain_rate.get(key) else 0.0
                 mal = sum(r["mal"] * r["tokens"] for r in part) / max(1, toks)
                 cells.append(f"{rate:.1f} ({ratio:.2f}x, MAL {mal:.2f})")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
+        lines.append((methods.index(m), f"| {m} | " + " | ".join(cells) + " |"))
+    return [line if isinstance(line, str) else line[1] for line in sorted(lines, key=lambda x: (
+        -1, "") if isinstance(x, str) else x)]
 
 
 def plot(records: list[dict], methods: list[str], out: Path, window: int) -> None:
@@ -108,25 +136,76 @@ def plot(records: list[dict], methods: list[str], out: Path, window: int) -> Non
     fig.savefig(out, dpi=110)
 
 
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else 0.0
+
+
+def latency_table(records: list[dict], domains: list[str], methods: list[str]) -> list[str]:
+    """p50 / p95 of each request's latency (arrival to last token) and time to first token."""
+    lines = ["| method | " + " | ".join(f"{d} latency p50 / p95 s | {d} TTFT p50 / p95 ms" for d in domains) + " |",
+             "|---|" + "---:|" * (2 * len(domains))]
+    for m in methods:
+        cells = []
+        for d in domains:
+            rs = [r for r in records if r["method"] == m and r["domain"] == d]
+            lat, ttft = [r["seconds"] for r in rs], [1000 * r["ttft"] for r in rs if r.get("ttft") is not None]
+            cells += [f"{pct(lat, .5):.2f} / {pct(lat, .95):.2f}", f"{pct(ttft, .5):.0f} / {pct(ttft, .95):.0f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def block_table(records: list[dict], methods: list[str], block: int) -> list[str]:
+    """Tokens/s over each `block` requests of the stream, and each method's ratio to the static part alone."""
+    lines = ["| requests | domain | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
+    spans = []  # (first index, last index + 1, domain): blocks start again at each domain
+    for r in sorted((r for r in records if r["method"] == methods[0]), key=lambda r: r["index"]):
+        if spans and spans[-1][2] == r["domain"] and r["index"] - spans[-1][0] < block:
+            spans[-1][1] = r["index"] + 1
+        else:
+            spans.append([r["index"], r["index"] + 1, r["domain"]])
+    for lo, hi, dom in spans:
+        rate, mal = {}, {}
+        for m in methods:
+            part = [r for r in records if r["method"] == m and lo <= r["index"] < hi]
+            toks, secs = sum(r["tokens"] for r in part), sum(r["seconds"] for r in part)
+            rate[m] = toks / secs if secs else 0.0
+            mal[m] = sum(r["mal"] * r["tokens"] for r in part) / max(1, toks)
+        ref = rate.get("static") or 0.0
+        cells = [f"{rate[m]:.1f}" + (f" ({rate[m] / ref:.2f}x)" if ref else "") + f", MAL {mal[m]:.2f}"
+                 for m in methods]
+        lines.append(f"| {lo}-{hi - 1} | {dom} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--domains", default="math_reasoning,summarization")
-    ap.add_argument("--per-domain", type=int, default=100)
+    ap.add_argument("--domains", default="math_reasoning,summarization",
+                    help="comma-separated: Spec-Bench categories or generated domains (sql, extraction)")
+    ap.add_argument("--per-domain", default="100", help="requests of each domain: one number, or one per domain")
     ap.add_argument("--distinct", type=int, default=None,
                     help="cycle through the first N questions of each domain (repetitive traffic)")
+    ap.add_argument("--seed", type=int, default=0, help="generated domains: the prompts' seed")
+    ap.add_argument("--exclude-seed", type=int, default=None,
+                    help="generated domains: leave out every prompt the stream of this seed could have had")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
-    ap.add_argument("--train-share", type=float, default=0.1, help="learner.train_share")
+    ap.add_argument("--think", type=float, default=0.0,
+                    help="seconds of idle after each request (the user reading); adaptive learns only then")
+    ap.add_argument("--train-share", type=float, default=0.1, help="learner.train_share (without --think)")
     ap.add_argument("--learner", default="{}", help="JSON: more learner settings")
     ap.add_argument("--static", default=None, help="JSON speculative config of the static part")
+    ap.add_argument("--state", default=None, help="adaptive's adaptive_state folder (kept for `train adaptive`)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--interleave", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="go on from OUT/records.jsonl of a run cut short")
     ap.add_argument("--window", type=int, default=20, help="rolling window of the plot, requests")
+    ap.add_argument("--block", type=int, default=25, help="requests per row of the block table")
     ap.add_argument("--out", default="adaptive_stream")
     args = ap.parse_args()
 
@@ -136,50 +215,95 @@ def main() -> int:
     from draftwise.sampling import SamplingParams
 
     domains = args.domains.split(",")
+    counts = [int(x) for x in str(args.per_domain).split(",")]
+    counts = counts * len(domains) if len(counts) == 1 else counts
+    if len(counts) != len(domains):
+        sys.exit(f"error: --per-domain gives {len(counts)} counts for {len(domains)} domains")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         sys.exit(f"error: unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    reqs = stream(Path(args.data), domains, args.per_domain, args.distinct)
+    # with think time the learning method takes each request right after the gap
+    run_order = sorted(methods, key=lambda m: m != "adaptive") if args.think > 0 else methods
+    reqs = stream(Path(args.data), domains, counts, args.distinct, args.seed, args.exclude_seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / "records.jsonl"
+    records = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()] \
+        if args.resume and rec_path.exists() else []
+    done = {r["index"] for r in records if r["method"] == run_order[-1]}
+    records = [r for r in records if r["index"] in done]
+    rec_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     base = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_batch_size=args.concurrency,
                progress=False)
     cfgs = configs(args, args.model)
     llms = {m: base.with_speculation(cfgs[m]) for m in methods}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     chunks = [list(range(i, min(i + args.concurrency, len(reqs)))) for i in range(0, len(reqs), args.concurrency)]
-    order = [(c, m) for c in range(len(chunks)) for m in methods] if args.interleave else \
-        [(c, m) for m in methods for c in range(len(chunks))]
-    records, outputs = [], {}
-    for c, m in tqdm(order, desc="stream", unit="batch"):
-        idx = chunks[c]
-        convs = [[{"role": "user", "content": reqs[i][1]}] for i in idx]
-        start = time.perf_counter()
-        res = llms[m].chat(convs, params)
-        secs = time.perf_counter() - start
-        total = sum(len(r.token_ids) for r in res)
-        for i, r in zip(idx, res):
-            share = secs * len(r.token_ids) / max(1, total)
-            records.append({"method": m, "index": i, "domain": reqs[i][0], "tokens": len(r.token_ids),
-                            "seconds": share, "mal": r.stats["mean_accepted_length"],
-                            "drafted_by": r.stats.get("drafted_by", {})})
-            outputs.setdefault(i, {})[m] = r.token_ids
+    chunks = [c for c in chunks if not set(c) <= done]
+    order = [(c, m) for c in range(len(chunks)) for m in run_order] if args.interleave else \
+        [(c, m) for m in run_order for c in range(len(chunks))]
+    if done:
+        print(f"resuming: {len(done)} requests done, {len(reqs) - len(done)} to go")
+    learning = [m for m in methods if m in ("adaptive", "learner")]
+    outputs = {}
+    for r in records:
+        outputs.setdefault(r["index"], {})[r["method"]] = r["token_ids"]
+    with rec_path.open("a") as rec_file:
+        for step, (c, m) in enumerate(tqdm(order, desc="stream", unit="batch")):
+            idx = chunks[c]
+            for other in methods:  # nothing runs in the background on this method's clock
+                if other != m:
+                    llms[other].pause_background()
+            llms[m].resume_background()
+            convs = [reqs[i][1] for i in idx]
+            first: dict[str, float] = {}
+            start = time.perf_counter()
+
+            def on_output(o, first=first, start=start):
+                if o.new_token_ids and o.request.request_id not in first:
+                    first[o.request.request_id] = time.perf_counter() - start
+
+            res = llms[m].chat(convs, params, on_output=on_output)
+            secs = time.perf_counter() - start
+            total = sum(len(r.token_ids) for r in res)
+            for i, r in zip(idx, res):
+                share = secs * len(r.token_ids) / max(1, total)
+                rec = {"method": m, "index": i, "domain": reqs[i][0], "tokens": len(r.token_ids),
+                       "seconds": share if args.concurrency > 1 else secs, "ttft": first.get(r.request_id),
+                       "mal": r.stats["mean_accepted_length"], "drafted_by": r.stats.get("drafted_by", {}),
+                       "token_ids": list(r.token_ids)}
+                records.append(rec)
+                rec_file.write(json.dumps(rec) + "\n")
+                outputs.setdefault(i, {})[m] = r.token_ids
+            rec_file.flush()
+            last_of_request = not args.interleave or step + 1 == len(order) or order[step + 1][0] != c
+            if args.think > 0 and last_of_request:  # the user reads; only the learners work
+                for other in methods:
+                    if other in learning:
+                        llms[other].resume_background()
+                    else:
+                        llms[other].pause_background()
+                time.sleep(args.think)
+    reports = {m: llms[m].engine.proposer.report() for m in methods if llms[m].engine.proposer is not None}
     for m in methods:
         llms[m].close()
     differ = sum(1 for o in outputs.values() if len({tuple(v) for v in o.values()}) > 1)
-    reports = {m: llms[m].engine.proposer.report() for m in methods if llms[m].engine.proposer is not None}
-    (out / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
     plot(records, methods, out / "stream.png", args.window)
-    head = (f"{platform.processor() or platform.machine()}, {date.today()}, {args.model} {args.dtype} "
-            f"{args.quantization}, {len(reqs)} requests ({' then '.join(domains)}; distinct per domain: "
-            f"{args.distinct or 'all'}), concurrency "
-            f"{args.concurrency}, max_tokens {args.max_tokens}, interleaved: {args.interleave}")
-    table = quarter_table(records, domains, methods)
-    text = "\n".join([head, f"outputs differing from plain: {differ} of {len(outputs)}", "", *table, ""])
+    from structured import cpu_name
+
+    head = (f"{cpu_name()} ({os.cpu_count()} cores), {date.today()}, {args.model} {args.dtype} "
+            f"{args.quantization}, {len(reqs)} requests ({' then '.join(f'{n} {d}' for d, n in zip(domains, counts))}; "
+            f"distinct per domain: {args.distinct or 'all'}, seed {args.seed}), concurrency {args.concurrency}, "
+            f"max_tokens {args.max_tokens}, think {args.think:g} s, interleaved: {args.interleave}"
+            + (f", resumed after {len(done)}" if done else ""))
+    text = "\n".join([head, f"outputs differing from plain: {differ} of {len(outputs)}", "",
+                      *quarter_table(records, domains, methods), "", *latency_table(records, domains, methods), "",
+                      *block_table(records, methods, args.block), ""])
     (out / "table.md").write_text(text)
     print(text)
-    print(json.dumps(reports, indent=2))
+    print(json.dumps({m: {k: v for k, v in r.items() if k != "parts"} if isinstance(r, dict) else r
+                      for m, r in reports.items()}, indent=2))
     return 0
 
 

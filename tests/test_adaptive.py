@@ -19,7 +19,7 @@ from draftwise.api import LLM
 from draftwise.errors import BadInput
 from draftwise.sampling import SamplingParams
 from draftwise.speculators.adaptive import AdaptiveProposer, Arbiter, LearnerSettings, OnlineLearner, ReplayBuffer, new_head
-from draftwise.speculators.eagle import save_eagle_head
+from draftwise.speculators.eagle import Batch, save_eagle_head
 from draftwise.tree import matched_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,6 +134,36 @@ def test_learner_loss_falls_and_first_token_accuracy_rises_on_a_repetitive_strea
         loss1, m1 = learner.objective(probe)
     assert float(loss1) < 0.8 * float(loss0)
     assert m1["acc0"] > m0["acc0"] + 0.2
+
+
+def test_micro_batches_add_up_to_the_whole_batch_gradient(tokenizer):
+    # learning only while idle, a step runs one window at a time (shorter ops: an arriving
+    # request waits less for the next safe point); the gradient must be the whole batch's
+    target = tiny_model()
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    n = 20  # windows of one length and one prompt length weigh the same in the whole-batch mean
+    texts = [tokenizer.decode(tokenizer.encode(t * 8)[:n]) for t in ("hello world ", "the cat sat on the mat ")]
+    buffer = filled_buffer(target, texts, tokenizer, layers)
+    assert {it.feats.shape[0] for it in buffer.items} == {len(tokenizer.encode(texts[0])) - 1}
+    grads = {}
+    for micro in (1, 2):
+        learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(
+            train_share=0.0, batch_size=2, micro_batch=micro, grad_clip=1e9, swap_every=1000))
+        assert learner.train_step() is not None
+        grads[micro] = [p.grad.clone() for p in learner.params]
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[1], grads[2]))
+    assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_a_batch_splits_into_trimmed_parts():
+    windows = [(torch.arange(4), torch.ones(3, 2), 1), (torch.arange(9), torch.ones(8, 2), 2),
+               (torch.arange(6), torch.ones(5, 2), 0)]
+    batch = Batch.of_windows(windows)
+    parts = batch.split(2)
+    assert [p.ids.shape for p in parts] == [(2, 9), (1, 6)] and [p.feats.shape for p in parts] == [(2, 8, 2), (1, 5, 2)]
+    assert parts[1].lengths.tolist() == [5] and parts[1].prompt_lens.tolist() == [0]
+    assert torch.equal(parts[0].ids, batch.ids[:2]) and torch.equal(parts[1].ids, batch.ids[2:, :6])
 
 
 def test_a_failing_learner_is_switched_off_and_serving_goes_on(tokenizer, monkeypatch, caplog):
@@ -405,6 +435,21 @@ def test_pause_holds_training_and_gives_the_engine_thread_its_cores_back(tokeniz
         torch.set_num_threads(1)
 
 
+def test_pause_waits_for_a_save_in_flight(tokenizer, tmp_path, monkeypatch):
+    # a save (every 8 requests, in a thread of its own) must not run on another method's clock
+    llm = adaptive_llm(tiny_model(), tokenizer, adaptive_state=str(tmp_path / "state"))
+    proposer = llm.engine.proposer
+    save = proposer._save
+    monkeypatch.setattr(proposer, "_save", lambda: (time.sleep(0.5), save()))
+    try:
+        proposer._save_in_background()
+        assert proposer._saver.is_alive()
+        llm.pause_background()
+        assert not proposer._saver.is_alive() and (tmp_path / "state" / "state.json").exists()
+    finally:
+        llm.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
 def test_the_trainer_runs_at_the_lowest_priority_and_an_idle_only_engine_keeps_its_cores(tokenizer):
     # a request arriving mid-step on the 1.5B waited up to 651 ms more for its first token at normal priority
@@ -518,6 +563,32 @@ def test_a_request_arriving_mid_step_stops_the_idle_time_step_unapplied(tokenize
     learner.settings.train_share = 0.5  # learning beside requests: arrivals do not stop steps
     learner.interrupt()
     assert not learner._interrupt.is_set()
+
+
+def wait_for(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_request_waiting_for_its_prefill_is_not_idle_time(tokenizer):
+    # the 1.5B prefills a 330-token prompt in 1.2 s, longer than idle_after, and no step ends
+    # meanwhile: an idle-time step started then ran through the request's decoding
+    llm = adaptive_llm(tiny_model(), tokenizer, learner={**FAST_LEARNER, "train_share": 0.0})
+    learner = llm.engine.proposer.learner
+    try:
+        llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        assert wait_for(lambda: learner.steps > 0)  # the last request finished: idle, it trains
+        req = llm.engine.add_request(tokenizer.encode(PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=2))
+        assert wait_for(lambda: not learner.busy)  # the step in flight, if any, stops at a safe point
+        steps = learner.steps
+        time.sleep(1.6)  # longer than idle_after, and no engine step: the request still waits
+        assert learner.steps == steps and not learner.busy
+        llm.engine.abort(req.request_id)  # the engine holds nothing again: idle time
+        assert wait_for(lambda: learner.steps > steps)
+    finally:
+        llm.close()
 
 
 def test_the_engine_tells_an_idle_only_learner_of_each_arrival(tokenizer):

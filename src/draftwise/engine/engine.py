@@ -142,6 +142,7 @@ class Engine:
             if req.request_id == request_id:
                 self._finish(req, "abort")
         self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        self._signal_idle()
 
     @property
     def has_work(self) -> bool:
@@ -149,8 +150,18 @@ class Engine:
 
     # --- stepping -----------------------------------------------------------------------
 
+    def _signal_idle(self) -> None:
+        """No request left, waiting or running: the speculator may use the idle time."""
+        if not self.has_work and self.proposer is not None:
+            self.proposer.engine_idle()
+
     def step(self) -> list[StepOutput]:
         """Admit waiting requests (prefill), else advance running ones by one target pass."""
+        outputs = self._step()
+        self._signal_idle()
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
         if self.waiting and self.free_rows:
             return self._admit()
         if not self.running:

@@ -146,6 +146,11 @@ class Proposer(ABC):
         method whose background work runs only while the engine is idle stops it at its next
         safe point, so the request has the cores. None by default."""
 
+    def engine_idle(self) -> None:
+        """The engine holds no request, waiting or running (after the step that finished the
+        last one, or an abort): from an arrival until this call, the engine is busy even
+        while no step ends (a long prefill). None by default."""
+
     def report(self) -> dict[str, float]:
         """Counters and gauges of the method for metrics (`draftwise:<method>_<key>`); none by default."""
         return {}

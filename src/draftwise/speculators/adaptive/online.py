@@ -13,8 +13,8 @@ sequences most often, in a thread of its own, never the engine's:
 - duty cycle: while the engine works, at most one training step per `train_every`
   engine steps (the engine `tick`s the learner once per step), and after a step of d
   seconds a rest of d (1 - share) / share, so training takes at most `train_share` of
-  the wall time (`train_share` 0: never while it works); while the engine is idle (no
-  step for `idle_after` seconds), freely;
+  the wall time (`train_share` 0: never while it works); while the engine is idle (it
+  holds no request, `engine_idle`, and no step ended for `idle_after` seconds), freely;
 - cores: the thread sets its own intra-op thread count (`train_threads`; torch keeps
   that setting per thread, so the engine's passes keep theirs), on Linux the lowest CPU
   priority (nice 19, this thread only), and releases its OpenMP workers after each step
@@ -132,6 +132,10 @@ class LearnerSettings:
     seed: int = 0
     train_share: float = 0.1  # at most this share of wall time training while the engine works
     idle_after: float | None = 1.0  # seconds without an engine step after which training runs anyway (None: never)
+    # windows per forward and backward (gradients add up over the step's batch); None: one
+    # window when learning only while idle, where a request can arrive mid-step (no single op
+    # then outlasts one window's, so it waits less for the next safe point), else the whole batch
+    micro_batch: int | None = None
 
 
 def lower_this_thread() -> bool:
@@ -179,6 +183,7 @@ class OnlineLearner:
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
         self._paused = threading.Event()  # set: no training step may start (pause / resume)
         self._interrupt = threading.Event()  # set: a request arrived; the step in flight stops (idle-only)
+        self._requests = threading.Event()  # set: the engine holds requests (from an arrival until `engine_idle`)
         self.interrupted = 0  # training steps given up for a request that arrived
         self._gate = threading.Lock()  # held by the trainer through each step: pause waits on it
         self._rng = random.Random(settings.seed)
@@ -231,8 +236,15 @@ class OnlineLearner:
         gradient of its parameters computed) without updating the head, so the request does
         not share the cores with the rest of it; the next step starts once the engine is idle
         again. Learning beside the engine (`train_share` > 0), steps go on."""
+        self._requests.set()
         if self.settings.train_share <= 0:
             self._interrupt.set()
+
+    def engine_idle(self) -> None:
+        """The engine holds no request: idle-time training may start (after `idle_after`).
+        Until then the engine counts as busy even between steps, so a prefill longer than
+        `idle_after` (no step ends during it) is not taken for idle time."""
+        self._requests.clear()
 
     def _safe_point(self, *_) -> None:
         if self._interrupt.is_set():
@@ -331,7 +343,7 @@ class OnlineLearner:
         while not self._stop.is_set():
             ticked = self._tick.wait(s.idle_after)  # False: the engine was idle that long
             self._tick.clear()
-            if (not ticked and s.idle_after is None) or (ticked and s.train_share <= 0):
+            if (not ticked and (s.idle_after is None or self._requests.is_set())) or (ticked and s.train_share <= 0):
                 continue
             if self._stop.is_set():
                 break
@@ -343,6 +355,8 @@ class OnlineLearner:
                 if self._paused.is_set():
                     continue
                 self._interrupt.clear()  # the engine was idle until now
+                if not ticked and self._requests.is_set():  # a request came since the check above
+                    continue
                 self.busy = True
                 try:
                     self.train_step()
@@ -363,20 +377,28 @@ class OnlineLearner:
         batch = self.buffer.sample(self.settings.batch_size, self._rng)
         if batch is None:
             return None
-        batch = batch.to(self.head.device)
+        s = self.settings
+        micro = s.micro_batch or (1 if s.train_share <= 0 and s.idle_after is not None else s.batch_size)
+        parts = batch.split(micro)
         bf16 = self.target.dtype == torch.bfloat16  # the target's own weights enter the loss
         for group in self.opt.param_groups:  # linear warm-up: Adam's first steps are the largest
             group["lr"] = self.settings.lr * min(1.0, (self._fresh_steps + 1) / max(1, self.settings.warmup))
         with self._lock:
             hooks = self._safe_points()
             try:
-                with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, _ = self.objective(batch)
-                if not loss.requires_grad:
-                    return None
                 self.opt.zero_grad(set_to_none=True)
-                self._safe_point()
-                loss.backward()
+                losses = []
+                for part in parts:  # each part's windows weigh as much as in the whole batch
+                    self._safe_point()
+                    with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss, _ = self.objective(part.to(self.head.device))
+                    if not loss.requires_grad:  # no answer token in these windows
+                        continue
+                    self._safe_point()
+                    (loss * (part.ids.shape[0] / batch.ids.shape[0])).backward()
+                    losses.append((float(loss.detach()) * part.ids.shape[0], part.ids.shape[0]))
+                if not losses:
+                    return None
             except StepInterrupted:  # a request arrived: give the step up, the head unchanged
                 self.opt.zero_grad(set_to_none=True)
                 self.interrupted += 1
@@ -388,7 +410,7 @@ class OnlineLearner:
             self.opt.step()
             self.steps += 1
             self._fresh_steps += 1
-            self.last_loss = float(loss.detach())
+            self.last_loss = sum(x for x, _ in losses) / sum(n for _, n in losses)
         if self.steps % self.settings.swap_every == 0:
             fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization)
             with self._lock:

@@ -264,11 +264,14 @@ class AdaptiveProposer(Proposer):
                 self._save_in_background()
 
     def pause(self) -> None:
-        """Hold the learner, and give the calling (engine) thread back all its cores: the
-        engine that runs next on this thread must not inherit the share left to training."""
+        """Hold the learner, let a save in flight finish, and give the calling (engine)
+        thread back all its cores: the engine that runs next on this thread must not
+        inherit the share left to training, nor share the cores with a save."""
         if self.learner is not None:
             self.learner.pause()
             self._restore_threads()
+        if self._saver is not None:
+            self._saver.join()
 
     def resume(self) -> None:
         if self.learner is not None:
@@ -277,6 +280,10 @@ class AdaptiveProposer(Proposer):
     def request_arrived(self) -> None:
         if self.learner is not None:
             self.learner.interrupt()
+
+    def engine_idle(self) -> None:
+        if self.learner is not None:
+            self.learner.engine_idle()
 
     def close(self) -> None:
         """Stop the learner and save the state (when a folder was given): the head if a step

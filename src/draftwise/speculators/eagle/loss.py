@@ -49,6 +49,16 @@ class Batch:
         return cls(ids, feats, torch.tensor([f.shape[0] for _, f, _ in windows]),
                    torch.tensor([p for _, _, p in windows]))
 
+    def split(self, size: int) -> list["Batch"]:
+        """The windows in batches of at most `size`, each trimmed to its own longest window."""
+        parts = []
+        for a in range(0, self.ids.shape[0], max(1, size)):
+            lengths = self.lengths[a: a + size]
+            t = int(lengths.max())
+            parts.append(Batch(self.ids[a: a + size, : t + 1], self.feats[a: a + size, :t], lengths,
+                               self.prompt_lens[a: a + size]))
+        return parts
+
 
 def ttt_mask(t: int, step: int, device) -> torch.Tensor:
     """Attention of step `step`'s queries [T] over the keys of steps 0..step [(step+1) * T]."""
