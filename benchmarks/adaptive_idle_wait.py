@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--normal-priority", action="store_true",
                    help="leave the trainer thread at normal priority (the behaviour before it was lowered)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="windows per forward/backward of a step (default: the learner's, one while idle-only)")
     args = p.parse_args(argv)
 
     from structured import cpu_name
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
         online.lower_this_thread = lambda: False
     llm = LLM(args.model, quantization=args.quantization, speculative_config={"method": "adaptive"})
     learner = llm.engine.proposer.learner
+    if args.micro_batch is not None:
+        learner.settings.micro_batch = args.micro_batch
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate([llm.chat_prompt([{"role": "user", "content": q}]) for q in FILL],
                  SamplingParams(temperature=0.0, max_tokens=96))
@@ -108,6 +112,7 @@ def main(argv=None) -> int:
     mid_ttft = [a for a, _ in rows["mid-step"]]
     print(f"Adaptive idle-time learning, a request arriving mid-step: {date.today()}, {cpu_name()}, {args.model} "
           f"{args.quantization}, trainer at {'normal' if args.normal_priority else 'lowest'} priority, "
+          f"micro-batch {args.micro_batch or 'default'}, "
           f"{args.trials} requests of each kind, {args.max_tokens} tokens each; a training step "
           f"{step_s:.2f} s (median of {len(steps)})")
     print("| request | time to first token, median | p90 | whole request, median |\n|---|---:|---:|---:|")

@@ -28,7 +28,7 @@ plain, MAL); the PNG plots rolling MAL and tokens/s against the request index.
 
     python benchmarks/adaptive_stream.py --model smollm2-135m --per-domain 100 --interleave
     python benchmarks/adaptive_stream.py --model qwen2.5-coder-1.5b --quantization w4a8-all \
-        --domains sql,extraction --per-domain 150,50 --think 15 --interleave --state st --out sql_stream
+        --domains sql,extraction --per-domain 120,40 --think 15 --interleave --state st --out sql_stream
 """
 
 from __future__ import annotations
@@ -90,24 +90,21 @@ def configs(args, llm_name: str) -> dict[str, dict | None]:
 def quarter_table(records: list[dict], domains: list[str], methods: list[str]) -> list[str]:
     lines = ["| method | " + " | ".join(f"{d} {q}" for d in domains for q in ("first 1/4", "last 1/4")) + " |",
              "|---|" + "---:|" * (2 * len(domains))]
-    plain_rate = {}
-    for m in sorted(methods, key=lambda m: m != "plain"):  # plain's rates first: the ratios' base
-        cells = []
+
+    def quarters(m: str):
         for d in domains:
             rs = [r for r in records if r["method"] == m and r["domain"] == d]
             n = max(1, len(rs) // 4)
             for which, part in (("first", rs[:n]), ("last", rs[-n:])):
                 toks, secs = sum(r["tokens"] for r in part), sum(r["seconds"] for r in part)
-                rate = toks / secs if secs else 0.0
-                key = (d, which)
-                if m == "plain":
-                    plain_rate[key] = rate
-                ratio = rate / plain_rate[key] if plain_rate.get(key) else 0.0
-                mal = sum(r["mal"] * r["tokens"] for r in part) / max(1, toks)
-                cells.append(f"{rate:.1f} ({ratio:.2f}x, MAL {mal:.2f})")
-        lines.append((methods.index(m), f"| {m} | " + " | ".join(cells) + " |"))
-    return [line if isinstance(line, str) else line[1] for line in sorted(lines, key=lambda x: (
-        -1, "") if isinstance(x, str) else x)]
+                yield (d, which), toks / secs if secs else 0.0, sum(r["mal"] * r["tokens"] for r in part) / max(1, toks)
+
+    plain_rate = {key: rate for key, rate, _ in quarters("plain")} if "plain" in methods else {}
+    for m in methods:
+        cells = [f"{rate:.1f} ({rate / plain_rate[key] if plain_rate.get(key) else 0.0:.2f}x, MAL {mal:.2f})"
+                 for key, rate, mal in quarters(m)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(records: list[dict], methods: list[str], out: Path, window: int) -> None:
@@ -302,8 +299,7 @@ def main() -> int:
                       *block_table(records, methods, args.block), ""])
     (out / "table.md").write_text(text)
     print(text)
-    print(json.dumps({m: {k: v for k, v in r.items() if k != "parts"} if isinstance(r, dict) else r
-                      for m, r in reports.items()}, indent=2))
+    print(json.dumps(reports, indent=2))
     return 0
 
 

@@ -132,9 +132,9 @@ class LearnerSettings:
     seed: int = 0
     train_share: float = 0.1  # at most this share of wall time training while the engine works
     idle_after: float | None = 1.0  # seconds without an engine step after which training runs anyway (None: never)
-    # windows per forward and backward (gradients add up over the step's batch); None: one
-    # window when learning only while idle, where a request can arrive mid-step (no single op
-    # then outlasts one window's, so it waits less for the next safe point), else the whole batch
+    # windows per forward and backward (gradients add up over the step's batch); None: the whole
+    # batch. One window at a time did not shorten the wait of a request arriving mid-step on
+    # the 1.5B (docs/results.md), so it is not the default.
     micro_batch: int | None = None
 
 
@@ -378,7 +378,7 @@ class OnlineLearner:
         if batch is None:
             return None
         s = self.settings
-        micro = s.micro_batch or (1 if s.train_share <= 0 and s.idle_after is not None else s.batch_size)
+        micro = s.micro_batch or s.batch_size
         parts = batch.split(micro)
         bf16 = self.target.dtype == torch.bfloat16  # the target's own weights enter the loss
         for group in self.opt.param_groups:  # linear warm-up: Adam's first steps are the largest
