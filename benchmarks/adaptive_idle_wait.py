@@ -42,6 +42,7 @@ def main(argv=None) -> int:
                    help="leave the trainer thread at normal priority (the behaviour before it was lowered)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="windows per forward/backward of a step (default: the learner's, one while idle-only)")
+    p.add_argument("--verbose", action="store_true", help="one line per trial on stderr")
     args = p.parse_args(argv)
 
     from structured import cpu_name
@@ -100,9 +101,12 @@ def main(argv=None) -> int:
         while not learner.busy and time.monotonic() < deadline:  # idle for a second: a step starts
             time.sleep(0.005)
         time.sleep(rng.uniform(0.1, 0.8) * step_s)  # somewhere inside the step
-        busy = learner.busy
+        busy, calls = learner.busy, len(steps)
         rows["mid-step"].append(ask(i))
-        missed += not busy or len(steps) > n + 1
+        missed += not busy or calls > n  # no step in flight at the arrival, or not the first since resuming
+        if args.verbose:
+            print(f"trial {i}: step in flight {busy}, steps done since resuming {calls - n}, extra wait "
+                  f"{(rows['mid-step'][-1][0] - rows['held'][-1][0]) * 1000:.0f} ms", file=sys.stderr)
     llm.close()
 
     def stat(values, q):

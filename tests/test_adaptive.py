@@ -150,8 +150,9 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(tokenizer):
     for micro in (1, 2):
         learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(
             train_share=0.0, batch_size=2, micro_batch=micro, grad_clip=1e9, swap_every=1000))
+        learner._update = lambda micro=micro, learner=learner: grads.__setitem__(
+            micro, [p.grad.clone() for p in learner.params])  # the gradient the update would apply
         assert learner.train_step() is not None
-        grads[micro] = [p.grad.clone() for p in learner.params]
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[1], grads[2]))
     assert any(g.abs().sum() > 0 for g in grads[1])
 
@@ -563,6 +564,56 @@ def test_a_request_arriving_mid_step_stops_the_idle_time_step_unapplied(tokenize
     learner.settings.train_share = 0.5  # learning beside requests: arrivals do not stop steps
     learner.interrupt()
     assert not learner._interrupt.is_set()
+
+
+def test_an_update_cut_short_by_an_arrival_is_finished_first_and_equals_the_whole_one(tokenizer):
+    # the update of the head's parameters stops between two when a request arrives (on the
+    # 1.5B it took 130 ms at once); the next idle call finishes it before a new batch
+    target = tiny_model()
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    buffer = filled_buffer(target, ["hello world " * 8, "the cat sat on the mat " * 4], tokenizer, layers)
+    settings = LearnerSettings(train_share=0.0, min_tokens=4, batch_size=2, swap_every=2)
+    whole = OnlineLearner(head, target, layers, buffer, settings)
+    cut = OnlineLearner(head, target, layers, buffer, settings)
+    for _ in range(2):
+        assert whole.train_step() is not None
+    assert whole.swaps_made == 1 and whole.steps == 2
+    third = cut.opts[len(cut.opts) // 3]
+    real_step = third.step
+
+    def arrives(*a, **k):
+        cut.interrupt()  # as the engine's add_request does, in the middle of the update
+        return real_step(*a, **k)
+
+    third.step = arrives
+    before = {k: v.clone() for k, v in cut.head.state_dict().items()}
+    assert cut.train_step() is None and cut.steps == 0 and cut.interrupted == 1
+    changed = [k for k, v in cut.head.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and len(changed) < len(before)  # stopped part-way through the parameters
+    third.step = real_step
+    cut._interrupt.clear()  # idle again
+    cut_copy = []
+    real_copy = cut._make_copy
+
+    def copy_cut_once():
+        if not cut_copy:
+            cut_copy.append(1)
+            cut.interrupt()
+        real_copy()
+
+    cut._make_copy = copy_cut_once
+    # the rest of that update first, then a new step, whose drafting copy (swap_every 2) is cut short
+    assert cut.train_step() is None and cut.steps == 2 and cut._copy_due and cut.ready is None
+    assert all(p.grad is None for p in cut.params)
+    cut._interrupt.clear()
+    assert cut.train_step() is not None and cut.ready is not None and cut.swaps_made == 1 and cut.steps == 3
+    # the interrupted steps applied the same update as the uninterrupted ones
+    w2 = {k: v.clone() for k, v in whole.head.state_dict().items()}
+    assert whole.train_step() is not None
+    for k, v in whole.head.state_dict().items():
+        torch.testing.assert_close(cut.head.state_dict()[k], v, msg=k)
+    assert any(not torch.equal(w2[k], v) for k, v in whole.head.state_dict().items())
 
 
 def wait_for(condition, seconds: float = 20.0) -> bool:

@@ -83,6 +83,21 @@ def test_dynamic_tree_is_valid_and_ranked(tokenizer):
     engine.run_until_done()  # drafting again after commits keeps the head cache consistent
 
 
+def test_a_prompts_catch_up_is_prefill_not_the_cost_of_a_draft(tokenizer):
+    # the head runs a request's prompt once, at its first draft: the engine's controller must
+    # not read that as what each draft costs (it would switch speculation off on long prompts)
+    target = tiny_model("llama", torch.float32, seed=2, num_hidden_layers=4)
+    llm = eagle_llm(target, tokenizer, random_head(target), k=4, batch=1)
+    engine, proposer = llm.engine, llm.engine.proposer
+    req = engine.add_request(tokenizer.encode(" ".join(PROMPTS * 3)), SamplingParams(temperature=0.0, max_tokens=30))
+    engine.step()  # prefill: the head has seen nothing yet
+    first = proposer.propose([req], [4])
+    assert first.prefill_seconds > 0
+    engine.step()  # a speculative step: the next draft catches up on its few committed tokens only
+    assert proposer.propose([req], [4]).prefill_seconds == 0.0
+    engine.run_until_done()
+
+
 def _public_eagle3(head: EagleHead) -> dict[str, torch.Tensor]:
     sd = {("midlayer." + k[len("layer."):]) if k.startswith("layer.") else k: v.clone()
           for k, v in head.state_dict().items()}
@@ -157,7 +172,7 @@ def test_loads_public_eagle3_layout_and_matches_reference_math(tokenizer, tmp_pa
     llm.engine.step()
     proposer = llm.engine.proposer
     with torch.inference_mode():
-        root = proposer._catch_up([req])
+        root, _ = proposer._catch_up([req])
         got = proposer.head.logits(root, target.head_weight)[0]
         tree = proposer._grow([req], [1], root)[0].best(1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

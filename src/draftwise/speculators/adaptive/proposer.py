@@ -389,7 +389,8 @@ class AdaptiveProposer(Proposer):
         if self.steps % SHADOW_EVERY == 0:  # heads not drafting catch up, for their shadow score
             for part in self.heads:
                 if part in parts:
-                    self.parts[part].catch_up([requests[i] for i in active if i not in groups.get(part, [])])
+                    draft.prefill_seconds += self.parts[part].catch_up(
+                        [requests[i] for i in active if i not in groups.get(part, [])])
         self._proposed_at = time.perf_counter()
         return draft
 

@@ -23,7 +23,7 @@ inference (`forward_cached`, keys/values in a `KVCache`) and training (`project`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -254,14 +254,15 @@ class KernelLinear(nn.Module):
         return self.inner.rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 
 
-def with_kernels(head: EagleHead, quantization: str = "none") -> EagleHead:
+def with_kernels(head: EagleHead, quantization: str = "none", between: Callable[[], None] | None = None) -> EagleHead:
     """A copy of `head` for drafting whose projections run in the kernels the target uses:
     on the CPU oneDNN's packed weights (unquantized targets) or the target's quantization
     kernel (`w4a8` / `w8a8` / `int8` / `int4`; the own LM head in int8 for the `-all` settings
     and for w4a8/w8a8), q/k/v and gate/up fused. A draft only chooses which tokens are
     verified, so this changes speed and perhaps which tokens are proposed, never the
     output. Elsewhere (CUDA, or no oneDNN) the head is returned as it is. Kernels that
-    refuse a shape leave that projection as it was."""
+    refuse a shape leave that projection as it was. `between`, when given, is called before
+    each projection is converted (the online learner stops there when a request arrives)."""
     import copy
 
     from draftwise.models import packed, quantize
@@ -281,6 +282,8 @@ def with_kernels(head: EagleHead, quantization: str = "none") -> EagleHead:
     dtype = head.dtype
 
     def swap(parent: nn.Module, name: str, linears: list[nn.Linear], maker) -> None:
+        if between is not None:
+            between()
         weight = torch.cat([lin.weight.data for lin in linears])
         biases = [lin.bias for lin in linears]
         bias = None if all(b is None for b in biases) else torch.cat(

@@ -24,6 +24,7 @@ grafted onto the tree before the best N are kept; `eagle/graft.py`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -156,12 +157,14 @@ class EagleProposer(Proposer):
         only shape proposals, which verification makes harmless."""
         self.head = head
 
-    def catch_up(self, requests: Sequence[RequestState]) -> None:
-        """Run the pairs committed since the last draft, without drafting (keeps `hits` current)."""
+    def catch_up(self, requests: Sequence[RequestState]) -> float:
+        """Run the pairs committed since the last draft, without drafting (keeps `hits` current).
+        Returns the seconds spent on prompts (as `Draft.prefill_seconds`)."""
         reqs = [r for r in requests if r.request_id in self.rows and self.rows[r.request_id].pending]
-        if reqs:
-            with torch.inference_mode():
-                self._catch_up(reqs)
+        if not reqs:
+            return 0.0
+        with torch.inference_mode():
+            return self._catch_up(reqs)[1]
 
     def take_hits(self, request: RequestState) -> tuple[int, int]:
         """(correct, predicted) first-token guesses on committed tokens since the last call."""
@@ -184,7 +187,7 @@ class EagleProposer(Proposer):
         budgets = [num_tokens[i] for i in active]
         keep = [min(b, self.total_tokens or b) for b in budgets]  # nodes verified per request
         with torch.inference_mode():
-            root = self._catch_up(reqs)  # [n, H]
+            root, draft.prefill_seconds = self._catch_up(reqs)  # [n, H]
             trees = self._grow(reqs, keep, root)
         if self.lookup is not None:
             extra = self.lookup.propose(reqs, budgets)
@@ -199,17 +202,24 @@ class EagleProposer(Proposer):
         logits = self.head.logits(out, self.target.head_weight)
         return logits.float().log_softmax(-1).clamp(max=0.0)
 
-    def _catch_up(self, reqs: list[RequestState]) -> torch.Tensor:
-        """Run every request's unseen pairs; the head's output after the last one [n, H]."""
+    def _catch_up(self, reqs: list[RequestState]) -> tuple[torch.Tensor, float]:
+        """Run every request's unseen pairs. Returns the head's output after the last one
+        [n, H], and the seconds spent on prompts (a request's first catch-up, once per
+        request like a draft model's prefill: not a cost of the step's draft)."""
         pending = [sum(f.shape[0] for f in self.rows[r.request_id].pending) for r in reqs]
         short = [j for j, p in enumerate(pending) if 0 < p <= LONG_CATCH_UP]
         groups = ([short] if short else []) + [[j] for j, p in enumerate(pending) if p > LONG_CATCH_UP]
+        prompt_seconds = 0.0
         for g in groups:
+            first = len(g) == 1 and self.rows[reqs[g[0]].request_id].seen == 0 and pending[g[0]] > LONG_CATCH_UP
+            start = time.perf_counter()
             self._run_pending([reqs[j] for j in g])
+            if first:
+                prompt_seconds += time.perf_counter() - start
         last = [self.rows[r.request_id].last for r in reqs]
         if any(h is None for h in last):
             raise RuntimeError("eagle: drafting for a request before any target hidden states arrived")
-        return torch.stack(last)  # type: ignore[arg-type]
+        return torch.stack(last), prompt_seconds  # type: ignore[arg-type]
 
     def _run_pending(self, reqs: list[RequestState]) -> None:
         """Run the unseen pairs of `reqs` (each has some) into the head cache."""
