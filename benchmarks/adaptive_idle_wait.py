@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--normal-priority", action="store_true",
                    help="leave the trainer thread at normal priority (the behaviour before it was lowered)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="windows per forward/backward of a step (default: the learner's, one while idle-only)")
+                   help="windows per forward/backward of a step (default: the learner's, the whole batch)")
     p.add_argument("--verbose", action="store_true", help="one line per trial on stderr")
     args = p.parse_args(argv)
 

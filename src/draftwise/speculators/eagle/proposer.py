@@ -211,7 +211,7 @@ class EagleProposer(Proposer):
         groups = ([short] if short else []) + [[j] for j, p in enumerate(pending) if p > LONG_CATCH_UP]
         prompt_seconds = 0.0
         for g in groups:
-            first = len(g) == 1 and self.rows[reqs[g[0]].request_id].seen == 0 and pending[g[0]] > LONG_CATCH_UP
+            first = pending[g[0]] > LONG_CATCH_UP and self.rows[reqs[g[0]].request_id].seen == 0  # a prompt: alone
             start = time.perf_counter()
             self._run_pending([reqs[j] for j in g])
             if first:
