@@ -296,6 +296,29 @@ def test_fitting_a_draft_leaves_the_matcher_where_it_was(tokenizer, committed, d
             fresh.allowed_after([])))
 
 
+def test_a_stop_token_drafted_past_the_grammars_end_is_rolled_back_without_a_committed_token(tokenizer):
+    # llguidance takes a stop token where the grammar has already stopped without recording
+    # it, and its rollback then undid a committed token (hypothesis found it: 'ab-0000' + eos)
+    grammar = compiled(tokenizer, StructuredOutputsParams(regex=r"(ab|ac|b[a-c]*)-[0-9]{1,4}"))
+    m = Matcher(grammar)
+    for t in b"ab-00":
+        m.advance(t)
+    before = m.allowed_after([])
+    draft = [ord("0"), ord("0"), EOS_ID, EOS_ID]  # the grammar stops after the digits
+    assert m.accepts(draft[:3])
+    for t in draft:
+        m.push(t)
+    assert m.stopped
+    m.pop(len(draft))
+    assert torch.equal(m.allowed_after([]), before) and not m.stopped
+    for t in b"00":
+        m.advance(t)
+    stopped = m.allowed_after([])
+    m.push(EOS_ID)
+    m.pop(1)
+    assert torch.equal(m.allowed_after([]), stopped)  # a stopped state stays itself
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 10_000), max_size=20), st.lists(st.tuples(st.integers(-1, 8), st.integers(0, 259)),
                                                              max_size=10))

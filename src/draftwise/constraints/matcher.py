@@ -15,6 +15,10 @@ token only where the matcher takes it, so the mask, the forced tokens and `advan
 The matcher only ever holds committed tokens between engine steps: drafting walks along a
 draft with `push` and returns with `pop` (llguidance's rollback), so a rejected draft
 leaves no trace (`tests/test_constraints.py` checks that property over random drafts).
+A stop token pushed where the grammar has already stopped is taken by llguidance 1.9.1
+without entering its history, and its rollback then undoes one real token too many (a
+committed one, where the draft stopped the grammar part-way): such a push is counted here
+and not passed on, so `pop` rolls back only what llguidance took.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Matcher:
         self.vocab_size = grammar.vocab_size
         self.words = (grammar.vocab_size + 31) // 32
         self._special = torch.tensor(grammar.special_ids, dtype=torch.int64)
+        self._taken: list[bool] = []  # per push not yet popped: whether llguidance took it (module docstring)
 
     # --- committed state ------------------------------------------------------------
 
@@ -92,12 +97,20 @@ class Matcher:
 
     def push(self, token: int) -> None:
         """Advance along a draft token that `allows` said is allowed."""
+        if self.stopped:  # only a stop token is allowed here, and it changes nothing
+            self._taken.append(False)
+            return
         if not self._m.consume_token(token):
             raise RuntimeError(f"the grammar refused draft token {token}: {self._m.get_error()}")
+        self._taken.append(True)
 
     def pop(self, n: int) -> None:
         """Undo the last n pushes."""
-        if n and not self._m.rollback(n):
+        if n <= 0:
+            return
+        undone, self._taken = self._taken[-n:], self._taken[:-n]
+        real = sum(undone)
+        if real and not self._m.rollback(real):
             raise RuntimeError(f"grammar rollback of {n} tokens failed: {self._m.get_error()}")
 
     def unpack(self, mask: Tensor) -> Tensor:
@@ -106,8 +119,23 @@ class Matcher:
         return bits.bool().reshape(mask.shape[0], -1)[:, : self.vocab_size]
 
     def accepts(self, tokens: Sequence[int]) -> bool:
-        """Would the grammar take all of `tokens` from the current state? (State unchanged.)"""
-        return int(self._m.validate_tokens(list(tokens))) == len(tokens)
+        """Would the grammar take all of `tokens` from the current state? (State unchanged.)
+        Where it stops part-way, what follows must be tokens its stopped state allows (a
+        stop token: `fill` allows it there, llguidance's validation does not)."""
+        tokens = list(tokens)
+        n = int(self._m.validate_tokens(tokens))
+        if n == len(tokens):
+            return True
+        for t in tokens[:n]:
+            self.push(t)
+        try:
+            if not self.stopped:
+                return False
+            mask = self.new_mask(1)
+            self.fill(mask, 0)
+            return all(self.allows(mask, 0, t) for t in tokens[n:])
+        finally:
+            self.pop(n)
 
     def allowed_after(self, tokens: Sequence[int]) -> Tensor:
         """Bool mask [len(tokens)+1, vocab] of the states along `tokens` (rows 0..n: after
