@@ -101,8 +101,8 @@ def quarter_table(records: list[dict], domains: list[str], methods: list[str]) -
 
     plain_rate = {key: rate for key, rate, _ in quarters("plain")} if "plain" in methods else {}
     for m in methods:
-        cells = [f"{rate:.1f} ({rate / plain_rate[key] if plain_rate.get(key) else 0.0:.2f}x, MAL {mal:.2f})"
-                 for key, rate, mal in quarters(m)]
+        cells = [f"{rate:.1f} (" + (f"{rate / plain_rate[key]:.2f}x, " if plain_rate.get(key) else "")
+                 + f"MAL {mal:.2f})" for key, rate, mal in quarters(m)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 

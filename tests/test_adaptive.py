@@ -216,6 +216,42 @@ def test_arbiter_prefers_the_higher_measured_acceptance_and_falls_back_after_a_d
     assert arb.choose("r", ["static"]) is None
 
 
+def test_arbiter_tells_a_lookup_parts_strong_match_from_its_weak_one_by_its_score():
+    arb = Arbiter(["learner", "suffix"])
+    for _ in range(5):
+        arb.observe_pass(0.1)
+    arb.observe_cost("learner", 0.02)
+    arb.observe_cost("suffix", 0.0001)
+    for _ in range(60):  # long matches are accepted, short ones not; the head accepts one token
+        arb.step()
+        arb.observe("r", "suffix", 4.0, score=5.0)
+        arb.observe("r", "suffix", 0.0, score=0.6)
+        arb.observe("r", "learner", 1.0)
+    # one mean over both (2.0) would pick the suffix cache for either proposal
+    assert arb.choose("r", ["learner", "suffix"], {"suffix": 5.0}) == "suffix"
+    assert arb.choose("r", ["learner", "suffix"], {"suffix": 0.6}) == "learner"
+    # a band never observed starts from the score itself
+    assert arb.expected("r", "suffix", 2.5) == pytest.approx(2.5)
+    resumed = Arbiter(["learner", "suffix"])
+    resumed.load_state(json.loads(json.dumps(arb.state())))
+    assert resumed.expected("r", "suffix", 0.6) == pytest.approx(arb.expected("r", "suffix", 0.6))
+
+
+def test_a_heads_shadow_scores_are_scaled_by_what_it_accepted_when_it_drafted():
+    arb = Arbiter(["learner", "suffix"])
+    assert arb.calibration("learner") == 1.0  # nothing measured yet: predictions count as they are
+    for _ in range(30):  # it predicts 1.0 tokens from its accuracy, and got 0.5 when it drafted
+        arb.step()
+        arb.observe_prediction("r", "learner", 1.0)
+        arb.observe("r", "learner", 0.5)
+    assert arb.calibration("learner") == pytest.approx(0.5, rel=0.05)
+    for _ in range(200):  # not drafting any more: its shadow scores alone, scaled
+        arb.step()
+        arb.observe_prediction("r", "learner", 1.0)
+    assert arb.window_tokens("learner") == pytest.approx(0.5, abs=0.05)
+    assert arb.shadowed["learner"] == 230
+
+
 def test_matched_length_of_chains_and_trees():
     assert matched_length([5, 6, 7], None, [5, 6, 9, 1]) == 2
     assert matched_length([5, 6, 7], None, [4]) == 0
@@ -614,6 +650,38 @@ def test_an_update_cut_short_by_an_arrival_is_finished_first_and_equals_the_whol
     for k, v in whole.head.state_dict().items():
         torch.testing.assert_close(cut.head.state_dict()[k], v, msg=k)
     assert any(not torch.equal(w2[k], v) for k, v in whole.head.state_dict().items())
+
+
+def test_the_engine_takes_a_drafting_copy_without_waiting_for_the_step_in_flight(tokenizer):
+    # the engine takes a new copy at every step; the trainer holds the head's lock through a
+    # forward and backward, and a request that arrived mid-step waited there on the 1.5B
+    target = tiny_model()
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    buffer = filled_buffer(target, ["hello world " * 8], tokenizer, layers)
+    learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(train_share=0.0, min_tokens=4, batch_size=2,
+                                                                          swap_every=1))
+    assert learner.train_step() is not None and learner.ready is not None  # a copy waits
+    objective, inside, taken = learner.objective, threading.Event(), threading.Event()
+
+    def slow(batch):  # a long op of the next step, in the trainer's thread
+        inside.set()
+        taken.wait(10.0)
+        return objective(batch)
+
+    learner.objective = slow
+    trainer = threading.Thread(target=learner.train_step)
+    trainer.start()
+    try:
+        assert inside.wait(10.0)
+        start = time.perf_counter()
+        fresh = learner.take_ready()
+        waited = time.perf_counter() - start
+    finally:
+        taken.set()
+        trainer.join()
+    assert fresh is not None and waited < 1.0
+    assert learner.steps == 2
 
 
 def wait_for(condition, seconds: float = 20.0) -> bool:

@@ -42,12 +42,15 @@ class Draft:
     prefill_seconds: time this call spent prefilling prompts into a draft model's cache
                 (once per request, not per draft); the controller leaves it out of the
                 cost of drafting.
+    scores:     None, or the method's own rating of each draft: the number of its tokens
+                it expects the target to accept (the suffix cache, from its counts).
     """
 
     tokens: list[list[int]]
     parents: list[list[int] | None]
     probs: list[torch.Tensor | None]
     prefill_seconds: float = 0.0
+    scores: list[float] | None = None
 
     @classmethod
     def empty(cls, n: int) -> "Draft":

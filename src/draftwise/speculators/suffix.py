@@ -389,11 +389,12 @@ class SuffixProposer(Proposer):
         while not self.inbox.empty():
             self.remember(self.inbox.get_nowait())
         draft = Draft.empty(len(requests))
+        draft.scores = [0.0] * len(requests)
         for i, (request, k) in enumerate(zip(requests, num_tokens)):
             if k <= 0:
                 continue
             tree, seq = self._sync(request)
-            tokens, parents = self.speculate(seq.tokens, k, tree)
+            tokens, parents, draft.scores[i] = self.speculate(seq.tokens, k, tree)
             draft.tokens[i] = tokens
             is_chain = all(p == j - 1 for j, p in enumerate(parents))
             draft.parents[i] = None if is_chain else parents
@@ -417,8 +418,10 @@ class SuffixProposer(Proposer):
             tree.extend(seq, request.output_ids[done - n_prompt :])
         return entry
 
-    def speculate(self, context: Sequence[int], budget: int, local: SuffixTree | None) -> tuple[list[int], list[int]]:
-        """Best-scoring draft tree (tokens, parents) over the local and global trees."""
+    def speculate(self, context: Sequence[int], budget: int,
+                  local: SuffixTree | None) -> tuple[list[int], list[int], float]:
+        """Best-scoring draft tree over the local and global trees: (tokens, parents, score),
+        score = the sum of its nodes' path probabilities, the accepted tokens the counts expect."""
         best: tuple[float, list[int], list[int]] = (0.0, [], [])
         for tree in (local, self.global_tree):
             if tree is None:
@@ -445,4 +448,4 @@ class SuffixProposer(Proposer):
                 if found is None:
                     break
                 loc = found
-        return best[1], best[2]
+        return best[1], best[2], best[0]

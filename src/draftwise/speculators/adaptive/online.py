@@ -28,7 +28,8 @@ sequences most often, in a thread of its own, never the engine's:
   cores, the head's whole update took 130 ms and its drafting copy 440 ms at once);
 - swap: every `swap_every` steps the trainer builds a drafting copy (bf16 / the target's
   kernels, `with_kernels`) *in its own thread* and leaves it in `ready`; the speculator
-  takes it between engine steps, which costs one reference assignment. A new head only
+  takes it between engine steps, which costs one reference assignment (under a lock of
+  its own: the engine never waits for the lock the trainer holds through a step). A new head only
   changes which tokens are proposed; verification keeps the output the target's own.
 - failure: any exception (out of memory included) switches the learner off with the
   reason in `error`; serving goes on with the other speculators.
@@ -191,6 +192,10 @@ class OnlineLearner:
         self._tick = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards `head` between training steps and snapshots
+        # guards `ready` only: the engine's `take_ready` must never wait for the head's lock,
+        # which the trainer holds through a forward and backward (a request that arrived
+        # mid-step waited there for the trainer's next safe point)
+        self._ready_lock = threading.Lock()
         self._paused = threading.Event()  # set: no training step may start (pause / resume)
         self._interrupt = threading.Event()  # set: a request arrived; the step in flight stops (idle-only)
         self._requests = threading.Event()  # set: the engine holds requests (from an arrival until `engine_idle`)
@@ -236,7 +241,7 @@ class OnlineLearner:
 
     def take_ready(self) -> EagleHead | None:
         """The newest drafting copy, once (None when there is none since the last call)."""
-        with self._lock:
+        with self._ready_lock:
             head, self.ready = self.ready, None
         return head
 
@@ -335,7 +340,7 @@ class OnlineLearner:
             self.head.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
                                        for k, v in state.items()})
         fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization)
-        with self._lock:
+        with self._ready_lock:
             self.ready = fresh
             self.swaps_made += 1
             self.steps, self.last_loss, self.shared_buffer_tokens = steps, loss, buffer_tokens
@@ -468,7 +473,7 @@ class OnlineLearner:
         `ready` for the engine to swap in; stops between two projections on an arrival."""
         self._safe_point()
         fresh = with_kernels(self.snapshot().to(dtype=self.draft_dtype), self.quantization, self._safe_point)
-        with self._lock:
+        with self._ready_lock:
             self.ready = fresh
             self.swaps_made += 1
             self._copy_due = False

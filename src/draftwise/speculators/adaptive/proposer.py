@@ -99,6 +99,7 @@ class _Pending:
     chosen: str | None
     committed: int  # len(output_ids) when drafted
     shadows: dict[str, tuple[list[int], list[int] | None]] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # lookup parts' own scores of their proposals
 
 
 @register
@@ -237,14 +238,15 @@ class AdaptiveProposer(Proposer):
         if pend is not None:
             committed = request.output_ids[pend.committed:]
             if pend.chosen is not None:
-                self.arbiter.observe(rid, pend.chosen, num_accepted)
+                self.arbiter.observe(rid, pend.chosen, num_accepted, score=pend.scores.get(pend.chosen))
                 self.arbiter.accepted[pend.chosen] += num_accepted
             for part, (tokens, parents) in pend.shadows.items():
-                self.arbiter.observe(rid, part, matched_length(tokens, parents, committed), shadow=True)
+                self.arbiter.observe(rid, part, matched_length(tokens, parents, committed), shadow=True,
+                                     score=pend.scores.get(part))
         for part in self.heads:
             correct, total = self.parts[part].take_hits(request)
             if total and (pend is None or pend.chosen != part):
-                self.arbiter.observe(rid, part, geometric_tokens(correct / total, self.depth), shadow=True)
+                self.arbiter.observe_prediction(rid, part, geometric_tokens(correct / total, self.depth))
 
     def end(self, request: RequestState) -> None:
         for prop in self.parts.values():
@@ -368,9 +370,10 @@ class AdaptiveProposer(Proposer):
         for j, i in enumerate(active):
             req = requests[i]
             eligible = [p for p in parts if p not in lookups or lookups[p].tokens[j]]
-            chosen = self.arbiter.choose(req.request_id, eligible)
+            scores = {p: d.scores[j] for p, d in lookups.items() if d.scores is not None and d.tokens[j]}
+            chosen = self.arbiter.choose(req.request_id, eligible, scores)
             shadows = {p: (d.tokens[j], d.parents[j]) for p, d in lookups.items() if p != chosen and d.tokens[j]}
-            self.pending[req.request_id] = _Pending(chosen, len(req.output_ids), shadows)
+            self.pending[req.request_id] = _Pending(chosen, len(req.output_ids), shadows, scores)
             if chosen is None:
                 continue
             req.stats.drafted_by[chosen] = req.stats.drafted_by.get(chosen, 0) + 1
