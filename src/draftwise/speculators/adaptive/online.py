@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.kernels.openmp import release_thread_pool
-from draftwise.speculators.eagle import Batch, EagleConfig, EagleHead, EagleObjective, with_kernels
+from draftwise.speculators.eagle import (Batch, EagleConfig, EagleHead, EagleObjective, safe_point_in_backward,
+                                         with_kernels)
 
 log = logging.getLogger("draftwise.adaptive")
 
@@ -170,7 +171,7 @@ class OnlineLearner:
         self.draft_dtype = target.dtype
         self.head = copy.deepcopy(head).to(device=target.device, dtype=torch.float32).train()
         self.params = [p for p in self.head.parameters() if p.requires_grad]
-        self.objective = EagleObjective(self.head, target, data_layers, settings.ttt_steps)
+        self.objective = EagleObjective(self.head, target, data_layers, settings.ttt_steps, between=self._safe_point)
         # one optimizer per parameter (the same AdamW update): an update can stop between two
         # parameters when a request arrives. Fused: one pass over each tensor (on the 1.5B's
         # head, 2 cores, the whole update took 130 ms unfused; its LM head alone 65 ms, fused 9)
@@ -266,10 +267,17 @@ class OnlineLearner:
             raise StepInterrupted
 
     def _safe_points(self) -> list:
-        """Hooks that call `_safe_point` before each head module's forward and after each
-        parameter's gradient; on only through a step (the head's drafting copies, taken
-        between steps, never carry them)."""
+        """Hooks that call `_safe_point` before each head module's forward, before each
+        module's backward (its output passes through `safe_point_in_backward`) and after
+        each parameter's gradient; on only through a step (the head's drafting copies,
+        taken between steps, never carry them)."""
+        def in_backward(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                return safe_point_in_backward(output, self._safe_point)
+            return None
+
         handles = [m.register_forward_pre_hook(self._safe_point) for m in self.head.modules()]
+        handles += [m.register_forward_hook(in_backward) for m in self.head.modules()]
         return handles + [p.register_hook(self._safe_point) for p in self.params]
 
     def pause(self) -> None:

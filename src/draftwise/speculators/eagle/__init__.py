@@ -17,8 +17,9 @@ from __future__ import annotations
 from draftwise.speculators.eagle.checkpoint import load_eagle_head, save_eagle_head
 from draftwise.speculators.eagle.head import (EagleConfig, EagleHead, config_for_target, default_eagle3_layers,
                                               init_head_from_target, with_kernels)
-from draftwise.speculators.eagle.loss import Batch, EagleObjective
+from draftwise.speculators.eagle.loss import Batch, EagleObjective, safe_point_in_backward
 from draftwise.speculators.eagle.proposer import EagleProposer
 
 __all__ = ["Batch", "EagleConfig", "EagleHead", "EagleObjective", "EagleProposer", "config_for_target",
-           "default_eagle3_layers", "init_head_from_target", "load_eagle_head", "save_eagle_head", "with_kernels"]
+           "default_eagle3_layers", "init_head_from_target", "load_eagle_head", "safe_point_in_backward",
+           "save_eagle_head", "with_kernels"]
