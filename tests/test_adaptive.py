@@ -115,6 +115,14 @@ def filled_buffer(target, texts, tokenizer, layers, max_len=64) -> ReplayBuffer:
     return buffer
 
 
+def tiny_head_and_traffic(tokenizer, texts):
+    """A tiny target, a new head for it, the layers the head learns from, and a buffer of `texts`."""
+    target = tiny_model()
+    head = new_head(target)
+    layers = sorted(set(head.config.resolved_layers(2)) | {1})
+    return target, head, layers, filled_buffer(target, texts, tokenizer, layers)
+
+
 def test_learner_loss_falls_and_first_token_accuracy_rises_on_a_repetitive_stream(tokenizer):
     target = tiny_model()
     # the target's own greedy continuations of a few prompts, seen again and again
@@ -423,10 +431,7 @@ def test_adaptive_without_learner_uses_static_and_suffix(tokenizer):
 
 
 def test_train_share_zero_trains_only_while_the_engine_is_idle(tokenizer):
-    target = tiny_model()
-    head = new_head(target)
-    layers = sorted(set(head.config.resolved_layers(2)) | {1})
-    buffer = filled_buffer(target, ["hello world " * 8], tokenizer, layers)
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, ["hello world " * 8])
     busy = OnlineLearner(head, target, layers, buffer, LearnerSettings(train_share=0.0, train_every=1, min_tokens=4,
                                                                         idle_after=0.3))
     busy.start()
@@ -569,10 +574,7 @@ def test_shared_learning_two_engines_feed_one_learner_and_both_adopt_its_weights
 
 def test_a_request_arriving_mid_step_stops_the_idle_time_step_unapplied(tokenizer):
     # a request arriving mid-step on the 1.5B waited up to 248 ms more for its first token
-    target = tiny_model()
-    head = new_head(target)
-    layers = sorted(set(head.config.resolved_layers(2)) | {1})
-    buffer = filled_buffer(target, ["hello world " * 8], tokenizer, layers)
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, ["hello world " * 8])
     learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(train_share=0.0, min_tokens=4, batch_size=2))
     objective = learner.objective
     before = {k: v.clone() for k, v in learner.head.state_dict().items()}
@@ -607,10 +609,8 @@ def test_the_objectives_lm_head_parts_run_in_pieces_with_safe_points_and_the_sam
     # stretches without a safe point on the 1.5B (450-660 ms, one thread)
     from draftwise.speculators.eagle import EagleObjective
 
-    target = tiny_model()
-    head = new_head(target).float()
-    layers = sorted(set(head.config.resolved_layers(2)) | {1})
-    buffer = filled_buffer(target, ["hello world " * 8, "the cat sat on the mat " * 4], tokenizer, layers)
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, ["hello world " * 8, "the cat sat on the mat " * 4])
+    head.float()
     batch = buffer.sample(2, random.Random(0))
     calls = []
     whole = EagleObjective(head, target, layers, 2)
@@ -638,10 +638,7 @@ def test_the_objectives_lm_head_parts_run_in_pieces_with_safe_points_and_the_sam
 def test_an_update_cut_short_by_an_arrival_is_finished_first_and_equals_the_whole_one(tokenizer):
     # the update of the head's parameters stops between two when a request arrives (on the
     # 1.5B it took 130 ms at once); the next idle call finishes it before a new batch
-    target = tiny_model()
-    head = new_head(target)
-    layers = sorted(set(head.config.resolved_layers(2)) | {1})
-    buffer = filled_buffer(target, ["hello world " * 8, "the cat sat on the mat " * 4], tokenizer, layers)
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, ["hello world " * 8, "the cat sat on the mat " * 4])
     settings = LearnerSettings(train_share=0.0, min_tokens=4, batch_size=2, swap_every=2)
     whole = OnlineLearner(head, target, layers, buffer, settings)
     cut = OnlineLearner(head, target, layers, buffer, settings)
@@ -688,10 +685,7 @@ def test_an_update_cut_short_by_an_arrival_is_finished_first_and_equals_the_whol
 def test_the_engine_takes_a_drafting_copy_without_waiting_for_the_step_in_flight(tokenizer):
     # the engine takes a new copy at every step; the trainer holds the head's lock through a
     # forward and backward, and a request that arrived mid-step waited there on the 1.5B
-    target = tiny_model()
-    head = new_head(target)
-    layers = sorted(set(head.config.resolved_layers(2)) | {1})
-    buffer = filled_buffer(target, ["hello world " * 8], tokenizer, layers)
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, ["hello world " * 8])
     learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(train_share=0.0, min_tokens=4, batch_size=2,
                                                                           swap_every=1))
     assert learner.train_step() is not None and learner.ready is not None  # a copy waits
