@@ -146,3 +146,74 @@ def test_stats_shows_what_a_state_learned(tokenizer, tmp_path, capsys):
     assert f"learned from: {2 * len(PROMPTS)} requests" in table and "training: 5 steps" in table
     assert main(["stats", "--state", str(tmp_path / "none")]) == 2
     assert "no adaptive state there" in capsys.readouterr().err
+
+
+def test_held_out_traffic_is_never_trained_on_and_its_loss_is_measured(tokenizer):
+    import random
+
+    from test_adaptive import tiny_head_and_traffic
+
+    from draftwise.speculators.adaptive.online import LearnerSettings, OnlineLearner
+    from draftwise.train.adaptive import split
+
+    texts = [f"item {i}: " + " ".join(str(i * 7 + j) for j in range(12)) for i in range(16)]
+    target, head, layers, buffer = tiny_head_and_traffic(tokenizer, texts)
+    items = buffer.snapshot()
+    trained, held = split(items)
+    assert [id(it) for it in held] == [id(items[5]), id(items[15])] and len(trained) == 14
+    few = split(items[:4])  # too few to hold any out
+    assert few[1] == [] and [id(it) for it in few[0]] == [id(it) for it in items[:4]]
+    rng, skip = random.Random(0), frozenset(id(it) for it in held)
+    seen = set()
+    for _ in range(200):
+        batch = buffer.sample(4, rng, skip)
+        for row, n in zip(batch.ids, batch.lengths):
+            seen.add(tuple(row[: int(n)].tolist()))
+    held_rows = {tuple(it.ids.tolist()) for it in held}
+    assert seen and not seen & held_rows and len(seen) == len(trained)  # whole sequences: each shorter than max_len
+
+    learner = OnlineLearner(head, target, layers, buffer, LearnerSettings(batch_size=4, lr=3e-3, swap_every=1000))
+    before = learner.loss_on(held)
+    assert before is not None and before == learner.loss_on(held)  # no training in a measure
+    learner.held_out = skip
+    fitted = learner.loss_on(trained)
+    for _ in range(40):
+        learner.train_step()
+    assert learner.loss_on(trained) < fitted
+    assert learner.loss_on([]) is None
+
+
+def test_catch_up_stops_when_the_held_out_loss_stops_falling_and_keeps_the_best_head(tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    from draftwise.speculators.eagle import load_eagle_head
+    from draftwise.train import adaptive as catch_up
+
+    target = tiny_model()
+    state = tmp_path / "state"
+    serving = adaptive(target, tokenizer, state, SERVING)
+    serving.generate(PROMPTS + [p[::-1] for p in PROMPTS], PARAMS)  # 8 sequences: one held out
+    serving.close()
+    catching = adaptive(target, tokenizer, state, CATCH_UP)
+    learner = catching.engine.proposer.learner
+    # the held-out loss as measured: falls for two measures, then rises
+    losses, at = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8, 3.9]), []
+
+    def measured(items):
+        assert len(items) == 1
+        at.append(learner.weights())
+        return next(losses)
+
+    monkeypatch.setattr(learner, "loss_on", measured)
+    try:
+        result = train_adaptive(catching.engine.proposer, max_steps=1000, max_minutes=None, progress=False)
+    finally:
+        catching.close()
+    assert result.stopped_by == "held-out" and result.held_out == 1
+    assert result.steps == catch_up.EVAL_EVERY * (2 + catch_up.PATIENCE)  # the best at the second measure
+    assert (result.held_out_first, result.held_out_best) == (5.0, 3.0)
+    best, last = at[2], at[-1]
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # training went on past the best
+    served = learner.weights()
+    assert all(torch.equal(best[k], served[k]) for k in best) and not learner.held_out
+    saved = load_eagle_head(state / json.loads((state / "state.json").read_text())["head"], target)
+    assert torch.allclose(saved.fc.weight.float(), best["fc.weight"].float(), atol=1e-2)

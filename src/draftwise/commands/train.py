@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
         description="eagle, medusa: answer the prompts of --data with the target, then train a speculation head on "
                     "its hidden states and next-token distributions (training prompts must not come from the "
                     "benchmark). adaptive: train the head of an --adaptive-state folder on the traffic it stored, "
-                    "until --max-steps or --max-minutes (resumable; run it overnight or from cron); the next "
-                    "process using the state serves the result.",
+                    "until --max-steps or --max-minutes, or earlier when the loss on a tenth of the traffic held out "
+                    "stops falling (then the best head is kept); resumable, run it overnight or from cron; the "
+                    "next process using the state serves the result.",
     )
     p.add_argument("method", choices=["eagle", "medusa", "adaptive"])
     p.add_argument("--target", help="target model: bundled name, .gguf file or HF folder (adaptive: default the "
@@ -132,7 +133,9 @@ def run_adaptive(args: argparse.Namespace) -> int:
     print(json.dumps({"state": str(folder), "target": target, "steps": result.steps,
                       "total_steps": result.total_steps, "first_loss": result.first_loss,
                       "last_loss": result.last_loss, "seconds": round(result.seconds, 1),
-                      "traffic_tokens": result.traffic_tokens, "stopped_by": result.stopped_by}))
+                      "traffic_tokens": result.traffic_tokens, "held_out_sequences": result.held_out,
+                      "held_out_first_loss": result.held_out_first, "held_out_best_loss": result.held_out_best,
+                      "stopped_by": result.stopped_by}))
     if result.stopped_by == "interrupted":
         print("interrupted: what was trained is saved", file=sys.stderr)
         return 130

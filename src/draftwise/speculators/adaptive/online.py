@@ -110,11 +110,12 @@ class ReplayBuffer:
         with self._lock:
             return list(self.items)
 
-    def sample(self, batch_size: int, rng: random.Random) -> Batch | None:
+    def sample(self, batch_size: int, rng: random.Random, skip: frozenset[int] = frozenset()) -> Batch | None:
         """A batch of windows (at most `max_len` pairs each), newer sequences more often
-        (weight = 1 + position in the buffer); None when the buffer is empty."""
+        (weight = 1 + position in the buffer), leaving out the sequences whose `id` is in
+        `skip` (held out); None when no sequence is left."""
         with self._lock:
-            items = list(self.items)
+            items = [it for it in self.items if id(it) not in skip]
         if not items:
             return None
         chosen = rng.choices(items, weights=range(1, len(items) + 1), k=batch_size)
@@ -188,6 +189,7 @@ class OnlineLearner:
         self._fresh_steps = 0  # steps of this optimizer (the warm-up restarts with it)
         self.swaps_made = 0
         self.last_loss: float | None = None
+        self.held_out: frozenset[int] = frozenset()  # `id`s of stored sequences training leaves out
         self.error: str | None = None
         self.thread_ids: set[int] = set()  # threads training ran on (tests check it is not the engine's)
         self.ready: EagleHead | None = None  # a drafting copy waiting to be swapped in
@@ -419,7 +421,7 @@ class OnlineLearner:
             return None
 
     def _learn(self) -> float | None:
-        batch = self.buffer.sample(self.settings.batch_size, self._rng)
+        batch = self.buffer.sample(self.settings.batch_size, self._rng, self.held_out)
         if batch is None:
             return None
         s = self.settings
@@ -457,6 +459,34 @@ class OnlineLearner:
             self._update_from = 0
         self._update()
         return self.last_loss
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the trained head's weights now (for `restore`)."""
+        with self._lock:
+            return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+    def restore(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put back weights taken by `weights` (the optimizer's moments stay as they are)."""
+        with self._lock:
+            self.head.load_state_dict(weights)
+
+    def loss_on(self, items: list[Stored]) -> float | None:
+        """The objective's loss of the head now on every window of `items` (at most `max_len`
+        pairs each, from each sequence's start), no training: the mean over windows with an
+        answer token, weighted by their count; None when none has one."""
+        size = self.buffer.max_len
+        windows = [(it.ids[a: a + min(size, it.feats.shape[0] - a) + 1], it.feats[a: a + size], it.prompt_len - a)
+                   for it in items for a in range(0, it.feats.shape[0], size)]
+        bf16 = self.target.dtype == torch.bfloat16
+        total, count = 0.0, 0
+        with self._lock, torch.no_grad():
+            for i in range(0, len(windows), self.settings.batch_size):
+                batch = Batch.of_windows(windows[i: i + self.settings.batch_size])
+                with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, metrics = self.objective(batch.to(self.head.device))
+                if "ce0" in metrics:  # some window of the batch has an answer token
+                    total, count = total + float(loss) * batch.ids.shape[0], count + batch.ids.shape[0]
+        return total / count if count else None
 
     def _zero_grad(self) -> None:
         for p in self.params:
