@@ -73,7 +73,7 @@ def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, p
     learner.held_out = frozenset(id(it) for it in held)
     deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
     start, first, done, stopped = time.perf_counter(), None, 0, "steps"
-    held_first = best = learner.loss_on(held) if held else None
+    held_first = best = held_now = learner.loss_on(held) if held else None
     best_weights, since_best = learner.weights(), 0
     bar = tqdm(total=max_steps, unit="step", disable=not progress, dynamic_ncols=True,
                desc="train adaptive")
@@ -88,6 +88,7 @@ def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, p
             bar.update(1)
             if best is not None and done % EVAL_EVERY == 0:
                 now = learner.loss_on(held)
+                held_now = now if now is not None else held_now
                 if now is not None and now < best:
                     best, best_weights, since_best = now, learner.weights(), 0
                 else:
@@ -95,8 +96,8 @@ def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, p
                     if since_best >= PATIENCE:
                         stopped = "held-out"
                         break
-            bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-",
-                            **({"held_out": f"{best:.3f}"} if best is not None else {}))
+            bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-",  # held out: the last measure, the best
+                            **({"held_out": f"{held_now:.3f}", "best": f"{best:.3f}"} if best is not None else {}))
             if done % SAVE_EVERY == 0:
                 proposer.save_state()
     except KeyboardInterrupt:
