@@ -183,10 +183,10 @@ def test_held_out_traffic_is_never_trained_on_and_its_loss_is_measured(tokenizer
     assert learner.loss_on([]) is None
 
 
-def test_catch_up_stops_when_the_held_out_loss_stops_falling_and_keeps_the_best_head(tokenizer, tmp_path,
-                                                                                  monkeypatch):
+def scripted_catch_up(tokenizer, tmp_path, monkeypatch, losses: list[float], max_steps: int):
+    """A catch-up on tiny traffic whose held-out measures read `losses` in turn; returns
+    (result, the weights at each measure, the weights served after, the saved head, the learner)."""
     from draftwise.speculators.eagle import load_eagle_head
-    from draftwise.train import adaptive as catch_up
 
     target = tiny_model()
     state = tmp_path / "state"
@@ -195,25 +195,43 @@ def test_catch_up_stops_when_the_held_out_loss_stops_falling_and_keeps_the_best_
     serving.close()
     catching = adaptive(target, tokenizer, state, CATCH_UP)
     learner = catching.engine.proposer.learner
-    # the held-out loss as measured: falls for two measures, then rises
-    losses, at = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8, 3.9]), []
+    measures, at = iter(losses), []
 
     def measured(items):
         assert len(items) == 1
         at.append(learner.weights())
-        return next(losses)
+        return next(measures)
 
     monkeypatch.setattr(learner, "loss_on", measured)
     try:
-        result = train_adaptive(catching.engine.proposer, max_steps=1000, max_minutes=None, progress=False)
+        result = train_adaptive(catching.engine.proposer, max_steps=max_steps, max_minutes=None, progress=False)
     finally:
         catching.close()
+    saved = load_eagle_head(state / json.loads((state / "state.json").read_text())["head"], target)
+    return result, at, learner.weights(), saved, learner
+
+
+def test_catch_up_stops_when_the_held_out_loss_stops_falling_and_keeps_the_best_head(tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    from draftwise.train import adaptive as catch_up
+
+    # the held-out loss as measured: falls for two measures, then rises
+    result, at, served, saved, learner = scripted_catch_up(tokenizer, tmp_path, monkeypatch,
+                                                           [5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8, 3.9], 1000)
     assert result.stopped_by == "held-out" and result.held_out == 1
     assert result.steps == catch_up.EVAL_EVERY * (2 + catch_up.PATIENCE)  # the best at the second measure
     assert (result.held_out_first, result.held_out_best) == (5.0, 3.0)
     best, last = at[2], at[-1]
     assert any(not torch.equal(best[k], last[k]) for k in best)  # training went on past the best
-    served = learner.weights()
     assert all(torch.equal(best[k], served[k]) for k in best) and not learner.held_out
-    saved = load_eagle_head(state / json.loads((state / "state.json").read_text())["head"], target)
+    assert torch.allclose(saved.fc.weight.float(), best["fc.weight"].float(), atol=1e-2)
+
+
+def test_the_best_head_is_saved_when_the_step_budget_ends_on_a_save(tokenizer, tmp_path, monkeypatch):
+    # best at the first measure (step 25); the budget ends at step 100, just after a periodic save
+    result, at, served, saved, _ = scripted_catch_up(tokenizer, tmp_path, monkeypatch, [5.0, 3.0, 4.0, 4.0, 4.0], 100)
+    assert result.stopped_by == "steps" and result.steps == 100 and result.held_out_best == 3.0
+    best = at[1]
+    assert all(torch.equal(best[k], served[k]) for k in best)
+    assert not torch.allclose(at[-1]["fc.weight"].float(), best["fc.weight"].float(), atol=1e-2)
     assert torch.allclose(saved.fc.weight.float(), best["fc.weight"].float(), atol=1e-2)

@@ -104,9 +104,10 @@ def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, p
         stopped = "interrupted"
     finally:
         bar.close()
-        if best is not None and since_best:  # the last measures were worse: serve the best head
+        restored = best is not None and since_best > 0
+        if restored:  # the last measures were worse: serve the best head
             learner.restore(best_weights)
         learner.held_out = frozenset()
-        proposer.save_state()
+        proposer.save_state(head=restored)
     return CatchUp(done, learner.steps, first, learner.last_loss, time.perf_counter() - start, tokens, stopped,
                    len(held), held_first, best)

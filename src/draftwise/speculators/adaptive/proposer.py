@@ -435,18 +435,19 @@ class AdaptiveProposer(Proposer):
         return {"steps": ln.steps, "swaps": ln.swaps_made, "loss": ln.last_loss, "first_loss": self._first_loss,
                 "buffer_tokens": ln.buffer_tokens, "requests": self.learned_requests, "tokens": self.learned_tokens}
 
-    def save_state(self) -> None:
-        """Save the state now (head if trained since the last save, estimates, traffic)."""
-        self._save()
+    def save_state(self, head: bool = False) -> None:
+        """Save the state now (head if trained since the last save, or if `head`: its
+        weights were put back; estimates, traffic)."""
+        self._save(head)
 
-    def _save(self) -> None:
+    def _save(self, head: bool = False) -> None:
         with self._save_lock:  # the trainer thread, the engine's and a background save may all get here
             ln = self.learner
             if ln is None:
                 self.state.save(None, self.arbiter.state(), {})
                 return
             steps = ln.steps
-            trained = steps > self._head_saved_at  # a head is written only when training changed it
+            trained = head or steps > self._head_saved_at  # a head is written only when its weights changed
             self.state.save(ln.snapshot() if trained else None, self.arbiter.state(), self._learner_counters())
             self._head_saved_at = steps
             if not ln.shared:
