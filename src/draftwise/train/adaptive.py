@@ -52,8 +52,8 @@ def split(items: list) -> tuple[list, list]:
     `HOLD_OUT`, held out; none below `MIN_SEQUENCES`."""
     if len(items) < MIN_SEQUENCES:
         return items, []
-    held = items[min(HOLD_OUT // 2, len(items) - 1)::HOLD_OUT]
-    return [it for it in items if all(it is not h for h in held)], held
+    first = min(HOLD_OUT // 2, len(items) - 1)
+    return [it for i, it in enumerate(items) if i % HOLD_OUT != first], items[first::HOLD_OUT]
 
 
 def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, progress: bool = True) -> CatchUp:
@@ -74,7 +74,7 @@ def train_adaptive(proposer, max_steps: int | None, max_minutes: float | None, p
     deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
     start, first, done, stopped = time.perf_counter(), None, 0, "steps"
     held_first = best = held_now = learner.loss_on(held) if held else None
-    best_weights, since_best = learner.weights(), 0
+    best_weights, since_best = learner.weights() if best is not None else None, 0
     bar = tqdm(total=max_steps, unit="step", disable=not progress, dynamic_ncols=True,
                desc="train adaptive")
     try:

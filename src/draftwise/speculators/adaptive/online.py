@@ -73,6 +73,11 @@ class Stored:
     feats: torch.Tensor  # [n, len(layers) * H] bf16 target states of tokens 0..n-1
     prompt_len: int
 
+    def window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The pairs `start`.. (at most `size`) as (ids, feats, prompt_len), for `Batch.of_windows`."""
+        m = min(size, self.feats.shape[0] - start)
+        return self.ids[start: start + m + 1], self.feats[start: start + m], self.prompt_len - start
+
 
 class ReplayBuffer:
     """The most recent sequences, at most `max_tokens` feature rows in all (thread-safe)."""
@@ -119,12 +124,8 @@ class ReplayBuffer:
         if not items:
             return None
         chosen = rng.choices(items, weights=range(1, len(items) + 1), k=batch_size)
-        windows = []
-        for it in chosen:
-            n = it.feats.shape[0]
-            a = rng.randrange(0, max(1, n - self.max_len + 1))
-            m = min(self.max_len, n - a)
-            windows.append((it.ids[a: a + m + 1], it.feats[a: a + m], it.prompt_len - a))
+        windows = [it.window(rng.randrange(0, max(1, it.feats.shape[0] - self.max_len + 1)), self.max_len)
+                   for it in chosen]
         return Batch.of_windows(windows)
 
 
@@ -475,8 +476,7 @@ class OnlineLearner:
         pairs each, from each sequence's start), no training: the mean over windows with an
         answer token, weighted by their count; None when none has one."""
         size = self.buffer.max_len
-        windows = [(it.ids[a: a + min(size, it.feats.shape[0] - a) + 1], it.feats[a: a + size], it.prompt_len - a)
-                   for it in items for a in range(0, it.feats.shape[0], size)]
+        windows = [it.window(a, size) for it in items for a in range(0, it.feats.shape[0], size)]
         bf16 = self.target.dtype == torch.bfloat16
         total, count = 0.0, 0
         with self._lock, torch.no_grad():
